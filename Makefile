@@ -1,0 +1,34 @@
+# Each target sets up .venv itself: on a fresh machine `make demo` / `make test` is all you type.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: demo test lint models bench studies clean
+
+$(VENV)/.core: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.core
+	$(PIP) -e ".[test,serve,eval]"
+	touch $@
+
+demo: $(VENV)/.core
+	$(VENV)/bin/edlm demo
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check src tests bench
+
+test: lint
+	$(PY) -m pytest
+
+models: $(VENV)/.core
+	$(PY) -m edlm.recipes.demo_model
+
+bench: $(VENV)/.core
+	$(PY) bench/decode.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

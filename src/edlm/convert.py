@@ -1,0 +1,146 @@
+"""AR -> dLM conversion: pick or add a mask token, record our settings, keep every AR weight.
+
+Whether an architecture can be converted is decided by a behavioural self-check (does its output
+change exactly as a block mask says it must?), not by a list of model names.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from edlm.config import CONFIG_KEY, DiffusionConfig
+from edlm.errors import EdlmError
+from edlm.masks import block_causal_mask, to_backend_mask
+from edlm.model import DiffusionLM, load_causal_lm, read_checkpoint_config
+
+NEW_MASK_TOKEN = "<|mask|>"
+
+
+def choose_mask_token(model, tokenizer, mask_token: str | None = None) -> int:
+    """Return the mask token id, adding the token (and an embedding row) when it is new.
+
+    Order: the named token if given, else the tokenizer's own mask_token, else a new <|mask|>.
+    A new token whose id still falls inside the model's embedding (vocabularies padded to a
+    multiple, e.g. Qwen3's 151669 -> row 151669 of 151936) reuses that free row, as SDAR does;
+    otherwise the embeddings grow by one row. Either way the new row is the mean embedding
+    (transformers' mean resizing), and all existing rows stay bit-identical.
+    """
+    vocab = tokenizer.get_vocab()
+    if mask_token is None and tokenizer.mask_token is not None:
+        return int(tokenizer.mask_token_id)
+    name = mask_token or NEW_MASK_TOKEN
+    if name in vocab:
+        tokenizer.mask_token = name
+        return int(vocab[name])
+    tokenizer.add_special_tokens({"mask_token": name})
+    new_id = int(tokenizer.convert_tokens_to_ids(name))
+    rows = model.get_input_embeddings().weight.shape[0]
+    if new_id >= rows:
+        model.resize_token_embeddings(new_id + 1, mean_resizing=True)
+    else:
+        _fill_free_row(model, new_id, used_rows=new_id)
+    return new_id
+
+
+@torch.no_grad()
+def _fill_free_row(model, row: int, used_rows: int) -> None:
+    emb = model.get_input_embeddings().weight
+    emb[row] = emb[:used_rows].float().mean(0).to(emb.dtype)
+    head = model.get_output_embeddings()
+    if head is not None and head.weight.data_ptr() != emb.data_ptr():
+        head.weight[row] = head.weight[:used_rows].float().mean(0).to(head.weight.dtype)
+
+
+@torch.no_grad()
+def check_mask_support(model, vocab_size: int, block_size: int = 4) -> None:
+    """Raise EdlmError unless the model follows a 4D block-causal mask and position_ids.
+
+    Three behaviours a block-diffusion model needs: a later block never changes an earlier one;
+    the last token of a block changes the first (bidirectional within a block: a model that
+    silently falls back to causal attention fails here); positions come from position_ids.
+    """
+    bs = max(2, min(block_size, 4))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (1, 2 * bs), generator=gen)
+    device = next(model.parameters()).device
+    impl = getattr(model.config, "_attn_implementation", "eager")
+    dtype = next(model.parameters()).dtype
+    mask = to_backend_mask(block_causal_mask(2 * bs, bs, device), impl, None, dtype)
+    pos = torch.arange(2 * bs, device=device)[None]
+
+    def run(x, position_ids=pos):
+        return model(input_ids=x.to(device), attention_mask=mask, position_ids=position_ids,
+                     use_cache=False).logits.float()
+
+    base = run(ids)
+    later = ids.clone()
+    later[0, -1] = (later[0, -1] + 1) % vocab_size
+    same_block = ids.clone()
+    same_block[0, bs - 1] = (same_block[0, bs - 1] + 1) % vocab_size
+    gap = pos.clone()
+    gap[0, bs:] += 3  # RoPE is relative: only a gap between blocks must change the output
+    shifted = run(ids, gap)
+    tol = 1e-4 * max(1.0, base.abs().max().item())
+    if (run(later)[0, :bs] - base[0, :bs]).abs().max() > tol:
+        raise EdlmError("the model ignores 4D attention masks (a later block changed an earlier one): "
+                        "it cannot be converted")
+    if (run(same_block)[0, 0] - base[0, 0]).abs().max() <= tol:
+        raise EdlmError("the model ignores 4D attention masks (no bidirectional attention inside a block): "
+                        "it cannot be converted")
+    if (shifted - base).abs().max() <= tol:
+        raise EdlmError("the model ignores position_ids: it cannot be converted")
+
+
+def convert_model(model, tokenizer, block_size: int = 32, mask_token: str | None = None,
+                  shift: bool = False, base_model: str | None = None) -> DiffusionLM:
+    """In-memory conversion of a loaded causal LM (used by `edlm convert` and `edlm train`)."""
+    if block_size < 1:
+        raise EdlmError(f"--block-size must be >= 1, got {block_size}")
+    mask_id = choose_mask_token(model, tokenizer, mask_token)
+    check_mask_support(model, model.get_input_embeddings().weight.shape[0], block_size)
+    config = DiffusionConfig(block_size=block_size, mask_token_id=mask_id, shift=shift, base_model=base_model)
+    return DiffusionLM(model, tokenizer, config)
+
+
+def prepare_output_dir(out, force: bool) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EdlmError(f"output path {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise EdlmError(f"output directory {out} is not empty (use --force to overwrite)")
+    return out
+
+
+def save_atomically(dlm: DiffusionLM, out: Path) -> None:
+    """Write to a temp dir beside OUT, then rename: a crash never leaves a half-written OUT."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        dlm.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def convert(base, out, block_size: int = 32, mask_token: str | None = None, shift: bool = False,
+            force: bool = False, attn_implementation: str = "sdpa") -> DiffusionLM:
+    """`edlm convert`: load BASE, convert, write OUT as a normal HF checkpoint + our settings."""
+    if block_size < 1:
+        raise EdlmError(f"--block-size must be >= 1, got {block_size}")
+    out = prepare_output_dir(out, force)
+    if Path(base).is_dir():
+        raw = read_checkpoint_config(base)
+        if CONFIG_KEY in raw:
+            raise EdlmError(f"{base} is already a converted edlm model")
+    model, tokenizer = load_causal_lm(base, device="cpu", dtype=torch.float32,
+                                      attn_implementation=attn_implementation)
+    dlm = convert_model(model, tokenizer, block_size, mask_token, shift, base_model=str(base))
+    save_atomically(dlm, out)
+    return dlm

@@ -1,0 +1,126 @@
+"""Training data: local text/jsonl/parquet files or HF dataset dirs -> packed token sequences.
+
+Goes through `datasets`, whose Arrow cache is memory-mapped, so corpora larger than RAM work.
+Every example becomes input_ids + a `maskable` flag per token (False for prompt tokens of SFT
+data); documents are joined with EOS and packed into sequences of exactly seq_len tokens, so no
+compute is spent on padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from edlm.errors import EdlmError
+
+LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class DataFields:
+    text: str = "text"
+    prompt: str = "prompt"
+    response: str = "response"
+    messages: str = "messages"
+
+
+def load_raw(files: list[str]):
+    """Load files with one loader (all files must share a format), or one saved HF dataset dir."""
+    import datasets
+
+    if not files:
+        raise EdlmError("no data files given (--data)")
+    paths = [Path(f) for f in files]
+    for p in paths:
+        if not p.exists():
+            raise EdlmError(f"data file not found: {p}")
+    if len(paths) == 1 and paths[0].is_dir():
+        try:
+            ds = datasets.load_from_disk(str(paths[0]))
+        except Exception as exc:  # noqa: BLE001
+            raise EdlmError(f"{paths[0]} is not a saved HF dataset: {str(exc).splitlines()[0]}") from None
+        return ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+    kinds = {LOADERS.get(p.suffix.lower()) for p in paths}
+    if None in kinds or len(kinds) != 1:
+        raise EdlmError(f"data files must all be one of {sorted(LOADERS)}, got {[p.name for p in paths]}")
+    kind = kinds.pop()
+    kwargs = {"sample_by": "paragraph"} if kind == "text" else {}
+    try:
+        ds = datasets.load_dataset(kind, data_files=[str(p) for p in paths], split="train", **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise EdlmError(f"cannot read data files: {str(exc).splitlines()[0]}") from None
+    if len(ds) == 0:
+        raise EdlmError(f"data is empty: {', '.join(map(str, paths))}")
+    return ds
+
+
+def detect_format(columns: list[str], fields: DataFields) -> str:
+    if fields.prompt in columns and fields.response in columns:
+        return "sft"
+    if fields.messages in columns:
+        return "chat"
+    if fields.text in columns:
+        return "text"
+    raise EdlmError(
+        f"data has columns {columns}; expected '{fields.text}', or '{fields.prompt}'+'{fields.response}', "
+        f"or '{fields.messages}' (set --text-field / --prompt-field / --response-field / --messages-field)"
+    )
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_examples(batch, tokenizer, kind: str, fields: DataFields):
+    eos = tokenizer.eos_token_id
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
+    ids_out, mask_out = [], []
+    n = len(next(iter(batch.values())))
+    for i in range(n):
+        if kind == "text":
+            text = batch[fields.text][i]
+            if not text or not text.strip():
+                continue
+            ids = bos + _encode(tokenizer, text) + [eos]
+            maskable = [True] * len(ids)
+        else:
+            if kind == "sft":
+                prompt, response = batch[fields.prompt][i], batch[fields.response][i]
+            else:
+                messages = batch[fields.messages][i]
+                prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+                response = messages[-1]["content"]
+            p_ids = bos + _encode(tokenizer, prompt)
+            r_ids = _encode(tokenizer, response) + [eos]
+            ids = p_ids + r_ids
+            maskable = [False] * len(p_ids) + [True] * len(r_ids)
+        ids_out.append(ids)
+        mask_out.append(maskable)
+    return {"input_ids": ids_out, "maskable": mask_out}
+
+
+def pack(batch, seq_len: int):
+    """Concatenate examples and cut into seq_len chunks (the remainder is dropped)."""
+    ids = [t for row in batch["input_ids"] for t in row]
+    msk = [m for row in batch["maskable"] for m in row]
+    n = (len(ids) // seq_len) * seq_len
+    return {
+        "input_ids": [ids[i : i + seq_len] for i in range(0, n, seq_len)],
+        "maskable": [msk[i : i + seq_len] for i in range(0, n, seq_len)],
+    }
+
+
+def build_dataset(files: list[str], tokenizer, seq_len: int, fields: DataFields | None = None,
+                  num_proc: int | None = None):
+    """Packed dataset with columns input_ids [seq_len] and maskable [seq_len] (torch format)."""
+    fields = fields or DataFields()
+    raw = load_raw(files)
+    kind = detect_format(raw.column_names, fields)
+    tokenized = raw.map(
+        tokenize_examples, batched=True, remove_columns=raw.column_names, num_proc=num_proc,
+        fn_kwargs={"tokenizer": tokenizer, "kind": kind, "fields": fields}, desc="tokenizing",
+    )
+    packed = tokenized.map(pack, batched=True, batch_size=1000, fn_kwargs={"seq_len": seq_len}, desc="packing")
+    if len(packed) == 0:
+        raise EdlmError(f"data holds fewer than --seq-len={seq_len} tokens: nothing to train on")
+    return packed.with_format("torch")

@@ -1,0 +1,2 @@
+def add_generate_parser(sub, func):
+    pass

@@ -1,0 +1,108 @@
+"""Attention masks for block diffusion, and their translation for each attention backend.
+
+Convention everywhere: a bool tensor, True = the query may attend to the key, shape [Q, K]
+(or [B, Q, K]). Blocks are aligned to absolute positions from 0: position p is in block
+p // block_size, so a last partial block is simply a shorter block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def block_index(seq_len: int, block_size: int, device=None) -> torch.Tensor:
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    return torch.arange(seq_len, device=device) // block_size
+
+
+def block_causal_mask(seq_len: int, block_size: int, device=None) -> torch.Tensor:
+    """[L, L]: a query sees every key in its own block and in earlier blocks (prefill/decoding)."""
+    b = block_index(seq_len, block_size, device)
+    return b[None, :] <= b[:, None]
+
+
+def noisy_context_mask(seq_len: int, block_size: int, device=None) -> torch.Tensor:
+    """[L, L]: the paper's "block-wise attention, noisy context" study variant.
+
+    The noisy sequence alone, block-causal: a noisy block sees the *noisy* earlier blocks.
+    """
+    return block_causal_mask(seq_len, block_size, device)
+
+
+def bidirectional_mask(seq_len: int, device=None) -> torch.Tensor:
+    """[L, L]: everything sees everything (LLaDA/Dream style; also used for embeddings)."""
+    return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
+
+
+def clean_context_mask(seq_len: int, block_size: int, device=None) -> torch.Tensor:
+    """[2L, 2L] mask for concat(x_t, x_0) (BD3-LM layout, paper Sec. 3).
+
+    noisy->noisy: same block only; noisy->clean: strictly earlier blocks;
+    clean->clean: block-causal; clean->noisy: never.
+    """
+    b = block_index(seq_len, block_size, device)
+    same = b[:, None] == b[None, :]
+    earlier = b[None, :] < b[:, None]
+    causal = b[None, :] <= b[:, None]
+    top = torch.cat([same, earlier], dim=1)
+    bottom = torch.cat([torch.zeros_like(same), causal], dim=1)
+    return torch.cat([top, bottom], dim=0)
+
+
+def position_block_mask(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, block_size: int, k_valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[B, Q, K] block-causal mask from logical positions (decoding with a padded KV cache).
+
+    q_pos [B, Q], k_pos [B, K] are logical positions; k_valid [B, K] marks real (non-pad) keys.
+    """
+    allowed = (k_pos[:, None, :] // block_size) <= (q_pos[:, :, None] // block_size)
+    if k_valid is not None:
+        allowed = allowed & k_valid[:, None, :]
+    return allowed
+
+
+def to_backend_mask(
+    mask: torch.Tensor,
+    attn_implementation: str,
+    key_padding: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+):
+    """Turn a bool mask [Q, K] or [B, Q, K] into what the model's attention backend expects.
+
+    key_padding [B, K]: True for real tokens. Returns [B, 1, Q, K]:
+    - eager: additive float (0 / dtype min). transformers' eager attention ADDS the mask to the
+      scores, so a bool mask there is silently wrong (True becomes +1).
+    - sdpa (and anything else dense): bool, True = attend.
+    - flex_attention: a BlockMask (CUDA only in practice; BLOCK_SIZE is always passed).
+    A query row with no allowed key (a pad query) is opened to all keys: its output is never
+    used, and an all-masked softmax row would produce NaN that leaks through later layers.
+    """
+    if mask.dim() == 2:
+        mask = mask[None]
+    if key_padding is not None:
+        mask = mask & key_padding[:, None, :].bool()
+    mask = mask | ~mask.any(dim=-1, keepdim=True)
+    if attn_implementation == "flex_attention":
+        return _flex_block_mask(mask)
+    if attn_implementation == "eager":
+        zero = torch.zeros((), dtype=dtype, device=mask.device)
+        neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device)
+        return torch.where(mask, zero, neg)[:, None]
+    return mask[:, None]
+
+
+def _flex_block_mask(mask: torch.Tensor):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    dense = mask.contiguous()
+    batch, q_len, k_len = dense.shape
+
+    def mask_mod(b, h, q, k):
+        return dense[b, q, k]
+
+    # BLOCK_SIZE must be passed explicitly: the default silently assumes 128-aligned shapes.
+    return create_block_mask(
+        mask_mod, batch, None, q_len, k_len, device=dense.device, BLOCK_SIZE=128
+    )

@@ -1,0 +1,219 @@
+"""DiffusionLM: a Hugging Face causal LM driven as a block-diffusion language model.
+
+The wrapped model is untouched; block diffusion is entirely in the inputs we give it: a 4D
+attention mask, duplicated position ids for the concat(x_t, x_0) layout, and a mask token.
+That is why any architecture that honours 4D masks and position_ids works (checked at
+conversion by `edlm.convert.check_mask_support`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from edlm.config import CONFIG_KEY, DiffusionConfig
+from edlm.errors import EdlmError
+from edlm.masks import (
+    bidirectional_mask,
+    clean_context_mask,
+    noisy_context_mask,
+    to_backend_mask,
+)
+
+ATTENTION_VARIANTS = ("clean", "noisy", "bidirectional")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # bf16 autocast on CPUs without AMX is ~25x slower (env-notes): fp32 on CPU, bf16 on CUDA.
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def read_checkpoint_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise EdlmError(f"model directory not found: {path}")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise EdlmError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+    try:
+        return json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EdlmError(f"cannot read {cfg}: {exc}") from None
+
+
+def _is_hub_id(name: str) -> bool:
+    """`org/name` or `name`: loaded from the hub where the network allows it."""
+    parts = name.split("/")
+    return len(parts) <= 2 and not name.startswith((".", "/", "~")) and all(parts)
+
+
+def load_causal_lm(path, device=None, dtype=None, attn_implementation: str = "sdpa"):
+    """Load a HF causal LM + tokenizer from a local dir with user-facing errors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    if not Path(path).exists() and not _is_hub_id(str(path)):
+        raise EdlmError(f"model directory not found: {path}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001 - many loader errors, one user message
+        raise EdlmError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, attn_implementation=attn_implementation
+        )
+    except ValueError as exc:
+        raise EdlmError(f"{path} is not a causal language model: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise EdlmError(f"cannot load a causal LM from {path}: {str(exc).splitlines()[0]}") from None
+    return model.to(device).eval(), tokenizer
+
+
+class DiffusionLM:
+    """A causal LM plus the settings (block size, mask token, shift) that make it a dLM."""
+
+    def __init__(self, model, tokenizer, config: DiffusionConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+
+    # ---- loading and saving (transformers conventions) ----
+    @classmethod
+    def from_pretrained(
+        cls, path, device=None, dtype=None, attn_implementation: str = "sdpa", autoregressive: bool = False
+    ) -> "DiffusionLM":
+        """Load a converted checkpoint; `autoregressive=True` drives a plain AR checkpoint instead."""
+        raw = read_checkpoint_config(path)
+        if autoregressive:
+            config = DiffusionConfig.autoregressive(base_model=str(path))
+        elif CONFIG_KEY in raw:
+            config = DiffusionConfig.from_dict(raw[CONFIG_KEY])
+        elif raw.get("model_type") == "sdar" and "mask_token_id" in raw:
+            config = DiffusionConfig(block_size=int(raw.get("block_size", 4)), mask_token_id=int(raw["mask_token_id"]))
+        else:
+            raise EdlmError(f"{path} is not a converted edlm model (run `edlm convert {path} OUT` first)")
+        model, tokenizer = load_causal_lm(path, device, dtype, attn_implementation)
+        return cls(model, tokenizer, config)
+
+    def save_pretrained(self, out) -> None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        model = self.inner_model
+        if self.config.diffusion:
+            model.config.update({CONFIG_KEY: self.config.to_dict()})
+        model.save_pretrained(str(out), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(out))
+
+    # ---- properties ----
+    @property
+    def inner_model(self):
+        """The HF model itself, under any DDP/FSDP/DeepSpeed wrapper (which all keep `.module`)."""
+        model = self.model
+        while hasattr(model, "module") and not hasattr(model, "config"):
+            model = model.module
+        return model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def attn_implementation(self) -> str:
+        return getattr(self.inner_model.config, "_attn_implementation", None) or "eager"
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.inner_model.config, "max_position_embeddings", None)
+
+    def backend_mask(self, mask: torch.Tensor, key_padding: torch.Tensor | None = None):
+        return to_backend_mask(mask, self.attn_implementation, key_padding, self.dtype)
+
+    # ---- training forward ----
+    def forward_noisy(
+        self,
+        x_t: torch.Tensor,
+        x_0: torch.Tensor,
+        attention: str = "clean",
+        block_size: int | None = None,
+        shift: bool | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, L, V] that predict x_0 at every position of the noisy sequence x_t.
+
+        attention="clean" (the paper's method): input concat(x_t, x_0) [B, 2L], the same position
+        ids 0..L-1 on both halves, clean_context_mask; only the noisy half is projected to the
+        vocabulary (logits_to_keep), which saves half of the LM-head cost.
+        "noisy" and "bidirectional" feed x_t alone (paper Table 1 study variants).
+        With shift, the logit for position i comes from position i-1; for the first token of a
+        block under clean context that is the *clean* stream's i-1, exactly what decoding has.
+        """
+        block_size = block_size or self.config.block_size
+        shift = self.config.shift if shift is None else shift
+        batch, seq_len = x_t.shape
+        device = x_t.device
+        pos = torch.arange(seq_len, device=device)
+        if attention == "clean":
+            ids = torch.cat([x_t, x_0], dim=1)
+            position_ids = torch.cat([pos, pos])[None].expand(batch, -1)
+            mask = clean_context_mask(seq_len, block_size, device)
+            keep = pos
+            if shift:
+                keep = torch.cat([pos, seq_len + pos])  # clean logits feed block starts
+        elif attention in ("noisy", "bidirectional"):
+            ids = x_t
+            position_ids = pos[None].expand(batch, -1)
+            if attention == "noisy":
+                mask = noisy_context_mask(seq_len, block_size, device)
+            else:
+                mask = bidirectional_mask(seq_len, device)
+            keep = pos
+        else:
+            raise EdlmError(f"unknown attention variant {attention!r}; choose from {ATTENTION_VARIANTS}")
+        out = self.model(
+            input_ids=ids,
+            attention_mask=self.backend_mask(mask.expand(batch, -1, -1)),
+            position_ids=position_ids,
+            logits_to_keep=keep,
+            use_cache=False,
+        )
+        logits = out.logits
+        if not shift:
+            return logits
+        noisy = logits[:, :seq_len]
+        shifted = torch.empty_like(noisy)
+        shifted[:, 1:] = noisy[:, :-1]
+        shifted[:, 0] = noisy[:, 0]  # position 0 has no predecessor; never scored under shift
+        if attention == "clean":
+            clean = logits[:, seq_len:]
+            starts = torch.arange(block_size, seq_len, block_size, device=device)
+            shifted[:, starts] = clean[:, starts - 1]
+        return shifted
+
+    # ---- inference ----
+    def generate(self, prompts, max_new_tokens: int = 128, **kwargs):
+        """Block-parallel decoding; see `edlm.decoding.generate` for every option."""
+        from edlm.decoding import generate
+
+        return generate(self, prompts, max_new_tokens=max_new_tokens, **kwargs)
+
+    def stream(self, prompts, max_new_tokens: int = 128, **kwargs):
+        """Iterator form of generate: yields BlockEvent(row, text, token_ids) per committed block."""
+        from edlm.decoding import stream
+
+        return stream(self, prompts, max_new_tokens=max_new_tokens, **kwargs)
+
+    def embed(self, texts, batch_size: int = 16, max_length: int | None = None) -> torch.Tensor:
+        """L2-normalised mean-pooled last hidden states under a bidirectional mask (paper Sec. 5.3)."""
+        from edlm.embed import embed
+
+        return embed(self, texts, batch_size=batch_size, max_length=max_length)

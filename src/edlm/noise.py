@@ -1,0 +1,85 @@
+"""The forward (noising) process: which tokens of each block get replaced by the mask token.
+
+Position-dependent masking (paper Eq. 2): inside a block, position i gets weight
+w_i(t) = exp(beta * (1 - t) * i) with beta = ln 2 / (half_life * L'). Exactly round(t * L')
+positions per block are drawn without replacement proportionally to w (Gumbel-top-k). At small
+t later positions are masked far more often, mirroring the roughly left-to-right order in which
+decoding unmasks a block; as t -> 1 the weights flatten to uniform.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def position_weights(t: torch.Tensor | float, block_size: int, half_life: float) -> torch.Tensor:
+    """w_i(t) for i in [0, block_size); shape t.shape + [block_size]."""
+    t = torch.as_tensor(t, dtype=torch.float32)
+    beta = math.log(2.0) / (half_life * block_size)
+    i = torch.arange(block_size, dtype=torch.float32, device=t.device)
+    return torch.exp(beta * (1.0 - t)[..., None] * i)
+
+
+def _round_half_up(x: torch.Tensor) -> torch.Tensor:
+    return torch.floor(x + 0.5).long()
+
+
+def sample_block_mask(
+    t: torch.Tensor,
+    seq_len: int,
+    block_size: int,
+    half_life: float | None = 0.1,
+    generator: torch.Generator | None = None,
+    maskable: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bool [B, seq_len], True = replace by the mask token.
+
+    t: [B] (one noise level per sequence, the paper) or [B, n_blocks] (one per block).
+    Each block masks exactly round(t * m) of its m maskable positions (m = L' for a full block
+    with no prompt/padding). maskable [B, seq_len] (default all True) marks positions that may be
+    masked; prompt and padding never are. half_life=None gives uniform masking.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    t = torch.as_tensor(t, dtype=torch.float32)
+    batch = t.shape[0]
+    n_blocks = -(-seq_len // block_size)
+    padded = n_blocks * block_size
+    device = t.device
+    if t.dim() == 1:
+        t = t[:, None].expand(batch, n_blocks)
+    if t.shape != (batch, n_blocks):
+        raise ValueError(f"t must be [B] or [B, {n_blocks}], got {tuple(t.shape)}")
+
+    allowed = torch.zeros(batch, padded, dtype=torch.bool, device=device)
+    allowed[:, :seq_len] = True if maskable is None else maskable.to(device).bool()
+    allowed = allowed.view(batch, n_blocks, block_size)
+
+    if half_life is None:
+        log_w = torch.zeros(batch, n_blocks, block_size, device=device)
+    else:
+        log_w = position_weights(t, block_size, half_life).log()
+    uniform = torch.rand(batch, n_blocks, block_size, generator=generator, device=device)
+    gumbel = -torch.log((-torch.log(uniform.clamp_min(1e-20))).clamp_min(1e-20))
+    scores = torch.where(allowed, log_w + gumbel, torch.full_like(log_w, -math.inf))
+
+    # rank of each position inside its block by descending score; the top k are masked
+    rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)
+    k = _round_half_up(t * allowed.sum(-1))  # [B, n_blocks]
+    masked = (rank < k[..., None]) & allowed
+    return masked.view(batch, padded)[:, :seq_len]
+
+
+def sample_noise_level(
+    batch: int,
+    n_blocks: int | None = None,
+    t_min: float = 1e-3,
+    generator: torch.Generator | None = None,
+    device=None,
+) -> torch.Tensor:
+    """t ~ U[t_min, 1]: shape [B] (per sequence) or [B, n_blocks] (per block)."""
+    shape = (batch,) if n_blocks is None else (batch, n_blocks)
+    u = torch.rand(shape, generator=generator, device=device)
+    return t_min + (1.0 - t_min) * u

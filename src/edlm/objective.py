@@ -1,0 +1,85 @@
+"""Training objectives: the paper's 1/t-weighted masked cross-entropy, and plain causal LM.
+
+Both take a packed batch (input_ids [B, L], maskable [B, L]: False on prompt/padding tokens,
+which are never masked and never scored) and return (loss, number of scored tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from edlm.noise import sample_block_mask, sample_noise_level
+
+
+@dataclass
+class NoiseSettings:
+    half_life: float | None = 0.1  # None = uniform masking
+    t_per_block: bool = False  # the paper draws one t per sequence
+    t_min: float = 1e-3
+    complementary: bool = False
+    attention: str = "clean"
+
+
+def row_generators(seed: int, step: int, rows: torch.Tensor) -> list[torch.Generator]:
+    """One generator per global example index: the noise an example gets depends only on
+    (seed, step, its index in the global batch), so runs with any process count and any resume
+    point draw identical masks."""
+    return [torch.Generator().manual_seed(hash((seed, step, int(r))) & 0x7FFF_FFFF) for r in rows]
+
+
+def sample_masks(input_ids, maskable, block_size: int, noise: NoiseSettings, generators) -> torch.Tensor:
+    """[B, L] bool masked positions, each row drawn from its own generator."""
+    seq_len = input_ids.shape[1]
+    n_blocks = -(-seq_len // block_size)
+    out = []
+    for i, gen in enumerate(generators):
+        t = sample_noise_level(1, n_blocks if noise.t_per_block else None, noise.t_min, gen)
+        out.append(sample_block_mask(t, seq_len, block_size, noise.half_life, gen, maskable[i : i + 1].cpu()))
+    return torch.cat(out).to(input_ids.device)
+
+
+def inverse_time_weights(masked: torch.Tensor, maskable: torch.Tensor, block_size: int) -> torch.Tensor:
+    """1/t per position, with t the block's realised mask ratio k/m (= round(t L')/L').
+
+    Using the realised ratio rather than the drawn t keeps the weight finite and exact when
+    rounding masks zero or few tokens (literal 1/t at t=1e-3 spikes the loss: env-notes).
+    """
+    batch, seq_len = masked.shape
+    n_blocks = -(-seq_len // block_size)
+    pad = n_blocks * block_size - seq_len
+    k = F.pad(masked.float(), (0, pad)).view(batch, n_blocks, block_size).sum(-1)
+    m = F.pad(maskable.float(), (0, pad)).view(batch, n_blocks, block_size).sum(-1)
+    w = m / k.clamp_min(1.0)
+    return w.repeat_interleave(block_size, dim=1)[:, :seq_len]
+
+
+def diffusion_loss(dlm, input_ids, maskable, noise: NoiseSettings, generators):
+    """Eq. 1: E_t E_x_t [ (1/t) * sum_masked -log p(x_0[i] | x_t, clean earlier blocks) ],
+    normalised by the number of maskable tokens."""
+    block_size = dlm.config.block_size
+    maskable = maskable.bool()
+    if dlm.config.shift:
+        maskable = maskable.clone()
+        maskable[:, 0] = False  # nothing predicts position 0 under shift
+    masked = sample_masks(input_ids, maskable, block_size, noise, generators)
+    if noise.complementary:
+        # the inverse mask trains every maskable token in every sample exactly once
+        masked = torch.cat([masked, maskable & ~masked])
+        input_ids = torch.cat([input_ids, input_ids])
+        maskable = torch.cat([maskable, maskable])
+    x_t = torch.where(masked, torch.full_like(input_ids, dlm.config.mask_token_id), input_ids)
+    logits = dlm.forward_noisy(x_t, input_ids, attention=noise.attention)
+    weights = inverse_time_weights(masked, maskable, block_size)
+    ce = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")
+    n_tokens = maskable.sum().clamp_min(1)
+    return (ce * weights[masked]).sum() / n_tokens, int(masked.sum())
+
+
+def causal_lm_loss(model, input_ids, maskable):
+    """Next-token cross-entropy (the AR baseline and the demo's AR parent)."""
+    labels = torch.where(maskable.bool(), input_ids, torch.full_like(input_ids, -100))
+    out = model(input_ids=input_ids, labels=labels, use_cache=False)
+    return out.loss, int((labels[:, 1:] != -100).sum())

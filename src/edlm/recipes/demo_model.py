@@ -1,0 +1,128 @@
+"""`make models`: rebuild the shipped demo models from scratch, resumably.
+
+Stages (each skipped when its output exists, training resumes from its last checkpoint):
+1. data: built-in reasoning problems -> train/val jsonl (prompt/response)
+2. tokenizer: byte-level BPE, one token per digit
+3. AR parent: a small Llama trained from random init with `edlm train --objective ar`
+4. dLM: `edlm convert` the AR parent, then `edlm train` (block diffusion) -> models/dlm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from edlm import reasoning
+
+AR_ARCH = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=4, max_position_embeddings=512, rope_theta=10000.0)
+N_TRAIN, N_VAL = 120_000, 1_000
+
+
+def build_data(work: Path) -> Path:
+    data = work / "data"
+    if (data / "train.jsonl").exists():
+        return data
+    data.mkdir(parents=True, exist_ok=True)
+    probs = list(reasoning.train_problems(N_TRAIN + N_VAL))
+    for name, chunk in (("train", probs[:N_TRAIN]), ("val", probs[N_TRAIN:])):
+        tmp = data / f".{name}.jsonl"
+        with tmp.open("w") as f:
+            for p in chunk:
+                f.write(json.dumps({"prompt": p.prompt, "response": p.response}) + "\n")
+        tmp.rename(data / f"{name}.jsonl")
+    return data
+
+
+def build_tokenizer(work: Path, vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out = work / "tokenizer"
+    if (out / "tokenizer.json").exists():
+        return PreTrainedTokenizerFast.from_pretrained(str(out))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|pad|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = [p.text for p in reasoning.train_problems(20_000)]
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                                   model_max_length=AR_ARCH["max_position_embeddings"])
+    fast.save_pretrained(str(out))
+    return fast
+
+
+def init_ar(work: Path, tokenizer) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import torch
+
+    out = work / "ar-init"
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(0)
+    vocab = -(-len(tokenizer) // 64) * 64 + 64  # padded, with free rows for the mask token
+    config = LlamaConfig(vocab_size=vocab, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+                         tie_word_embeddings=True, **AR_ARCH)
+    LlamaForCausalLM(config).save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def main(argv=None) -> None:
+    from edlm.cli import main as edlm
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="runs/demo-build", help="scratch dir (checkpoints live here)")
+    ap.add_argument("--models", default="models", help="where the shipped models go")
+    ap.add_argument("--ar-steps", type=int, default=1500)
+    ap.add_argument("--dlm-steps", type=int, default=3000)
+    ap.add_argument("--block-size", type=int, default=8)
+    ap.add_argument("--stage", choices=["all", "ar", "dlm"], default="all")
+    args = ap.parse_args(argv)
+    work, models = Path(args.work), Path(args.models)
+    data = build_data(work)
+    tok = build_tokenizer(work)
+    init = init_ar(work, tok)
+    common = ["--data", str(data / "train.jsonl"), "--val-data", str(data / "val.jsonl"),
+              "--seq-len", "256", "--batch-size", "16", "--eval-every", "250", "--save-every", "100",
+              "--keep-last", "2", "--resume"]
+    if args.stage in ("all", "ar") and not (models / "ar" / "config.json").exists():
+        rc = edlm(["train", str(init), "--objective", "ar", "--out", str(work / "ar-run"),
+                   "--steps", str(args.ar_steps), "--lr", "1e-3", "--min-lr", "1e-4",
+                   "--warmup-steps", "50", *common])
+        if rc:
+            raise SystemExit(rc)
+        _publish(work / "ar-run" / "model", models / "ar")
+    if args.stage in ("all", "dlm") and not (models / "dlm" / "config.json").exists():
+        conv = work / "dlm-init"
+        if not (conv / "config.json").exists():
+            edlm(["convert", str(models / "ar"), str(conv), "--block-size", str(args.block_size), "--force"])
+        rc = edlm(["train", str(conv), "--out", str(work / "dlm-run"), "--steps", str(args.dlm_steps),
+                   "--lr", "5e-4", "--min-lr", "5e-5", "--warmup-steps", "50", "--complementary",
+                   "--t-min", "0.05", *common])
+        if rc:
+            raise SystemExit(rc)
+        _publish(work / "dlm-run" / "model", models / "dlm")
+
+
+def _publish(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    print(f"published {dst}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Commit rules: which masked positions of the current block get decided in this step.
+
+Each rule takes per-slot confidences [B, S] (probability of the chosen token), entropies
+[B, S] and the candidate slots [B, S] (still masked, to be generated) and returns a bool
+[B, S] commit mask with at least one True per row that has a candidate.
+"""
+
+from __future__ import annotations
+
+import torch
+
+STRATEGIES = ("threshold", "factor", "entropy", "steps")
+
+
+def pick_tokens(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                generator: torch.Generator | None = None):
+    """logits [B, S, V] (already with forbidden ids at -inf) -> tokens, confidence, entropy [B, S]."""
+    logits = logits.float()
+    if temperature > 0:
+        logits = logits / temperature
+    probs = torch.softmax(logits, dim=-1)
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
+    if temperature <= 0:
+        conf, tokens = probs.max(dim=-1)
+        return tokens, conf, entropy
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    flat = probs.view(-1, probs.shape[-1])
+    tokens = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    conf = probs.gather(-1, tokens[..., None])[..., 0]
+    return tokens, conf, entropy
+
+
+def _top_n(score: torch.Tensor, n: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Commit the n[b] highest-scoring candidates of each row."""
+    score = score.masked_fill(~candidates, float("-inf"))
+    rank = score.argsort(dim=-1, descending=True).argsort(dim=-1)
+    return (rank < n[:, None]) & candidates
+
+
+def at_least_one(commit: torch.Tensor, conf: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    best = _top_n(conf, torch.ones(conf.shape[0], dtype=torch.long, device=conf.device), candidates)
+    return commit | best
+
+
+def commit_threshold(conf, candidates, threshold: float):
+    """Fast-dLLM: every candidate with confidence >= threshold, and always the top-1."""
+    return at_least_one(candidates & (conf >= threshold), conf, candidates)
+
+
+def commit_factor(conf, candidates, factor: float):
+    """Fast-dLLM factor rule: the top n for the largest n with (n + 1)(1 - c_n) < f."""
+    c = conf.masked_fill(~candidates, -1.0).sort(dim=-1, descending=True).values
+    n_idx = torch.arange(1, c.shape[-1] + 1, device=c.device)
+    ok = ((n_idx + 1) * (1 - c) < factor) & (c >= 0)
+    n = torch.where(ok, n_idx, torch.zeros_like(n_idx)).max(dim=-1).values.clamp_min(1)
+    return _top_n(conf, n, candidates)
+
+
+def commit_entropy(conf, entropy, candidates, gamma: float):
+    """Entropy-bounded sampler: lowest-entropy first, the largest k with sum(H) - max(H) <= gamma."""
+    h = entropy.masked_fill(~candidates, float("inf")).sort(dim=-1).values
+    finite = torch.isfinite(h)
+    hz = torch.where(finite, h, torch.zeros_like(h))
+    ok = (hz.cumsum(-1) - hz.cummax(-1).values <= gamma) & finite
+    n_idx = torch.arange(1, h.shape[-1] + 1, device=h.device)
+    n = torch.where(ok, n_idx, torch.zeros_like(n_idx)).max(dim=-1).values.clamp_min(1)
+    return _top_n(-entropy, n, candidates)
+
+
+def commit_steps(conf, candidates, tokens_per_step: int):
+    """A fixed number of most-confident tokens per step (LLaDA-style schedules)."""
+    n = torch.full((conf.shape[0],), tokens_per_step, dtype=torch.long, device=conf.device)
+    return _top_n(conf, n, candidates)
+
+
+def commit(strategy: str, conf, entropy, candidates, threshold=0.9, factor=1.0, gamma=0.5,
+           tokens_per_step=1) -> torch.Tensor:
+    if strategy == "threshold":
+        return commit_threshold(conf, candidates, threshold)
+    if strategy == "factor":
+        return commit_factor(conf, candidates, factor)
+    if strategy == "entropy":
+        return commit_entropy(conf, entropy, candidates, gamma)
+    if strategy == "steps":
+        return commit_steps(conf, candidates, tokens_per_step)
+    raise ValueError(f"unknown strategy {strategy!r}")

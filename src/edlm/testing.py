@@ -1,0 +1,61 @@
+"""Tiny random models and a tiny tokenizer, for tests and examples (no network, no weights).
+
+Lives in the package (not tests/) so benchmarks and `make demo`'s fallback can use it too.
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
+
+_SMALL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+def tiny_config(arch: str, vocab_size: int = 128, **overrides):
+    from transformers import AutoConfig
+
+    kwargs = dict(_SMALL, vocab_size=vocab_size, tie_word_embeddings=False)
+    if arch in ("qwen3",):
+        kwargs["head_dim"] = 16
+    if arch in ("mistral", "qwen2", "qwen3"):
+        kwargs["sliding_window"] = None
+    kwargs.update(overrides)
+    return AutoConfig.for_model(arch, **kwargs)
+
+
+def make_tiny_causal_lm(arch: str = "llama", vocab_size: int = 128, attn_implementation="sdpa",
+                        dtype=torch.float32, seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(arch, vocab_size, **overrides)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    return model.to(dtype).eval()
+
+
+def make_tiny_tokenizer(vocab_size: int = 128):
+    """A character-level fast tokenizer: printable ASCII plus specials, ids < vocab_size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    assert len(vocab) <= vocab_size
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )

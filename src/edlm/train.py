@@ -1,0 +1,341 @@
+"""`edlm train`: continuous pretraining of an AR model into a block-diffusion LM, on accelerate.
+
+One loop for 1 CPU, DDP, FSDP or DeepSpeed (`accelerate launch -m edlm.cli train ...`).
+Determinism by construction: the examples of global step s and the noise each example gets are
+functions of (seed, s, example index) only, so a resumed run, or a run with a different process
+count and the same global batch, sees exactly the same data and masks.
+Checkpoints are written to a temp dir and renamed: a crash mid-save leaves the last one intact.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from edlm.config import CONFIG_KEY, DiffusionConfig
+from edlm.data import DataFields, build_dataset
+from edlm.errors import EdlmError
+from edlm.model import ATTENTION_VARIANTS, DiffusionLM, load_causal_lm, read_checkpoint_config
+from edlm.objective import NoiseSettings, causal_lm_loss, diffusion_loss, row_generators
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    data: list[str]
+    out: str
+    val_data: list[str] | None = None
+    val_fraction: float = 0.0
+    objective: str = "diffusion"  # "diffusion" | "ar" (plain causal-LM fine-tuning, the baseline)
+    # conversion on the fly (when MODEL is a plain AR checkpoint)
+    block_size: int = 32
+    mask_token: str | None = None
+    shift: bool = False
+    # objective (paper defaults first)
+    attention: str = "clean"
+    masking: str = "position"  # "position" | "uniform"
+    half_life: float = 0.1
+    t_per_block: bool = False
+    t_min: float = 1e-3
+    complementary: bool = False
+    # optimisation
+    seq_len: int = 512
+    batch_size: int = 8  # per process, per micro-step
+    grad_accum: int = 1
+    steps: int = 1000
+    lr: float = 1e-5
+    min_lr: float = 3e-6
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    lora_rank: int = 0
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    # bookkeeping
+    save_every: int = 500
+    keep_last: int = 2
+    eval_every: int = 0
+    eval_batches: int = 8
+    log_every: int = 10
+    seed: int = 0
+    resume: bool = False
+    progress: bool = True
+    fields: DataFields = field(default_factory=DataFields)
+
+    def validate(self) -> None:
+        if self.objective not in ("diffusion", "ar"):
+            raise EdlmError(f"--objective must be diffusion or ar, got {self.objective!r}")
+        if self.attention not in ATTENTION_VARIANTS:
+            raise EdlmError(f"--attention must be one of {ATTENTION_VARIANTS}, got {self.attention!r}")
+        if self.masking not in ("position", "uniform"):
+            raise EdlmError(f"--masking must be position or uniform, got {self.masking!r}")
+        for name in ("block_size", "seq_len", "batch_size", "grad_accum", "steps", "save_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise EdlmError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise EdlmError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 < self.t_min < 1.0:
+            raise EdlmError(f"--t-min must be in (0, 1), got {self.t_min}")
+
+    def noise(self) -> NoiseSettings:
+        return NoiseSettings(
+            half_life=self.half_life if self.masking == "position" else None,
+            t_per_block=self.t_per_block, t_min=self.t_min,
+            complementary=self.complementary, attention=self.attention,
+        )
+
+
+# ---------------------------------------------------------------- model set-up
+def load_for_training(cfg: TrainConfig, device) -> DiffusionLM:
+    raw = read_checkpoint_config(cfg.model)
+    if cfg.objective == "ar":
+        model, tok = load_causal_lm(cfg.model, device, torch.float32, cfg.attn_implementation)
+        return DiffusionLM(model, tok, DiffusionConfig.autoregressive(cfg.model))
+    if CONFIG_KEY in raw:
+        dlm = DiffusionLM.from_pretrained(cfg.model, device, torch.float32, cfg.attn_implementation)
+    else:
+        from edlm.convert import convert_model
+
+        model, tok = load_causal_lm(cfg.model, device, torch.float32, cfg.attn_implementation)
+        dlm = convert_model(model, tok, cfg.block_size, cfg.mask_token, cfg.shift, base_model=cfg.model)
+    if cfg.seq_len % dlm.config.block_size:
+        raise EdlmError(f"--seq-len {cfg.seq_len} must be a multiple of the block size {dlm.config.block_size}")
+    return dlm
+
+
+def apply_lora(model, rank: int):
+    """LoRA on every linear layer; embeddings, LM head and norms stay fully trainable
+    (the paper: freezing them costs a lot)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
+                      modules_to_save=["embed_tokens", "lm_head"])
+    model = get_peft_model(model, lora)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.requires_grad_(True)
+    return model
+
+
+def exportable(dlm: DiffusionLM, accelerator) -> DiffusionLM:
+    """The plain model to save: unwrapped from the engine, LoRA merged into a copy."""
+    model = accelerator.unwrap_model(dlm.model)
+    if hasattr(model, "merge_and_unload"):
+        model = copy.deepcopy(model).merge_and_unload()
+    return DiffusionLM(model, dlm.tokenizer, dlm.config)
+
+
+def lr_lambda(cfg: TrainConfig):
+    floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+# ---------------------------------------------------------------- data order
+class StepSampler:
+    """Example indices of (step, micro-step, process): a fresh permutation per epoch."""
+
+    def __init__(self, n: int, batch_size: int, n_procs: int, grad_accum: int, seed: int):
+        self.n, self.bs, self.procs, self.accum, self.seed = n, batch_size, n_procs, grad_accum, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    @property
+    def global_batch(self) -> int:
+        return self.bs * self.procs * self.accum
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return self._perms[epoch]
+
+    def global_rows(self, step: int, micro: int, proc: int) -> torch.Tensor:
+        start = step * self.global_batch + (micro * self.procs + proc) * self.bs
+        return torch.arange(start, start + self.bs)
+
+    def indices(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self._perm(int(r) // self.n)[int(r) % self.n] for r in rows])
+
+
+# ---------------------------------------------------------------- checkpoints
+def checkpoint_dirs(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def save_checkpoint(accelerator, dlm: DiffusionLM, cfg: TrainConfig, step: int) -> Path:
+    out = Path(cfg.out)
+    final = out / "checkpoints" / f"step-{step:08d}"
+    tmp = out / "checkpoints" / f".tmp-step-{step:08d}"
+    accelerator.wait_for_everyone()
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp / "state"))
+        if accelerator.is_main_process:
+            exportable(dlm, accelerator).save_pretrained(tmp / "model")
+            (tmp / "trainer.json").write_text(json.dumps({"step": step, "config": _jsonable(cfg)}, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in checkpoint_dirs(out)[: -cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise EdlmError(f"could not write checkpoint {final} ({exc.strerror or exc}); "
+                        "earlier checkpoints are untouched") from None
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _jsonable(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+# ---------------------------------------------------------------- the loop
+def compute_loss(dlm, model, batch, cfg: TrainConfig, noise: NoiseSettings, step: int, rows):
+    ids, maskable = batch["input_ids"], batch["maskable"]
+    if cfg.objective == "ar":
+        return causal_lm_loss(model, ids, maskable)
+    return diffusion_loss(dlm, ids, maskable, noise, row_generators(cfg.seed, step, rows))
+
+
+@torch.no_grad()
+def validate(dlm, model, val_ds, cfg, noise, device) -> float:
+    model.eval()
+    losses = []
+    n = min(len(val_ds), cfg.eval_batches * cfg.batch_size)
+    for start in range(0, n, cfg.batch_size):
+        rows = torch.arange(start, min(n, start + cfg.batch_size))
+        batch = {k: v.to(device) for k, v in val_ds[rows].items()}
+        loss, _ = compute_loss(dlm, model, batch, cfg, noise, step=-1, rows=rows)  # fixed noise
+        losses.append(loss.item())
+    model.train()
+    return sum(losses) / max(1, len(losses))
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) training; returns OUT/model, the final loadable checkpoint."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise EdlmError(f"--out {out} exists and is not a directory")
+    if not cfg.resume and checkpoint_dirs(out):
+        raise EdlmError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    use_cuda = torch.cuda.is_available()
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
+                              mixed_precision="bf16" if use_cuda else "no")
+    device = accelerator.device
+    torch.manual_seed(cfg.seed)
+
+    dlm = load_for_training(cfg, device)
+    with accelerator.main_process_first():
+        train_ds = build_dataset(cfg.data, dlm.tokenizer, cfg.seq_len, cfg.fields)
+        val_ds = build_dataset(cfg.val_data, dlm.tokenizer, cfg.seq_len, cfg.fields) if cfg.val_data else None
+    if val_ds is None and cfg.val_fraction > 0:
+        split = train_ds.train_test_split(test_size=cfg.val_fraction, seed=cfg.seed, shuffle=True)
+        train_ds, val_ds = split["train"], split["test"]
+
+    model = dlm.model
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.lora_rank > 0:
+        model = apply_lora(model, cfg.lora_rank)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # the scheduler is stepped by hand once per optimizer step (accelerate's wrapper would
+    # step it once per process), and registered so save_state/load_state carry it
+    accelerator.register_for_checkpointing(scheduler)
+    dlm = DiffusionLM(model, dlm.tokenizer, dlm.config)
+
+    start = 0
+    if cfg.resume and checkpoint_dirs(out):
+        last = checkpoint_dirs(out)[-1]
+        accelerator.load_state(str(last / "state"))
+        start = json.loads((last / "trainer.json").read_text())["step"]
+        accelerator.print(f"resumed from {last} at step {start}")
+    if start >= cfg.steps:
+        raise EdlmError(f"{out} is already trained to step {start} >= --steps {cfg.steps}")
+
+    sampler = StepSampler(len(train_ds), cfg.batch_size, accelerator.num_processes, cfg.grad_accum, cfg.seed)
+    noise = cfg.noise()
+    metrics = out / "metrics.jsonl"
+    writer = _tensorboard(out) if accelerator.is_main_process else None
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and accelerator.is_main_process),
+               desc="train", dynamic_ncols=True)
+    tokens_seen, t0 = 0, time.perf_counter()
+    for step in range(start, cfg.steps):
+        step_loss = 0.0
+        for micro in range(cfg.grad_accum):
+            rows = sampler.global_rows(step, micro, accelerator.process_index)
+            batch = {k: v.to(device) for k, v in train_ds[sampler.indices(rows)].items()}
+            with accelerator.accumulate(model):
+                loss, _ = compute_loss(dlm, model, batch, cfg, noise, step, rows)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.grad_clip > 0:
+                    accelerator.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.item() / cfg.grad_accum
+            tokens_seen += batch["input_ids"].numel() * accelerator.num_processes
+        scheduler.step()
+        done = step + 1
+        tok_s = tokens_seen / (time.perf_counter() - t0)
+        record = {"step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s}
+        if cfg.eval_every and val_ds is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+            record["val_loss"] = validate(dlm, model, val_ds, cfg, noise, device)
+        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tok_s:.0f}", lr=f"{record['lr']:.1e}",
+                        **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+        bar.update(1)
+        if accelerator.is_main_process and (done % cfg.log_every == 0 or "val_loss" in record or done == cfg.steps):
+            with metrics.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if writer is not None:
+                for k, v in record.items():
+                    if k != "step":
+                        writer.add_scalar(k, v, done)
+        if done % cfg.save_every == 0 or done == cfg.steps:
+            save_checkpoint(accelerator, dlm, cfg, done)
+    bar.close()
+    final = out / "model"
+    if accelerator.is_main_process:
+        tmp = out / ".tmp-model"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(checkpoint_dirs(out)[-1] / "model", tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # noqa: BLE001 - tensorboard is optional
+        return None
+    return SummaryWriter(str(out / "tensorboard"))

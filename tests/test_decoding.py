@@ -1,0 +1,166 @@
+"""Cached block decoding vs a no-cache reference, batching, strategies, EOS and stop strings."""
+
+import pytest
+import torch
+
+from edlm.convert import convert_model
+from edlm.errors import EdlmError
+from edlm.masks import block_causal_mask
+from edlm.strategies import STRATEGIES, commit, pick_tokens
+from edlm.testing import make_tiny_causal_lm, make_tiny_tokenizer
+
+
+def tiny_dlm(arch="llama", block_size=4, shift=False, seed=0):
+    model = make_tiny_causal_lm(arch, dtype=torch.float64, seed=seed)  # float64: no near-tie flips
+    return convert_model(model, make_tiny_tokenizer(), block_size=block_size, shift=shift)
+
+
+@torch.no_grad()
+def reference_decode(dlm, prompt, max_new, bs, **opts):
+    """Recompute the whole sequence with the block-causal mask at every step; no cache."""
+    tok, mask_id, eos = dlm.tokenizer, dlm.config.mask_token_id, dlm.tokenizer.eos_token_id
+    seq = tok(prompt)["input_ids"]
+    out = []
+    start = len(seq) // bs * bs
+    while len(out) < max_new:
+        tail = seq[start:]
+        n_gen = min(bs - len(tail), max_new - len(out))
+        block = tail + [mask_id] * (bs - len(tail))
+        todo = torch.tensor([len(tail) <= j < len(tail) + n_gen for j in range(bs)])
+        gen = todo.clone()
+        eos_slot = bs
+        while todo.any():
+            ids = torch.tensor([seq[:start] + block])
+            n = ids.shape[1]
+            logits = dlm.model(input_ids=ids, attention_mask=dlm.backend_mask(block_causal_mask(n, bs)),
+                               position_ids=torch.arange(n)[None]).logits[0].float()
+            slot_logits = logits[start - 1 : start + bs - 1] if dlm.config.shift else logits[start:]
+            slot_logits = slot_logits.clone()
+            slot_logits[:, mask_id] = float("-inf")
+            slot_logits[:, len(tok):] = float("-inf")
+            tokens, conf, ent = pick_tokens(slot_logits[None])
+            chosen = commit(opts.get("strategy", "threshold"), conf, ent, todo[None],
+                            threshold=opts.get("threshold", 0.9), factor=opts.get("factor", 1.0),
+                            gamma=opts.get("gamma", 0.5), tokens_per_step=opts.get("tokens_per_step", 1))[0]
+            for j in torch.nonzero(chosen).flatten().tolist():
+                block[j] = int(tokens[0, j])
+            todo &= ~chosen
+            for j in range(bs):
+                if gen[j] and not todo[j] and block[j] == eos:
+                    eos_slot = min(eos_slot, j)
+            todo &= torch.arange(bs) < eos_slot
+        new = [block[j] for j in range(bs) if gen[j] and j <= eos_slot]
+        out += new
+        if eos_slot < bs:
+            break
+        seq = seq[:start] + block
+        start += bs
+    return out
+
+
+PROMPTS = ["The cat sat", "Hello, wor", "ab", "Once upon a time there"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("threshold", [1.0, 0.5, 0.05])
+def test_cached_equals_uncached_reference(arch, threshold):
+    dlm = tiny_dlm(arch, block_size=4)
+    for prompt in PROMPTS:  # lengths 11, 10, 2, 22: aligned and not aligned to blocks of 4
+        got = dlm.generate(prompt, max_new_tokens=10, threshold=threshold).token_ids[0]
+        assert got == reference_decode(dlm, prompt, 10, 4, threshold=threshold), prompt
+
+
+def test_cached_equals_reference_with_shift_and_other_block_size():
+    dlm = tiny_dlm("llama", block_size=4, shift=True)
+    for prompt in PROMPTS[:2]:
+        got = dlm.generate(prompt, max_new_tokens=9, threshold=0.3, block_size=3).token_ids[0]
+        assert got == reference_decode(dlm, prompt, 9, 3, threshold=0.3)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_matches_reference_and_commits(strategy):
+    dlm = tiny_dlm("qwen3", block_size=4)
+    kw = {"strategy": strategy, "threshold": 0.3, "factor": 2.0, "gamma": 1.0, "tokens_per_step": 2}
+    res = dlm.generate(PROMPTS[0], max_new_tokens=11, **kw)  # 11: not a multiple of the block
+    assert res.token_ids[0] == reference_decode(dlm, PROMPTS[0], 11, 4, **kw)
+    s = res.stats[0]
+    assert s.generated_tokens == 11 and 1 <= s.model_calls <= 11
+    assert all(k >= 1 for k in s.steps_histogram)
+
+
+def test_batched_equals_one_by_one():
+    dlm = tiny_dlm("llama", block_size=4)
+    batched = dlm.generate(PROMPTS, max_new_tokens=9, threshold=0.4)
+    for i, prompt in enumerate(PROMPTS):
+        single = dlm.generate(prompt, max_new_tokens=9, threshold=0.4)
+        assert batched.token_ids[i] == single.token_ids[0]
+        assert batched.texts[i] == single.texts[0]
+
+
+def test_eos_inside_block_truncates_row_and_stops_early():
+    dlm = tiny_dlm("llama", block_size=4)
+    free = dlm.generate(PROMPTS, max_new_tokens=12, threshold=0.4)
+    eos_char = dlm.tokenizer.convert_ids_to_tokens(free.token_ids[0][5])
+    dlm.tokenizer.eos_token = eos_char
+    eos = dlm.tokenizer.eos_token_id
+    res = dlm.generate(PROMPTS, max_new_tokens=12, threshold=0.4)
+    first = res.token_ids[0]
+    assert eos in first and first[-1] == eos and first.count(eos) == 1 and len(first) <= 6
+    assert res.finish_reasons[0] == "stop" and eos_char not in res.texts[0]
+    assert first == reference_decode(dlm, PROMPTS[0], 12, 4, threshold=0.4)
+    assert res.stats[0].model_calls < free.stats[0].model_calls
+    for i, prompt in enumerate(PROMPTS):  # other rows are unaffected by row 0 leaving the batch
+        assert res.token_ids[i] == dlm.generate(prompt, max_new_tokens=12, threshold=0.4).token_ids[0]
+
+
+def test_stop_string_and_streaming():
+    dlm = tiny_dlm("llama", block_size=4)
+    full = dlm.generate(PROMPTS[0], max_new_tokens=16, threshold=0.4).texts[0]
+    stop = full[6:8]
+    events = []
+    res = dlm.generate(PROMPTS[0], max_new_tokens=16, threshold=0.4, stop=[stop], on_block=events.append)
+    assert res.texts[0] == full[: full.find(stop)] and res.finish_reasons[0] == "stop"
+    assert "".join(e.text for e in events) == res.texts[0]
+    assert events[-1].done
+    assert "".join(e.text for e in dlm.stream(PROMPTS[1], max_new_tokens=8)) == \
+        dlm.generate(PROMPTS[1], max_new_tokens=8).texts[0]
+
+
+def test_ar_baseline_matches_hf_generate():
+    from edlm import DiffusionConfig, DiffusionLM
+
+    model = make_tiny_causal_lm("llama", dtype=torch.float64)
+    ar = DiffusionLM(model, make_tiny_tokenizer(), DiffusionConfig.autoregressive())
+    res = ar.generate(PROMPTS, max_new_tokens=8)
+    for i, p in enumerate(PROMPTS):
+        ids = ar.tokenizer(p, return_tensors="pt")["input_ids"]
+        hf = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=ar.tokenizer.eos_token_id,
+                            pad_token_id=0)
+        assert res.token_ids[i] == hf[0, ids.shape[1]:].tolist()
+        assert res.stats[i].model_calls == len(res.token_ids[i])  # one call per AR token
+
+
+def test_sampling_is_seeded_and_valid():
+    dlm = tiny_dlm("llama", block_size=4)
+    a = dlm.generate(PROMPTS[0], max_new_tokens=8, temperature=1.0, top_p=0.9, seed=1).token_ids[0]
+    b = dlm.generate(PROMPTS[0], max_new_tokens=8, temperature=1.0, top_p=0.9, seed=1).token_ids[0]
+    assert a == b and len(a) == 8 and dlm.config.mask_token_id not in a
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    ({"threshold": 0.0}, "threshold"), ({"threshold": 1.5}, "threshold"), ({"block_size": 0}, "block size"),
+    ({"strategy": "nope"}, "unknown strategy"), ({"max_new_tokens": 0}, "max_new_tokens"),
+])
+def test_bad_options(kwargs, msg):
+    dlm = tiny_dlm()
+    opts = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(EdlmError, match=msg):
+        dlm.generate("hi", **opts)
+
+
+def test_bad_prompts():
+    dlm = tiny_dlm()
+    with pytest.raises(EdlmError, match="empty prompt"):
+        dlm.generate("", max_new_tokens=4)
+    with pytest.raises(EdlmError, match="at most 256 positions"):
+        dlm.generate("x" * 300, max_new_tokens=4)

@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from edlm.masks import (
+    bidirectional_mask,
+    block_causal_mask,
+    clean_context_mask,
+    noisy_context_mask,
+    position_block_mask,
+    to_backend_mask,
+)
+
+SHAPES = [(8, 4), (10, 4), (7, 3), (5, 8), (6, 1), (9, 9)]
+
+
+def definition(seq_len, block_size):
+    """The method.md truth table, written as plain loops."""
+    n = 2 * seq_len
+    m = torch.zeros(n, n, dtype=torch.bool)
+    for q in range(n):
+        for k in range(n):
+            q_noisy, k_noisy = q < seq_len, k < seq_len
+            bq, bk = (q % seq_len) // block_size, (k % seq_len) // block_size
+            if q_noisy and k_noisy:
+                m[q, k] = bq == bk
+            elif q_noisy and not k_noisy:
+                m[q, k] = bk < bq
+            elif not q_noisy and not k_noisy:
+                m[q, k] = bk <= bq
+    return m
+
+
+@pytest.mark.parametrize("seq_len,block_size", SHAPES)
+def test_clean_context_truth_table(seq_len, block_size):
+    assert torch.equal(clean_context_mask(seq_len, block_size), definition(seq_len, block_size))
+
+
+@pytest.mark.parametrize("seq_len,block_size", SHAPES)
+def test_block_causal_and_noisy_context(seq_len, block_size):
+    want = torch.tensor([[k // block_size <= q // block_size for k in range(seq_len)] for q in range(seq_len)])
+    assert torch.equal(block_causal_mask(seq_len, block_size), want)
+    assert torch.equal(noisy_context_mask(seq_len, block_size), want)
+    assert bidirectional_mask(seq_len).all()
+
+
+def test_partial_last_block_is_its_own_block():
+    m = clean_context_mask(10, 4)  # blocks [0..3], [4..7], [8, 9]
+    assert m[8, 9] and m[9, 8]  # the partial block is bidirectional
+    assert m[8, 10 + 7] and not m[8, 10 + 8]  # sees clean earlier blocks, not its own clean copy
+
+
+def test_block_size_must_be_positive():
+    with pytest.raises(ValueError):
+        block_causal_mask(4, 0)
+
+
+def test_position_mask_matches_dense_with_padding():
+    pos = torch.tensor([[-1, -1, 0, 1, 2, 3]])
+    valid = pos >= 0
+    m = position_block_mask(pos.clamp_min(0), pos.clamp_min(0), 2, valid)
+    dense = block_causal_mask(4, 2)
+    assert torch.equal(m[0, 2:, 2:], dense)
+    assert not m[0, :, :2].any()
+
+
+def test_backend_translation():
+    mask = block_causal_mask(4, 2)
+    pad = torch.tensor([[False, True, True, True]])
+    eager = to_backend_mask(mask, "eager", pad, torch.float32)
+    sdpa = to_backend_mask(mask, "sdpa", pad)
+    assert eager.shape == sdpa.shape == (1, 1, 4, 4)
+    assert eager.dtype == torch.float32 and sdpa.dtype == torch.bool
+    assert torch.equal(eager == 0, sdpa)
+    assert (eager[0, 0, 1:, 0] == torch.finfo(torch.float32).min).all()  # pad key masked
+    # the pad query's row would be all-masked except itself: it must not be empty (NaN)
+    only_pad = to_backend_mask(torch.zeros(2, 2, dtype=torch.bool), "sdpa")
+    assert only_pad.all()
