@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -44,22 +45,18 @@ def cmd_train(args) -> None:
     names = [f for f in TrainConfig.__dataclass_fields__ if f != "fields"]
     cfg = TrainConfig(**{n: getattr(args, n) for n in names if hasattr(args, n)}, fields=fields)
     final = train(cfg)
-    print(f"trained model written to {final}")
-
-
-def cmd_generate(args) -> None:
-    from edlm.generate_cli import run_generate
-
-    run_generate(args)
-
-
-def cmd_demo(args) -> None:
-    from edlm.demo import run_demo
-
-    run_demo(args)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"trained model written to {final}")
 
 
 # ---------------------------------------------------------------- parser
+# Each module defines add_parser(sub): its sub-parser, with set_defaults(func=callable(args)).
+# Modules import only argparse at top level, so `edlm --help` stays fast.
+VERB_MODULES = [
+    "edlm.generate_cli",
+    "edlm.demo",
+]
+
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="turn a HF causal LM into an edlm block-diffusion checkpoint",
                        description="Convert BASE (a local HF causal-LM dir) into a dLM checkpoint at OUT. "
@@ -129,11 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     _add_convert(sub)
     _add_train(sub)
-    from edlm.generate_cli import add_generate_parser
-    from edlm.demo import add_demo_parser
-
-    add_generate_parser(sub, cmd_generate)
-    add_demo_parser(sub, cmd_demo)
+    for name in VERB_MODULES:
+        importlib.import_module(name).add_parser(sub)
     return parser
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from edlm.errors import EdlmError
+from edlm.errors import EdlmError, first_line
 
 LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -34,11 +34,13 @@ def load_raw(files: list[str]):
     for p in paths:
         if not p.exists():
             raise EdlmError(f"data file not found: {p}")
+        if p.is_file() and p.stat().st_size == 0:
+            raise EdlmError(f"data file is empty: {p}")
     if len(paths) == 1 and paths[0].is_dir():
         try:
             ds = datasets.load_from_disk(str(paths[0]))
         except Exception as exc:  # noqa: BLE001
-            raise EdlmError(f"{paths[0]} is not a saved HF dataset: {str(exc).splitlines()[0]}") from None
+            raise EdlmError(f"{paths[0]} is not a saved HF dataset: {first_line(exc)}") from None
         return ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
     kinds = {LOADERS.get(p.suffix.lower()) for p in paths}
     if None in kinds or len(kinds) != 1:
@@ -48,7 +50,7 @@ def load_raw(files: list[str]):
     try:
         ds = datasets.load_dataset(kind, data_files=[str(p) for p in paths], split="train", **kwargs)
     except Exception as exc:  # noqa: BLE001
-        raise EdlmError(f"cannot read data files: {str(exc).splitlines()[0]}") from None
+        raise EdlmError(f"cannot read data files: {first_line(exc)}") from None
     if len(ds) == 0:
         raise EdlmError(f"data is empty: {', '.join(map(str, paths))}")
     return ds

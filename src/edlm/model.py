@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from edlm.config import CONFIG_KEY, DiffusionConfig
-from edlm.errors import EdlmError
+from edlm.errors import EdlmError, first_line
 from edlm.masks import (
     bidirectional_mask,
     clean_context_mask,
@@ -64,15 +64,15 @@ def load_causal_lm(path, device=None, dtype=None, attn_implementation: str = "sd
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # noqa: BLE001 - many loader errors, one user message
-        raise EdlmError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
+        raise EdlmError(f"cannot load a tokenizer from {path}: {first_line(exc)}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=dtype, attn_implementation=attn_implementation
         )
     except ValueError as exc:
-        raise EdlmError(f"{path} is not a causal language model: {str(exc).splitlines()[0]}") from None
+        raise EdlmError(f"{path} is not a causal language model: {first_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001
-        raise EdlmError(f"cannot load a causal LM from {path}: {str(exc).splitlines()[0]}") from None
+        raise EdlmError(f"cannot load a causal LM from {path}: {first_line(exc)}") from None
     return model.to(device).eval(), tokenizer
 
 

@@ -282,6 +282,9 @@ def train(cfg: TrainConfig) -> Path:
         raise EdlmError(f"{out} is already trained to step {start} >= --steps {cfg.steps}")
 
     sampler = StepSampler(len(train_ds), cfg.batch_size, accelerator.num_processes, cfg.grad_accum, cfg.seed)
+    accelerator.print(f"training {cfg.objective} on {accelerator.num_processes} process(es) "
+                      f"({accelerator.distributed_type}), {len(train_ds)} sequences of {cfg.seq_len}, "
+                      f"global batch {sampler.global_batch}")
     noise = cfg.noise()
     metrics = out / "metrics.jsonl"
     writer = _tensorboard(out) if accelerator.is_main_process else None

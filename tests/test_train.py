@@ -1,0 +1,179 @@
+"""edlm train: learning, SFT masking, variants, exact resume after SIGKILL, DDP equivalence, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from edlm import DiffusionLM
+from edlm.cli import main
+from edlm.convert import convert_model
+from edlm.data import build_dataset
+from edlm.objective import NoiseSettings, diffusion_loss, row_generators
+from edlm.testing import make_tiny_causal_lm, make_tiny_tokenizer
+from edlm.train import TrainConfig, train
+
+TEXT = "\n\n".join(f"the {w} jumps over the lazy dog {i % 7} times." for i, w in
+                   enumerate(["fox", "cat", "cow", "hen"] * 30))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    (d / "train.txt").write_text(TEXT)
+    rows = [{"prompt": f"Q{i}: add {i} and 2?", "response": f" {i + 2}"} for i in range(60)]
+    (d / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return d
+
+
+def small(out, model, data, **kw):
+    base = dict(model=str(model), data=[str(data)], out=str(out), block_size=4, seq_len=32, batch_size=4,
+                steps=30, lr=3e-3, min_lr=3e-4, warmup_steps=3, save_every=1000, progress=False, log_every=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(model_dir):
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+def test_loss_decreases_and_model_reloads(tiny_ar_dir, corpus, tmp_path):
+    final = train(small(tmp_path / "run", tiny_ar_dir, corpus / "train.txt", steps=40, complementary=True))
+    ls = losses(tmp_path / "run")
+    assert sum(ls[-5:]) / 5 < 0.7 * sum(ls[:5]) / 5
+    dlm = DiffusionLM.from_pretrained(final)
+    assert dlm.config.block_size == 4 and dlm.config.mask_token_id is not None
+    assert dlm.generate("the fox", max_new_tokens=4).stats[0].generated_tokens == 4
+
+
+@pytest.mark.parametrize("attention,shift", [("clean", True), ("noisy", False), ("bidirectional", False)])
+def test_variants_train_and_reload(tiny_ar_dir, corpus, tmp_path, attention, shift):
+    final = train(small(tmp_path / "r", tiny_ar_dir, corpus / "train.txt", steps=4, attention=attention,
+                        shift=shift, masking="uniform", t_per_block=True))
+    dlm = DiffusionLM.from_pretrained(final)
+    assert dlm.config.shift == shift
+    assert all(torch.isfinite(torch.tensor(losses(tmp_path / "r"))))
+
+
+def test_ar_objective_and_lora(tiny_ar_dir, corpus, tmp_path):
+    final = train(small(tmp_path / "ar", tiny_ar_dir, corpus / "train.txt", steps=20, objective="ar"))
+    ls = losses(tmp_path / "ar")
+    assert ls[-1] < ls[0]
+    assert "edlm" not in json.loads((final / "config.json").read_text())  # stays a plain AR model
+    lora = train(small(tmp_path / "lora", tiny_ar_dir, corpus / "train.txt", steps=3, lora_rank=4))
+    assert set(weights(lora)) >= set(weights(final))  # merged back into plain weight names
+
+
+def test_sft_prompt_never_masked_nor_scored(tiny_ar_dir, corpus):
+    model = make_tiny_causal_lm("llama")
+    dlm = convert_model(model, make_tiny_tokenizer(), block_size=4)
+    ds = build_dataset([str(corpus / "sft.jsonl")], dlm.tokenizer, seq_len=32)
+    batch = ds[:8]
+    ids, maskable = batch["input_ids"], batch["maskable"]
+    assert (~maskable).any() and maskable.any()
+    prompt_text = dlm.tokenizer.decode(ids[0][~maskable[0]])
+    assert "add" in prompt_text and "Q" in prompt_text
+    seen = {}
+    fixed = torch.randn(16, 32, 128)
+
+    def spy(x_t, x_0, attention="clean", **kw):
+        seen["x_t"] = x_t
+        logits = fixed.clone()
+        if seen.get("scramble_prompt"):
+            prompt_rows = torch.cat([~maskable, ~maskable])
+            logits[prompt_rows] = torch.randn(int(prompt_rows.sum()), 128) * 50
+        return logits
+
+    dlm.forward_noisy = spy
+    noise = NoiseSettings(complementary=True, t_min=0.9)
+    gens = lambda: row_generators(0, 0, torch.arange(8))  # noqa: E731
+    loss, n_masked = diffusion_loss(dlm, ids, maskable, noise, gens())
+    x_t = seen["x_t"]
+    prompt = torch.cat([~maskable, ~maskable])
+    assert not (x_t[prompt] == dlm.config.mask_token_id).any()  # prompt never masked
+    assert n_masked == int(maskable.sum())  # complementary pair covers every response token once
+    seen["scramble_prompt"] = True
+    scrambled, _ = diffusion_loss(dlm, ids, maskable, noise, gens())
+    assert torch.isfinite(loss) and loss.item() > 0
+    assert scrambled.item() == pytest.approx(loss.item(), rel=1e-6)  # prompt logits never scored
+
+
+def _cli_train(out, model, data, steps, extra=()):
+    return [sys.executable, "-m", "edlm.cli", "train", str(model), "--data", str(data), "--out", str(out),
+            "--block-size", "4", "--seq-len", "32", "--batch-size", "4", "--steps", str(steps), "--lr", "3e-3",
+            "--warmup-steps", "3", "--save-every", "5", "--no-progress", *extra]
+
+
+def test_sigkill_then_resume_equals_unbroken_run(tiny_ar_dir, corpus, tmp_path):
+    steps = 400
+    cmd = _cli_train(tmp_path / "killed", tiny_ar_dir, corpus / "train.txt", steps)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpts.is_dir() and len([p for p in ckpts.iterdir() if p.name.startswith("step-")]) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step-"))
+    assert done and int(done[-1][5:]) < steps
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    unbroken = train(small(tmp_path / "unbroken", tiny_ar_dir, corpus / "train.txt", steps=steps, save_every=5,
+                           lr=3e-3, min_lr=3e-6, warmup_steps=3))
+    a, b = weights(tmp_path / "killed" / "model"), weights(unbroken)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_ddp_two_processes_matches_one(tiny_ar_dir, corpus, tmp_path):
+    base = ["--block-size", "4", "--seq-len", "32", "--steps", "6", "--lr", "3e-3", "--warmup-steps", "2",
+            "--save-every", "100", "--log-every", "1", "--no-progress"]
+    data = ["--data", str(corpus / "train.txt")]
+    # accelerate's own CPU launcher needs MPI; its torchrun launcher + ACCELERATE_USE_CPU gives gloo DDP
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--main_process_port", "29517", "-m", "edlm.cli", "train", str(tiny_ar_dir), *data,
+                          "--out", str(tmp_path / "ddp"), "--batch-size", "2", *base],
+                         capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "on 2 process(es)" in two.stdout
+    one = subprocess.run([sys.executable, "-m", "edlm.cli", "train", str(tiny_ar_dir), *data,
+                          "--out", str(tmp_path / "single"), "--batch-size", "4", *base],
+                         capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    a, b = weights(tmp_path / "ddp" / "model"), weights(tmp_path / "single" / "model")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
+    la, lb = losses(tmp_path / "ddp"), losses(tmp_path / "single")
+    assert len(la) == len(lb) == 6
+
+
+def test_cli_errors(tiny_ar_dir, corpus, tmp_path, capsys):
+    def err(*argv):
+        assert main(["train", *argv]) == 2
+        msg = capsys.readouterr().err
+        assert msg.count("\n") == 1
+        return msg
+
+    out = ["--out", str(tmp_path / "o")]
+    assert "not found" in err(str(tiny_ar_dir), "--data", str(tmp_path / "nope.txt"), *out)
+    (tmp_path / "empty.jsonl").write_text("")
+    assert "empty" in err(str(tiny_ar_dir), "--data", str(tmp_path / "empty.jsonl"), *out)
+    (tmp_path / "odd.jsonl").write_text(json.dumps({"question": "a", "answer": "b"}) + "\n")
+    assert "--text-field" in err(str(tiny_ar_dir), "--data", str(tmp_path / "odd.jsonl"), *out)
+    assert "multiple of the block size" in err(str(tiny_ar_dir), "--data", str(corpus / "train.txt"),
+                                                "--seq-len", "30", "--block-size", "4", *out)
+    assert "not found" in err(str(tmp_path / "nomodel"), "--data", str(corpus / "train.txt"), *out)
