@@ -55,6 +55,7 @@ def cmd_train(args) -> None:
 VERB_MODULES = [
     "edlm.generate_cli",
     "edlm.demo",
+    "edlm.eval_cli",
 ]
 
 def _add_convert(sub) -> None:

@@ -1,0 +1,63 @@
+"""`edlm eval`: lm-evaluation-harness tasks on an edlm model; prints a table, writes JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from edlm.errors import EdlmError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate on lm-evaluation-harness tasks (local data only)",
+                       description="Run lm-eval TASKS on MODEL through edlm's decoder (generate_until) and "
+                       "likelihood estimator (loglikelihood). Example: edlm eval models/dlm --tasks gsm8k "
+                       "--limit 100 --threshold 0.9 --out results.json")
+    p.add_argument("model", help="converted edlm model directory (--ar: a plain AR directory)")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names (or YAML paths)")
+    p.add_argument("--limit", type=float, default=None, help="examples per task (< 1: a fraction)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="override the tasks' few-shot count")
+    p.add_argument("--include-path", default=None, help="directory of extra (local) YAML tasks")
+    p.add_argument("--threshold", type=float, default=0.9, help="decoding commit threshold in (0, 1]")
+    p.add_argument("--strategy", default="threshold", help="decoding strategy (see edlm generate)")
+    p.add_argument("--block-size", type=int, default=None, help="decode/scoring block size (default: the model's)")
+    p.add_argument("--max-gen-toks", type=int, default=256, help="generation budget when a task sets none")
+    p.add_argument("--estimator", default="ltr", choices=["ltr", "elbo"],
+                   help="loglikelihood: ltr = exact left-to-right unmasking (default), elbo = Monte-Carlo bound")
+    p.add_argument("--mc-samples", type=int, default=32, help="samples of the elbo estimator")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--ar", action="store_true", help="MODEL is a plain AR checkpoint (block size 1 baseline)")
+    p.add_argument("--out", default=None, help="write the results as JSON to this file")
+    p.set_defaults(func=run)
+
+
+def run(args) -> None:
+    try:
+        from edlm.lm_eval_adapter import evaluate_tasks
+    except ImportError as exc:
+        raise EdlmError(f"lm-evaluation-harness is not installed ({exc}): pip install 'edlm[eval]'") from None
+
+    if args.limit is not None and args.limit <= 0:
+        raise EdlmError(f"--limit must be > 0, got {args.limit}")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = evaluate_tasks(args.model, tasks, limit=limit, num_fewshot=args.num_fewshot,
+                             include_path=args.include_path, threshold=args.threshold, strategy=args.strategy,
+                             block_size=args.block_size, max_gen_toks=args.max_gen_toks,
+                             estimator=args.estimator, mc_samples=args.mc_samples, batch_size=args.batch_size,
+                             autoregressive=args.ar)
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    print(make_table(results))
+    if "groups" in results:
+        print(make_table(results, "groups"))
+    gen = results["config"]["edlm"]["generation"]
+    if gen["model_calls"]:
+        print(f"generate_until: {gen['generated_tokens']} tokens in {gen['model_calls']} model calls "
+              f"(TPF {gen['tpf']:.2f})")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
+        print(f"results written to {out}", file=sys.stderr)
