@@ -45,7 +45,7 @@ def make_tiny_causal_lm(arch: str = "llama", vocab_size: int = 128, attn_impleme
 
 def make_tiny_tokenizer(vocab_size: int = 128):
     """A character-level fast tokenizer: printable ASCII plus specials, ids < vocab_size."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = [c for c in string.printable if c not in "\x0b\x0c\r"]

@@ -61,8 +61,8 @@ def build_tokenizer(work: Path, vocab_size: int = 512):
 
 
 def init_ar(work: Path, tokenizer) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
     import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     out = work / "ar-init"
     if (out / "config.json").exists():
