@@ -56,6 +56,7 @@ VERB_MODULES = [
     "edlm.generate_cli",
     "edlm.demo",
     "edlm.eval_cli",
+    "edlm.bench",
 ]
 
 def _add_convert(sub) -> None:

@@ -1,0 +1,255 @@
+"""`edlm bench`: the accuracy / throughput trade-off of a dLM against its AR parent, in ONE run.
+
+Settings measured together (same prompts, same process, same device):
+- the AR base through our engine (block size 1, KV cache): the like-for-like baseline;
+- the AR base through HF `generate` (the outside reference), and HF prompt-lookup decoding
+  (batch 1, where HF supports it);
+- the dLM at every (strategy, threshold, block size).
+Each setting gets an untimed warm-up and `--repeats` timed passes; tokens/s is the median over
+passes and counts generated tokens only. Accuracy comes from the first pass (greedy decoding is
+deterministic). Outputs: results.json, results.md, pareto.png in --out, and the table on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edlm.errors import EdlmError
+
+
+@dataclass
+class Example:
+    prompt: str
+    answer: str
+
+    def correct(self, text: str) -> bool:
+        from edlm.reasoning import extract_answer
+
+        if "####" in self.answer:  # built-in reasoning format: compare the final numbers
+            return extract_answer(text) is not None and extract_answer(text) == extract_answer(self.answer)
+        return text.strip().startswith(self.answer.strip())
+
+
+def load_examples(task: str, limit: int) -> list[Example]:
+    from edlm import reasoning
+
+    if task == "reasoning":
+        return [Example(p.prompt, p.response) for p in reasoning.test_problems(min(limit, reasoning.TEST_SIZE))]
+    path = Path(task)
+    if path.suffix == ".jsonl":
+        if not path.is_file():
+            raise EdlmError(f"task file not found: {path}")
+        rows = []
+        for i, line in enumerate(path.read_text().splitlines()):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                rows.append(Example(str(row["prompt"]), str(row["answer"])))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise EdlmError(f"{path}:{i + 1}: each line must be JSON with 'prompt' and 'answer'") from None
+        if not rows:
+            raise EdlmError(f"task file is empty: {path}")
+        return rows[:limit]
+    raise EdlmError(f"unknown task {task!r}: use 'reasoning', a .jsonl of prompt/answer, or lm-eval:TASK")
+
+
+# ------------------------------------------------------------------ runners
+def engine_runner(dlm, max_new_tokens: int, **decode):
+    def run(prompts):
+        res = dlm.generate(prompts, max_new_tokens=max_new_tokens, **decode)
+        return res.texts, sum(s.generated_tokens for s in res.stats), sum(s.model_calls for s in res.stats)
+
+    return run
+
+
+def hf_runner(ar, max_new_tokens: int, prompt_lookup: int | None = None):
+    """HF generate, greedy, left padding; model calls are unknown to HF (reported as 0)."""
+    import torch
+
+    tok, model = ar.tokenizer, ar.model
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+
+    def run(prompts):
+        tok.padding_side = "left"
+        enc = tok(prompts, return_tensors="pt", padding=True).to(ar.device)
+        extra = {"prompt_lookup_num_tokens": prompt_lookup} if prompt_lookup else {}
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=pad, **extra)
+        new = out[:, enc["input_ids"].shape[1]:]
+        texts, tokens = [], 0
+        for row in new.tolist():
+            if eos in row:
+                row = row[: row.index(eos) + 1]
+            tokens += len(row)
+            texts.append(tok.decode(row, skip_special_tokens=True))
+        return texts, tokens, 0
+
+    return run
+
+
+def measure(name: str, run, examples: list[Example], batch_size: int, repeats: int) -> dict:
+    from tqdm.auto import tqdm
+
+    prompts = [e.prompt for e in examples]
+    run(prompts[:batch_size])  # warm-up, untimed
+    rates, latencies, correct, tokens, calls = [], [], 0, 0, 0
+    for rep in range(repeats):
+        t0, n_tok = time.perf_counter(), 0
+        for s in tqdm(range(0, len(prompts), batch_size), desc=f"{name} [{rep + 1}/{repeats}]", leave=False):
+            t = time.perf_counter()
+            texts, n, c = run(prompts[s : s + batch_size])
+            latencies.append(time.perf_counter() - t)
+            n_tok += n
+            if rep == 0:
+                correct += sum(ex.correct(x) for ex, x in zip(examples[s : s + batch_size], texts, strict=True))
+                tokens, calls = tokens + n, calls + c
+        _sync()
+        rates.append(n_tok / (time.perf_counter() - t0))
+    return {"name": name, "batch_size": batch_size, "accuracy": correct / len(examples),
+            "tpf": tokens / calls if calls else None, "tokens_per_s": statistics.median(rates),
+            "latency_s": statistics.median(latencies), "generated_tokens": tokens, "model_calls": calls}
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def lm_eval_setting(model: str, task: str, limit: int, batch_size: int, name: str, **model_args) -> dict:
+    """One setting through lm-eval (accuracy from the harness, speed from our engine's stats)."""
+    from edlm.lm_eval_adapter import evaluate_tasks
+
+    t0 = time.perf_counter()
+    res = evaluate_tasks(model, [task], limit=limit, batch_size=batch_size, **model_args)
+    seconds = time.perf_counter() - t0
+    metrics = res["results"][task]
+    acc_key = next(k for k in metrics if not k.endswith("_stderr") and isinstance(metrics[k], float))
+    gen = res["config"]["edlm"]["generation"]
+    return {"name": name, "batch_size": batch_size, "accuracy": metrics[acc_key], "metric": acc_key,
+            "tpf": gen["tpf"], "tokens_per_s": gen["generated_tokens"] / seconds, "latency_s": None,
+            "generated_tokens": gen["generated_tokens"], "model_calls": gen["model_calls"]}
+
+
+# ------------------------------------------------------------------ report
+def markdown(rows: list[dict]) -> str:
+    lines = ["| setting | batch | accuracy | TPF | tokens/s | speed-up vs AR engine | latency (s) |",
+             "|---|---|---|---|---|---|---|"]
+    base = {r["batch_size"]: r["tokens_per_s"] for r in rows if r["name"].startswith("AR engine")}
+    for r in rows:
+        ref = base.get(r["batch_size"])
+        speed = f"{r['tokens_per_s'] / ref:.2f}x" if ref else "-"
+        tpf = f"{r['tpf']:.2f}" if r["tpf"] else "-"
+        lat = f"{r['latency_s']:.3f}" if r["latency_s"] is not None else "-"
+        lines.append(f"| {r['name']} | {r['batch_size']} | {100 * r['accuracy']:.1f}% | {tpf} | "
+                     f"{r['tokens_per_s']:.1f} | {speed} | {lat} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Accuracy vs tokens/s per batch size, with the dLM's Pareto frontier drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["batch_size"] for r in rows})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.2), squeeze=False)
+    for ax, bs in zip(axes[0], sizes, strict=True):
+        sub = [r for r in rows if r["batch_size"] == bs]
+        for r in sub:
+            ar = not r["name"].startswith("dLM")
+            ax.scatter(r["tokens_per_s"], 100 * r["accuracy"], marker="s" if ar else "o",
+                       color="tab:gray" if ar else "tab:blue")
+            ax.annotate(r["name"], (r["tokens_per_s"], 100 * r["accuracy"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+        front, best = [], -1.0
+        for r in sorted((r for r in sub if r["name"].startswith("dLM")), key=lambda r: -r["tokens_per_s"]):
+            if r["accuracy"] > best:
+                front.append(r)
+                best = r["accuracy"]
+        if front:
+            ax.plot([r["tokens_per_s"] for r in front], [100 * r["accuracy"] for r in front], "--", color="tab:blue")
+        ax.set(xlabel="generated tokens / s", ylabel="accuracy (%)", title=f"{title} (batch {bs})")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ recipe + CLI
+def run_bench(model: str, base: str, task: str = "reasoning", thresholds=(0.9, 0.7, 0.5), strategies=("threshold",),
+              block_sizes=(None,), batch_sizes=(1,), limit: int = 50, repeats: int = 1, max_new_tokens: int = 96,
+              out: str = "bench-out", hf_baselines: bool = True) -> list[dict]:
+    from edlm.model import DiffusionLM
+
+    if repeats < 1 or limit < 1 or any(b < 1 for b in batch_sizes):
+        raise EdlmError("--repeats, --limit and --batch-sizes must be >= 1")
+    rows: list[dict] = []
+    settings = [(s, t, b) for s in strategies for b in block_sizes for t in (thresholds if s == "threshold" else [None])]
+    if task.startswith("lm-eval:"):
+        name = task.split(":", 1)[1]
+        for bs in batch_sizes:
+            rows.append(lm_eval_setting(base, name, limit, bs, "AR engine", autoregressive=True))
+            for s, t, b in settings:
+                rows.append(lm_eval_setting(model, name, limit, bs, _label(s, t, b), strategy=s,
+                                            threshold=t or 0.9, block_size=b))
+    else:
+        examples = load_examples(task, limit)
+        ar = DiffusionLM.from_pretrained(base, autoregressive=True)
+        dlm = DiffusionLM.from_pretrained(model)
+        for bs in batch_sizes:
+            rows.append(measure("AR engine", engine_runner(ar, max_new_tokens), examples, bs, repeats))
+            if hf_baselines:
+                rows.append(measure("AR HF generate", hf_runner(ar, max_new_tokens), examples, bs, repeats))
+                if bs == 1:
+                    rows.append(measure("AR HF prompt-lookup", hf_runner(ar, max_new_tokens, prompt_lookup=10),
+                                        examples, bs, repeats))
+            for s, t, b in settings:
+                decode = {"strategy": s, "block_size": b, **({"threshold": t} if t is not None else {})}
+                rows.append(measure(_label(s, t, b), engine_runner(dlm, max_new_tokens, **decode), examples, bs,
+                                    repeats))
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows)
+    (out_dir / "results.json").write_text(json.dumps({"model": model, "base": base, "task": task, "rows": rows},
+                                                     indent=1))
+    (out_dir / "results.md").write_text(table + "\n")
+    plot(rows, out_dir / "pareto.png", Path(model).name)
+    print(table)
+    print(f"wrote {out_dir}/results.json, results.md, pareto.png")
+    return rows
+
+
+def _label(strategy: str, threshold, block_size) -> str:
+    label = f"dLM {strategy}" + (f" {threshold:g}" if threshold is not None else "")
+    return label + (f" bs{block_size}" if block_size else "")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="accuracy vs tokens/s of a dLM against its AR base, in one run",
+                       description="Example: edlm bench models/dlm --base models/ar --task reasoning "
+                       "--thresholds 0.9 0.7 0.5 --batch-sizes 1 8 --limit 100 --out bench-out")
+    p.add_argument("model", help="converted edlm model dir")
+    p.add_argument("--base", required=True, help="the AR model it came from")
+    p.add_argument("--task", default="reasoning", help="reasoning | FILE.jsonl (prompt/answer) | lm-eval:TASK")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5])
+    p.add_argument("--strategies", nargs="+", default=["threshold"])
+    p.add_argument("--block-sizes", type=int, nargs="+", default=[None])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--no-hf", dest="hf_baselines", action="store_false", help="skip the HF generate baselines")
+    p.add_argument("--out", default="bench-out")
+    p.set_defaults(func=lambda a: run_bench(a.model, a.base, a.task, a.thresholds, a.strategies, a.block_sizes,
+                                            a.batch_sizes, a.limit, a.repeats, a.max_new_tokens, a.out,
+                                            a.hf_baselines))
