@@ -69,3 +69,9 @@ def test_position_dependent_matches_gumbel_top_k_law():
 def test_noise_level_range():
     t = sample_noise_level(1000, 3, t_min=0.2, generator=torch.Generator().manual_seed(0))
     assert t.shape == (1000, 3) and t.min() >= 0.2 and t.max() <= 1.0
+
+
+def test_negative_half_life_masks_earlier_positions_more():
+    g = torch.Generator().manual_seed(7)
+    freq = sample_block_mask(torch.full((5000,), 0.25), 8, 8, half_life=-0.1, generator=g).float().mean(0)
+    assert freq[0] > 3 * freq[-1]

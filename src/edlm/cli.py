@@ -57,6 +57,7 @@ VERB_MODULES = [
     "edlm.demo",
     "edlm.eval_cli",
     "edlm.bench",
+    "edlm.study",
 ]
 
 def _add_convert(sub) -> None:
@@ -90,7 +91,7 @@ def _add_train(sub) -> None:
     p.add_argument("--mask-token", default=None)
     p.add_argument("--shift", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--attention", default="clean", help="clean (default) | noisy | bidirectional")
-    p.add_argument("--masking", default="position", help="position (default) | uniform")
+    p.add_argument("--masking", default="position", help="position (default) | uniform | reverse (right-to-left study)")
     p.add_argument("--half-life", type=float, default=0.1, help="lambda of position-dependent masking")
     p.add_argument("--t-per-block", action="store_true", help="one noise level per block, not per sequence")
     p.add_argument("--t-min", type=float, default=1e-3)

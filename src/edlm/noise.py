@@ -39,7 +39,8 @@ def sample_block_mask(
     t: [B] (one noise level per sequence, the paper) or [B, n_blocks] (one per block).
     Each block masks exactly round(t * m) of its m maskable positions (m = L' for a full block
     with no prompt/padding). maskable [B, seq_len] (default all True) marks positions that may be
-    masked; prompt and padding never are. half_life=None gives uniform masking.
+    masked; prompt and padding never are. half_life=None gives uniform masking; a negative
+    half_life mirrors the weights (earlier positions masked more: the paper's right-to-left study).
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")

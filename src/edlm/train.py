@@ -26,6 +26,9 @@ from edlm.model import ATTENTION_VARIANTS, DiffusionLM, load_causal_lm, read_che
 from edlm.objective import NoiseSettings, causal_lm_loss, diffusion_loss, row_generators
 
 
+MASKINGS = ("position", "uniform", "reverse")
+
+
 @dataclass
 class TrainConfig:
     model: str
@@ -40,7 +43,7 @@ class TrainConfig:
     shift: bool = False
     # objective (paper defaults first)
     attention: str = "clean"
-    masking: str = "position"  # "position" | "uniform"
+    masking: str = "position"  # "position" | "uniform" | "reverse" (right-to-left study variant)
     half_life: float = 0.1
     t_per_block: bool = False
     t_min: float = 1e-3
@@ -74,8 +77,10 @@ class TrainConfig:
             raise EdlmError(f"--objective must be diffusion or ar, got {self.objective!r}")
         if self.attention not in ATTENTION_VARIANTS:
             raise EdlmError(f"--attention must be one of {ATTENTION_VARIANTS}, got {self.attention!r}")
-        if self.masking not in ("position", "uniform"):
-            raise EdlmError(f"--masking must be position or uniform, got {self.masking!r}")
+        if self.masking not in MASKINGS:
+            raise EdlmError(f"--masking must be one of {MASKINGS}, got {self.masking!r}")
+        if self.masking != "uniform" and self.half_life <= 0:
+            raise EdlmError(f"--half-life must be > 0, got {self.half_life}")
         for name in ("block_size", "seq_len", "batch_size", "grad_accum", "steps", "save_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise EdlmError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -86,7 +91,7 @@ class TrainConfig:
 
     def noise(self) -> NoiseSettings:
         return NoiseSettings(
-            half_life=self.half_life if self.masking == "position" else None,
+            half_life={"position": self.half_life, "uniform": None, "reverse": -self.half_life}[self.masking],
             t_per_block=self.t_per_block, t_min=self.t_min,
             complementary=self.complementary, attention=self.attention,
         )

@@ -1,0 +1,31 @@
+import json
+
+from edlm.cli import main
+from edlm.study import run_study, verdict
+
+
+def test_attention_study_runs_and_reports(tiny_ar_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Question: {i}+1?\nAnswer:", "response": f" {i + 1}"})
+                              for i in range(200)))
+    res = run_study(str(tiny_ar_dir), [str(data)], str(tmp_path / "s"), studies=("attention",), steps=2, limit=2,
+                    block_size=4, seq_len=32, batch_size=2, max_new_tokens=4, progress=False)
+    rows = res["attention"]
+    assert len(rows) == 4 * 2 and {r["threshold"] for r in rows} == {1.0, 0.7}
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert "Table 1" in report and ("agrees" in report or "DISAGREES" in report)
+    assert (tmp_path / "s" / "attention.png").stat().st_size > 0
+
+
+def test_verdict_reads_the_direction():
+    rows = [{"variant": v, "threshold": 1.0, "accuracy": a} for v, a in [
+        ("bidirectional", 0.1), ("block, noisy context", 0.2), ("block, clean context, shift", 0.3),
+        ("block, clean context, no shift", 0.4)]]
+    assert verdict("attention", rows).count("agrees") == 2
+    rows[0]["accuracy"] = 0.9
+    assert "DISAGREES" in verdict("attention", rows)
+
+
+def test_unknown_study_is_a_one_line_error(tiny_ar_dir, tmp_path, capsys):
+    assert main(["study", "--base", str(tiny_ar_dir), "--data", "x.jsonl", "--studies", "nope"]) == 2
+    assert "unknown study" in capsys.readouterr().err
