@@ -25,7 +25,6 @@ from edlm.errors import EdlmError
 from edlm.model import ATTENTION_VARIANTS, DiffusionLM, load_causal_lm, read_checkpoint_config
 from edlm.objective import NoiseSettings, causal_lm_loss, diffusion_loss, row_generators
 
-
 MASKINGS = ("position", "uniform", "reverse")
 
 
