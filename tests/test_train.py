@@ -177,3 +177,30 @@ def test_cli_errors(tiny_ar_dir, corpus, tmp_path, capsys):
     assert "multiple of the block size" in err(str(tiny_ar_dir), "--data", str(corpus / "train.txt"),
                                                 "--seq-len", "30", "--block-size", "4", *out)
     assert "not found" in err(str(tmp_path / "nomodel"), "--data", str(corpus / "train.txt"), *out)
+
+
+def test_disk_full_while_saving_keeps_earlier_checkpoint(tiny_ar_dir, corpus, tmp_path, monkeypatch):
+    import errno
+
+    import edlm.train as train_mod
+    from edlm.errors import EdlmError
+
+    real = train_mod.exportable
+    calls = {"n": 0}
+
+    def flaky(dlm, accelerator):
+        calls["n"] += 1
+        model = real(dlm, accelerator)
+        if calls["n"] == 2:
+            def full(path):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            model.save_pretrained = full
+        return model
+
+    monkeypatch.setattr(train_mod, "exportable", flaky)
+    out = tmp_path / "full"
+    with pytest.raises(EdlmError, match="No space left on device.*earlier checkpoints are untouched"):
+        train(small(out, tiny_ar_dir, corpus / "train.txt", steps=4, save_every=2))
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step-00000002"]  # the good one stays, no half-written temp dir is left
+    assert DiffusionLM.from_pretrained(out / "checkpoints" / "step-00000002" / "model").config.block_size == 4
