@@ -58,6 +58,8 @@ VERB_MODULES = [
     "edlm.eval_cli",
     "edlm.bench",
     "edlm.study",
+    "edlm.serve_cli",
+    "edlm.embed_cli",
 ]
 
 def _add_convert(sub) -> None:

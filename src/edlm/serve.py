@@ -1,0 +1,380 @@
+"""OpenAI-compatible HTTP server for a converted dLM (FastAPI; `edlm serve MODEL`).
+
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /v1/embeddings,
+GET /health. Decoding extensions in the request body: threshold, block_size, strategy. Usage adds
+model_calls to the OpenAI token counts, so clients can compute tokens per forward.
+
+All model work goes through one `BatchingWorker` thread (edlm.batching): concurrent requests with
+the same settings are decoded as one batch, a new request joins at the next batch boundary, and a
+full queue answers 429. Streaming sends one server-sent event per committed block.
+
+Every bad request gets an OpenAI-style error body {"error": {message, type, param, code}} with a
+4xx status, checked before it is queued, so one bad request never fails a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from edlm.batching import BatchingWorker, DecodeSettings, Job, QueueFull, RowResult
+from edlm.decoding import DecodeOptions
+from edlm.errors import EdlmError, first_line
+
+DEFAULT_THRESHOLD = 0.9  # the engine's default: the usual speed/accuracy point
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+# ------------------------------------------------------------------ errors
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    err = exc.errors()[0]
+    if err.get("type") == "json_invalid":
+        return ApiError(400, f"request body is not valid JSON: {err.get('ctx', {}).get('error', '')}".rstrip(": "),
+                        code="invalid_json")
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    param = loc[0] if loc else None  # the request field; deeper parts name union members too
+    where = ".".join(loc) or "body"
+    return ApiError(400, f"{where}: {err.get('msg', 'invalid value')}", param=param, code="invalid_value")
+
+
+# ------------------------------------------------------------------ request bodies
+class _Body(BaseModel):
+    # strict: "8" is not an int, as in the OpenAI API; unknown fields (user, n, ...) are ignored
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _DecodeBody(_Body):
+    model: str
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int | None = Field(None, ge=1, le=1)  # one choice per prompt: say so instead of ignoring n
+    stream_options: StreamOptions | None = None
+    # extensions
+    threshold: float | None = Field(None, gt=0.0, le=1.0)
+    block_size: int | None = Field(None, ge=1)
+    strategy: str | None = None
+
+
+class CompletionRequest(_DecodeBody):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(None, ge=1)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatRequest(_DecodeBody):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)  # None: until EOS or the end of the context
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class EmbeddingRequest(_Body):
+    model: str
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+# ------------------------------------------------------------------ prompts
+def render_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a chat: the tokenizer's chat template, else plain "role: content" lines."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has its specials
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def _check_length(dlm, ids: list[int], param: str, room: int = 1) -> list[int]:
+    """Reject before queueing: in a batch, the engine's own check would fail every row."""
+    if not ids:
+        raise ApiError(400, f"{param} is empty", param=param, code="invalid_value")
+    limit = dlm.max_positions
+    if limit is not None and len(ids) + room > limit:
+        raise ApiError(400, f"{param} has {len(ids)} tokens; this model handles at most {limit} positions",
+                       param=param, code="context_length_exceeded")
+    return ids
+
+
+def _settings(dlm, body: _DecodeBody, max_tokens: int | None) -> DecodeSettings:
+    if isinstance(body.stop, str):
+        stop = (body.stop,)
+    else:
+        stop = tuple(s for s in body.stop or () if s)
+    settings = DecodeSettings(
+        max_tokens=max_tokens or dlm.max_positions or 4096,  # the engine clamps to the context left
+        block_size=body.block_size or dlm.config.block_size,
+        threshold=body.threshold if body.threshold is not None else DEFAULT_THRESHOLD,
+        strategy=body.strategy or "threshold",
+        temperature=body.temperature if body.temperature is not None else 1.0,  # OpenAI's default
+        top_p=body.top_p if body.top_p is not None else 1.0,
+        stop=stop,
+    )
+    opts = DecodeOptions(**{k: v for k, v in settings.engine_kwargs().items() if k != "max_new_tokens"})
+    try:
+        opts.validate()
+    except EdlmError as exc:
+        raise ApiError(400, str(exc), code="invalid_value") from None
+    if dlm.config.diffusion is False and settings.block_size != 1:
+        raise ApiError(400, "this model is autoregressive: block_size must be 1", param="block_size",
+                       code="invalid_value")
+    return settings
+
+
+def _usage(prompt_tokens: int, rows: list[RowResult]) -> dict:
+    completion = sum(r.completion_tokens for r in rows)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion, "model_calls": sum(r.model_calls for r in rows)}
+
+
+# ------------------------------------------------------------------ talking to the worker
+async def _rows(job: Job) -> list[RowResult]:
+    while True:
+        kind, *rest = await job.get()
+        if kind == "done":
+            return rest[0]
+        if kind == "error":
+            raise ApiError(500, f"decoding failed: {rest[0]}", "server_error")
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body is already read, so receive() waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.05)
+
+
+async def _answer_unless_gone(request: Request, job: Job, waiter):
+    """Await the job's answer; if the client leaves first, cancel the job so it costs nothing."""
+    answer = asyncio.ensure_future(waiter(job))
+    gone = asyncio.ensure_future(_client_gone(request))
+    await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if answer.done():
+        gone.cancel()
+        return answer.result()
+    job.cancel()
+    answer.cancel()
+    return None
+
+
+def _sse(payload) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+async def _event_stream(job: Job, open_chunks, block_chunk, final_chunks):
+    """SSE body: open chunks, one chunk per committed block, final chunks, then [DONE]."""
+    try:
+        for chunk in open_chunks:
+            yield _sse(chunk)
+        while True:
+            kind, *rest = await job.get()
+            if kind == "block":
+                yield _sse(block_chunk(*rest))
+            elif kind == "done":
+                for chunk in final_chunks(rest[0]):
+                    yield _sse(chunk)
+                break
+            elif kind == "error":
+                yield _sse({"error": {"message": f"decoding failed: {rest[0]}", "type": "server_error",
+                                      "param": None, "code": None}})
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()  # a client that left mid-stream stops costing compute (no-op once done)
+
+
+# ------------------------------------------------------------------ the app
+def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256) -> FastAPI:
+    """The server for one loaded DiffusionLM; `model_name` is the id clients pass as `model`."""
+    worker = BatchingWorker(dlm, max_batch=max_batch, max_queue=max_queue)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        worker.start()
+        yield
+        worker.close()
+
+    app = FastAPI(title="edlm", lifespan=lifespan)
+    app.state.worker = worker
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_body(request, exc: RequestValidationError):
+        return _validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        return ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None
+                        ).response()
+
+    @app.exception_handler(Exception)
+    async def _bug(request, exc: Exception):
+        return ApiError(500, f"internal error: {first_line(exc)}", "server_error").response()
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise ApiError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+
+    def submit(job: Job) -> Job:
+        try:
+            worker.submit(job)
+        except QueueFull as exc:
+            raise ApiError(429, f"server busy ({exc}); retry later", "rate_limit_error",
+                           code="queue_full") from None
+        return job
+
+    def head(kind: str, prefix: str) -> dict:
+        return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()),
+                "model": model_name}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "queued": worker.queued, **worker.stats}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "edlm", "max_model_len": dlm.max_positions}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise ApiError(400, "prompt is empty", param="prompt", code="invalid_value")
+        ids = [_check_length(dlm, dlm.tokenizer(p, add_special_tokens=True)["input_ids"], "prompt")
+               for p in prompts]
+        job = submit(Job("generate", ids, _settings(dlm, body, body.max_tokens or COMPLETION_MAX_TOKENS), streaming=body.stream))
+        n_prompt = sum(len(i) for i in ids)
+        if body.stream:
+            meta = head("text_completion", "cmpl")
+
+            def chunk(index, text, finish=None):
+                return {**meta, "choices": [{"index": index, "text": text, "logprobs": None,
+                                             "finish_reason": finish}]}
+
+            def final(rows):
+                out = [chunk(i, "", r.finish_reason) for i, r in enumerate(rows)]
+                if body.stream_options and body.stream_options.include_usage:
+                    out.append({**meta, "choices": [], "usage": _usage(n_prompt, rows)})
+                return out
+
+            return StreamingResponse(_event_stream(job, [], chunk, final), media_type="text/event-stream")
+        rows = await _answer_unless_gone(request, job, _rows)
+        if rows is None:
+            return Response(status_code=499)  # nobody is there to read it
+        return {**head("text_completion", "cmpl"),
+                "choices": [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+                            for i, r in enumerate(rows)],
+                "usage": _usage(n_prompt, rows)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        check_model(body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            ids = render_chat(dlm.tokenizer, messages)
+        except Exception as exc:  # noqa: BLE001 - chat templates raise anything (jinja, bad roles)
+            raise ApiError(400, f"cannot apply the chat template: {first_line(exc)}", param="messages",
+                           code="invalid_value") from None
+        _check_length(dlm, ids, "messages")
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        job = submit(Job("generate", [ids], _settings(dlm, body, max_tokens), streaming=body.stream))
+        if body.stream:
+            meta = head("chat.completion.chunk", "chatcmpl")
+
+            def chunk(index, delta, finish=None):
+                return {**meta, "choices": [{"index": index, "delta": delta, "logprobs": None,
+                                             "finish_reason": finish}]}
+
+            def final(rows):
+                out = [chunk(0, {}, rows[0].finish_reason)]
+                if body.stream_options and body.stream_options.include_usage:
+                    out.append({**meta, "choices": [], "usage": _usage(len(ids), rows)})
+                return out
+
+            opening = [chunk(0, {"role": "assistant", "content": ""})]
+            return StreamingResponse(_event_stream(job, opening, lambda i, t: chunk(i, {"content": t}), final),
+                                     media_type="text/event-stream")
+        rows = await _answer_unless_gone(request, job, _rows)
+        if rows is None:
+            return Response(status_code=499)
+        r = rows[0]
+        return {**head("chat.completion", "chatcmpl"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text},
+                             "logprobs": None, "finish_reason": r.finish_reason}],
+                "usage": _usage(len(ids), rows)}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request):
+        check_model(body.model)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts:
+            raise ApiError(400, "input is empty", param="input", code="invalid_value")
+        ids = [_check_length(dlm, dlm.tokenizer(t, add_special_tokens=True)["input_ids"], "input", room=0)
+               for t in texts]
+        job = submit(Job("embed", ids))
+
+        async def vectors(job):
+            kind, *rest = await job.get()
+            if kind == "error":
+                raise ApiError(500, f"embedding failed: {rest[0]}", "server_error")
+            return rest[0]
+
+        vecs = await _answer_unless_gone(request, job, vectors)
+        if vecs is None:
+            return Response(status_code=499)
+        if body.encoding_format == "base64":  # little-endian float32, what the openai client decodes
+            data = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vecs]
+        else:
+            data = vecs.tolist()
+        n_prompt = sum(len(i) for i in ids)
+        return {"object": "list", "model": model_name,
+                "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+                "usage": {"prompt_tokens": n_prompt, "total_tokens": n_prompt}}
+
+    return app

@@ -1,0 +1,322 @@
+"""`edlm serve` against a live uvicorn server: the OpenAI client, errors, batching, cancellation."""
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+from edlm.batching import BatchingWorker, DecodeSettings, Job, QueueFull  # noqa: E402
+from edlm.cli import main  # noqa: E402
+from edlm.convert import convert  # noqa: E402
+from edlm.model import DiffusionLM  # noqa: E402
+from edlm.serve import create_app, render_chat  # noqa: E402
+
+NAME = "tiny-dlm"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn in a background thread of the test process, on a free port."""
+
+    def __init__(self, dlm, **app_kwargs):
+        self.port = free_port()
+        self.app = create_app(dlm, NAME, **app_kwargs)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/health").json()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # tiny models on 2 shared cores: intra-op threads only add contention (10x slower per call)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def dlm_dir(tiny_ar_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / "dlm"
+    convert(tiny_ar_dir, out, block_size=4)
+    return out
+
+
+def load(dlm_dir):
+    return DiffusionLM.from_pretrained(dlm_dir, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def dlm(dlm_dir):
+    return load(dlm_dir)  # in-process reference; the server gets its own copy
+
+
+@pytest.fixture(scope="module")
+def server(dlm_dir):
+    with LiveServer(load(dlm_dir)) as s:
+        yield s
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+
+
+def greedy(dlm, prompt, max_tokens, **kw):
+    return dlm.generate(prompt, max_new_tokens=max_tokens, temperature=0.0, **kw)
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    h = server.health()
+    assert h["status"] == "ok" and h["model"] == NAME and h["queued"] == 0
+
+
+def test_completion_matches_engine_and_stream_matches_completion(client, dlm):
+    prompt = "The cat sat on"
+    ref = greedy(dlm, prompt, 12)
+    res = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0)
+    choice = res.choices[0]
+    assert choice.text == ref.texts[0] and choice.finish_reason == ref.finish_reasons[0]
+    assert res.usage.prompt_tokens == len(prompt) and res.usage.completion_tokens == len(ref.token_ids[0])
+    assert res.usage.total_tokens == len(prompt) + len(ref.token_ids[0])
+    assert res.usage.model_extra["model_calls"] == ref.stats[0].model_calls
+
+    chunks = list(client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+    assert "".join(texts) == choice.text
+    assert len(texts) >= 3  # one event per committed block (12 tokens, blocks of 4), not one at the end
+    assert chunks[-2].choices[0].finish_reason == choice.finish_reason
+    assert chunks[-1].usage.completion_tokens == res.usage.completion_tokens
+
+
+def test_extensions_stop_and_prompt_list(client, dlm):
+    prompt = "Hello, wor"
+    ref = greedy(dlm, prompt, 10, threshold=0.3, block_size=2, strategy="factor")
+    res = client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0,
+                                    extra_body={"threshold": 0.3, "block_size": 2, "strategy": "factor"})
+    assert res.choices[0].text == ref.texts[0]
+
+    full = greedy(dlm, prompt, 12).texts[0]
+    stop = full[5:7]
+    res = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, stop=[stop])
+    assert res.choices[0].text == full[: full.find(stop)] and res.choices[0].finish_reason == "stop"
+
+    res = client.completions.create(model=NAME, prompt=prompt, temperature=0)  # OpenAI's default: 16 tokens
+    assert res.choices[0].text == greedy(dlm, prompt, 16).texts[0]
+
+    res = client.completions.create(model=NAME, prompt=["ab", prompt], max_tokens=6, temperature=0)
+    assert [c.text for c in res.choices] == greedy(dlm, ["ab", prompt], 6).texts
+    assert res.usage.prompt_tokens == 2 + len(prompt)
+
+
+def test_chat_plain_fallback_and_stream(client, dlm):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    ids = render_chat(dlm.tokenizer, messages)
+    assert dlm.tokenizer.decode(ids) == "system: be brief\nuser: hi there\nassistant:"
+    ref = greedy(dlm, [ids], 10)
+    res = client.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0)
+    msg = res.choices[0].message
+    assert msg.role == "assistant" and msg.content == ref.texts[0]
+    assert res.usage.prompt_tokens == len(ids) and res.usage.completion_tokens == len(ref.token_ids[0])
+
+    chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == msg.content
+    assert chunks[-1].choices[0].finish_reason == res.choices[0].finish_reason
+
+
+def test_chat_template_is_used_when_present(dlm):
+    tok = dlm.tokenizer
+    old = tok.chat_template
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    try:
+        ids = render_chat(tok, [{"role": "user", "content": "hi"}])
+    finally:
+        tok.chat_template = old
+    assert tok.decode(ids) == "<user>hi<assistant>"
+
+
+def test_embeddings(client, server, dlm):
+    texts = ["a cat", "a much longer sentence about dogs"]
+    ref = dlm.embed(texts)
+    res = client.embeddings.create(model=NAME, input=texts)  # the client asks for base64 by default
+    got = torch.tensor([d.embedding for d in res.data])
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    assert res.usage.prompt_tokens == sum(len(t) for t in texts)
+    body = httpx.post(f"{server.url}/v1/embeddings", json={"model": NAME, "input": "a cat",
+                                                           "encoding_format": "float"}).json()
+    torch.testing.assert_close(torch.tensor(body["data"][0]["embedding"]), ref[0], atol=1e-5, rtol=0)
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b'{"model": "tiny-dlm", "prompt": "ab"', 400, "invalid_json", None),
+    ("/v1/completions", {"model": NAME, "prompt": "ab", "max_tokens": "8"}, 400, "invalid_value", "max_tokens"),
+    ("/v1/completions", {"model": NAME, "prompt": 5}, 400, "invalid_value", "prompt"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "ab"}, 404, "model_not_found", "model"),
+    ("/v1/completions", {"model": NAME, "prompt": "ab", "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
+    ("/v1/completions", {"model": NAME, "prompt": "a" * 300}, 400, "context_length_exceeded", "prompt"),
+    ("/v1/completions", {"model": NAME, "prompt": ""}, 400, "invalid_value", "prompt"),
+    ("/v1/completions", {"model": NAME, "prompt": "ab", "strategy": "magic"}, 400, "invalid_value", None),
+    ("/v1/completions", {"model": NAME, "prompt": "ab", "threshold": 1.5}, 400, "invalid_value", "threshold"),
+    ("/v1/completions", {"model": NAME, "prompt": "ab", "n": 2}, 400, "invalid_value", "n"),
+    ("/v1/chat/completions", {"model": NAME, "messages": []}, 400, "invalid_value", "messages"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x" * 300}]}, 400,
+     "context_length_exceeded", "messages"),
+    ("/v1/embeddings", {"model": NAME, "input": "x" * 300}, 400, "context_length_exceeded", "input"),
+    ("/v1/embeddings", {"model": NAME}, 400, "invalid_value", "input"),
+    ("/v1/nothing", {}, 404, "not_found", None),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "code", "param"), BAD_REQUESTS)
+def test_bad_request_gets_openai_error_and_server_keeps_serving(server, dlm, path, body, status, code, param):
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
+        else {"json": body}
+    r = httpx.post(server.url + path, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["code"] == code and err["param"] == param, err
+    ok = httpx.post(f"{server.url}/v1/completions", json={"model": NAME, "prompt": "ab", "max_tokens": 4,
+                                                          "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == greedy(dlm, "ab", 4).texts[0]
+
+
+async def _post_all(url, bodies):
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=len(bodies))) as c:
+        t0 = time.perf_counter()
+        rs = await asyncio.gather(*(c.post(f"{url}/v1/completions", json=b) for b in bodies))
+        return rs, time.perf_counter() - t0
+
+
+def test_concurrent_requests_are_batched_and_exact(server, dlm_dir, capsys):
+    prompts = [f"Request {i}: {'abcdefghij'[i % 10] * (1 + i % 7)}" for i in range(100)]
+    bodies = [{"model": NAME, "prompt": p, "max_tokens": 16, "temperature": 0} for p in prompts]
+    with LiveServer(load(dlm_dir), max_batch=1) as one_at_a_time:
+        asyncio.run(_post_all(one_at_a_time.url, bodies[:2]))  # warm-up, untimed
+        seq, t_seq = asyncio.run(_post_all(one_at_a_time.url, bodies))
+        assert one_at_a_time.health()["largest_batch"] == 1
+    asyncio.run(_post_all(server.url, bodies[:2]))
+    before = server.health()
+    batched, t_batched = asyncio.run(_post_all(server.url, bodies))
+    after = server.health()
+
+    assert all(r.status_code == 200 for r in seq + batched)
+    singles = [r.json()["choices"][0]["text"] for r in seq]
+    assert [r.json()["choices"][0]["text"] for r in batched] == singles  # none lost, none mixed up
+    assert after["rows"] - before["rows"] == 100
+    assert after["batches"] - before["batches"] < 10 and after["largest_batch"] > 10
+    ratio = t_seq / t_batched
+    with capsys.disabled():
+        print(f"\n100 requests x 16 tokens: one at a time {t_seq:.2f}s, batched {t_batched:.2f}s, "
+              f"speedup {ratio:.1f}x ({after['batches'] - before['batches']} batches)")
+    assert ratio > 1.5
+
+
+def test_queue_limit_and_disconnected_clients_cost_nothing(dlm_dir):
+    slow = load(dlm_dir)
+    slow.model.register_forward_pre_hook(lambda *a: time.sleep(0.02))  # a model slow enough to queue behind
+    long_body = {"model": NAME, "prompt": "ab", "max_tokens": 40, "temperature": 0, "threshold": 1.0}
+    short_body = {"model": NAME, "prompt": "cd", "max_tokens": 4, "temperature": 0}
+    with LiveServer(slow, max_queue=1) as s:
+        url = f"{s.url}/v1/completions"
+        long = threading.Thread(target=httpx.post, args=(url,), kwargs={"json": long_body, "timeout": 60})
+        long.start()
+        while s.health()["running"] == 0:
+            time.sleep(0.01)
+        with pytest.raises(httpx.ReadTimeout):  # this client gives up while its request waits
+            httpx.post(url, json=short_body, timeout=0.3)
+        time.sleep(0.2)
+        answers = []
+        queued = threading.Thread(target=lambda: answers.append(httpx.post(url, json=short_body, timeout=60)))
+        queued.start()
+        while s.health()["queued"] == 0:
+            time.sleep(0.01)
+        full = httpx.post(url, json=short_body)
+        assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+        long.join()
+        queued.join()
+        assert answers[0].status_code == 200
+        h = s.health()
+        assert h["dropped"] == 1  # the abandoned request was never decoded
+        assert h["rows"] == 2  # the long one and the one that waited
+
+        # a streaming client that leaves mid-stream stops its batch at the next block
+        t0 = time.perf_counter()
+        with httpx.stream("POST", url, json={**long_body, "max_tokens": 200, "stream": True}) as r:
+            first = next(r.iter_lines())
+            assert first.startswith("data: ") and json.loads(first[6:])["choices"][0]["text"]
+        while s.health()["running"]:
+            time.sleep(0.01)
+        assert s.health()["abandoned"] == 1
+        assert time.perf_counter() - t0 < 2.0  # 200 tokens at one per 20 ms step would take over 4 s
+
+
+def test_cli_serve_wires_the_app(dlm_dir, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: seen.update(app=app, host=host, port=port))
+    port = free_port()
+    assert main(["serve", str(dlm_dir), "--port", str(port), "--max-batch", "8"]) == 0
+    assert seen["host"] == "127.0.0.1" and seen["port"] == port
+    assert seen["app"].state.worker.max_batch == 8
+    assert main(["serve", str(dlm_dir), "--max-queue", "0"]) == 2
+    assert main(["serve", str(dlm_dir / "missing")]) == 2
+
+
+def test_worker_groups_equal_settings_oldest_first():
+    async def scenario():
+        greedy8 = DecodeSettings(8, 4, 0.9, "threshold", 0.0, 1.0)
+        other = DecodeSettings(8, 4, 0.5, "threshold", 0.0, 1.0)
+        worker = BatchingWorker(dlm=None, max_batch=3, max_queue=5)  # not started: we drive _next_batch
+        jobs = [Job("generate", [[1]], greedy8), Job("generate", [[2]], other), Job("generate", [[3], [4]], greedy8),
+                Job("generate", [[5]], greedy8), Job("embed", [[6]])]
+        for job in jobs:
+            worker.submit(job)
+        with pytest.raises(QueueFull):
+            worker.submit(Job("generate", [[7]], greedy8))
+        jobs[3].cancel()
+        worker.submit(Job("generate", [[8]], greedy8))  # the cancelled job freed its slot
+        assert worker.stats["dropped"] == 1
+        first = worker._next_batch()
+        assert first == jobs[:1] + jobs[2:3]  # same settings, up to max_batch rows; other settings wait
+        assert worker._next_batch() == [jobs[1]]
+        assert worker._next_batch() == [jobs[4]]  # embeddings never mix with decoding
+        assert worker._next_batch()[0].inputs == [[8]]
+
+    asyncio.run(scenario())
