@@ -164,3 +164,18 @@ def test_bad_prompts():
         dlm.generate("", max_new_tokens=4)
     with pytest.raises(EdlmError, match="at most 256 positions"):
         dlm.generate("x" * 300, max_new_tokens=4)
+
+
+def test_per_row_budgets_and_stops_equal_separate_calls():
+    dlm = tiny_dlm("llama", block_size=4)
+    full = dlm.generate(PROMPTS[1], max_new_tokens=12, threshold=0.4).texts[0]
+    stop = full[3:5]
+    events = []
+    res = dlm.generate(PROMPTS[:3], max_new_tokens=[5, 12, 9], stop=[[], [stop], []], threshold=0.4,
+                       on_block=events.append)
+    for i, (budget, stops) in enumerate([(5, []), (12, [stop]), (9, [])]):
+        alone = dlm.generate(PROMPTS[i], max_new_tokens=budget, stop=stops, threshold=0.4)
+        assert res.texts[i] == alone.texts[0] and res.finish_reasons[i] == alone.finish_reasons[0]
+    last = {e.row: e for e in events}
+    assert all(e.done and e.stats is not None for e in last.values())
+    assert last[1].finish_reason == "stop" and last[0].stats.generated_tokens == 5

@@ -57,11 +57,13 @@ class BlockEvent:
     text: str
     token_ids: list[int]
     done: bool = False
+    finish_reason: str | None = None  # set on the row's last event ("stop" or "length")
+    stats: RowStats | None = None  # set on the row's last event
 
 
 @dataclass
 class DecodeOptions:
-    max_new_tokens: int = 128
+    max_new_tokens: int | list[int] = 128  # one budget for all rows, or one per row
     block_size: int = 32
     threshold: float = 0.9
     strategy: str = "threshold"
@@ -74,8 +76,9 @@ class DecodeOptions:
     seed: int | None = None
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise EdlmError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        budgets = self.max_new_tokens if isinstance(self.max_new_tokens, list) else [self.max_new_tokens]
+        if min(budgets) < 1:
+            raise EdlmError(f"max_new_tokens must be >= 1, got {min(budgets)}")
         if self.block_size < 1:
             raise EdlmError(f"block size must be >= 1, got {self.block_size}")
         if not 0.0 < self.threshold <= 1.0:
@@ -250,8 +253,8 @@ def apply_commit(dlm, batch: _Batch, chosen: torch.Tensor, tokens: torch.Tensor)
 class _Outputs:
     """Per-request token lists, text, stats and finish reason, with stop-string handling."""
 
-    def __init__(self, dlm, n: int, opts: DecodeOptions):
-        self.dlm, self.opts = dlm, opts
+    def __init__(self, dlm, n: int, opts: DecodeOptions, budget: list[int], stops: list[list[str]]):
+        self.dlm, self.opts, self.budget, self.stops = dlm, opts, budget, stops
         self.tokens = [[] for _ in range(n)]
         self.text = [""] * n
         self.stats = [RowStats() for _ in range(n)]
@@ -267,13 +270,13 @@ class _Outputs:
         done = hit_eos
         if hit_eos:
             self.reason[row] = "stop"
-        for s in self.opts.stop:
+        for s in self.stops[row]:
             cut = text.find(s, max(0, len(old_text) - len(s)))
             if cut >= 0:
                 text, done, self.reason[row] = text[:cut], True, "stop"
                 self._trim_tokens(row, text)
         self.text[row] = text
-        if len(self.tokens[row]) >= self.opts.max_new_tokens:
+        if len(self.tokens[row]) >= self.budget[row]:
             done = True
         self.stats[row].generated_tokens = len(self.tokens[row])
         return text[len(old_text):], done
@@ -301,22 +304,29 @@ def stream(dlm, prompts, max_new_tokens: int = 128, block_size: int | None = Non
     if dlm.config.diffusion is False and block_size != 1:
         raise EdlmError("an autoregressive model decodes with block size 1")
     ids = encode_prompts(dlm, prompts)
+    n = len(ids)
+    budget = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
+    # stop: one list shared by every row, or one list per row (list of lists)
+    per_row = bool(opts.stop) and isinstance(opts.stop[0], (list, tuple))
+    stops = [list(x) for x in opts.stop] if per_row else [opts.stop] * n
+    if len(budget) != n or len(stops) != n:
+        raise EdlmError(f"{n} prompts but {len(budget)} max_new_tokens and {len(stops)} stop lists")
     limit = dlm.max_positions
     if limit is not None:
         longest = max(len(p) for p in ids)
         if longest >= limit:
             raise EdlmError(f"prompt has {longest} tokens; the model handles at most {limit} positions")
-        opts.max_new_tokens = min(opts.max_new_tokens, limit - longest)
+        budget = [min(b, limit - len(p)) for b, p in zip(budget, ids, strict=True)]
     if strategy in SPECULATIVE:
         from edlm.speculative import speculative_step as step_fn
     else:
         step_fn = None
     generator = torch.Generator(device=dlm.device).manual_seed(seed) if seed is not None else None
 
-    out = _Outputs(dlm, len(ids), opts)
+    out = _Outputs(dlm, n, opts, budget, stops)
     batch = _Batch(dlm, ids, opts)
     t0 = time.perf_counter()
-    batch.open_blocks(torch.full((len(ids),), opts.max_new_tokens, device=dlm.device).clamp_max(block_size))
+    batch.open_blocks(torch.tensor(budget, device=dlm.device).clamp_max(block_size))
     while batch.rows.numel():
         for r in batch.rows.tolist():
             out.stats[r].model_calls += 1
@@ -346,10 +356,11 @@ def stream(dlm, prompts, max_new_tokens: int = 128, block_size: int | None = Non
                 new = batch.block_ids[i][batch.gen[i] & (torch.arange(block_size, device=new.device) <= batch.eos_slot[i])]
             text, done = out.add_block(r, new.tolist(), bool(hit_eos[i]))
             out.stats[r].seconds = time.perf_counter() - t0
-            yield BlockEvent(r, text, new.tolist(), done)
+            yield BlockEvent(r, text, new.tolist(), done, out.reason[r] if done else None,
+                             out.stats[r] if done else None)
             if not done:
                 keep_rows.append(i)
-                budgets.append(opts.max_new_tokens - len(out.tokens[r]))
+                budgets.append(budget[r] - len(out.tokens[r]))
         if len(keep_rows) < batch.rows.numel():
             batch.keep(torch.tensor(keep_rows, dtype=torch.long, device=dlm.device))
         if round_over and batch.rows.numel():
