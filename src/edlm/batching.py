@@ -8,11 +8,10 @@ per step for all of them, so concurrent requests cost little more than one.
 Honest limits, all from the engine's call shape (`edlm.decoding.stream`):
 - A running call cannot take new rows, so a request that arrives mid-batch joins at the next
   *batch* boundary (when the call in flight ends), not at the next block boundary.
-- Settings are grouped exactly, max_tokens and stop included: the engine takes one budget and one
-  stop list per call, and a shorter budget changes how the last block is decoded, so mixing
-  budgets in one call would change a request's output.
-- Rows that finish early (EOS, stop) leave the engine's batch at once and cost no compute, but
-  their final answer (text, usage) is sent when the whole call ends.
+- Requests batch together when their decode settings match; max_tokens and stop may differ (the
+  engine takes one budget and one stop list per row, and a row decodes exactly as it would alone).
+- Rows that finish early (EOS, stop, budget) leave the engine's batch at once and cost no compute;
+  a request is answered as soon as all of its rows are done, not when the whole call ends.
 
 Cancellation: a request whose client left before its batch starts is dropped undecoded; a running
 call whose clients have all left is stopped at its next committed block.
@@ -47,9 +46,13 @@ class DecodeSettings:
     top_p: float
     stop: tuple[str, ...] = ()
 
+    def shared(self) -> tuple:
+        """What one engine call must share (budget and stop strings are per row)."""
+        return (self.block_size, self.threshold, self.strategy, self.temperature, self.top_p)
+
     def engine_kwargs(self) -> dict:
-        return dict(max_new_tokens=self.max_tokens, block_size=self.block_size, threshold=self.threshold,
-                    strategy=self.strategy, temperature=self.temperature, top_p=self.top_p, stop=list(self.stop))
+        return dict(block_size=self.block_size, threshold=self.threshold, strategy=self.strategy,
+                    temperature=self.temperature, top_p=self.top_p)
 
 
 @dataclass
@@ -91,7 +94,7 @@ class Job:
         self.cancelled = True
 
     def batches_with(self, other: Job) -> bool:
-        return self.kind == other.kind == "generate" and self.settings == other.settings
+        return self.kind == other.kind == "generate" and self.settings.shared() == other.settings.shared()
 
 
 class BatchingWorker:
@@ -182,22 +185,23 @@ class BatchingWorker:
     def _decode(self, jobs: list[Job]) -> None:
         owners = [(job, i) for job in jobs for i in range(len(job.inputs))]  # engine row -> (job, row)
         prompts = [ids for job in jobs for ids in job.inputs]
-        result: list = []
-        events = self.dlm.stream(prompts, result=result, **jobs[0].settings.engine_kwargs())
+        budgets = [job.settings.max_tokens for job in jobs for _ in job.inputs]
+        stops = [list(job.settings.stop) for job in jobs for _ in job.inputs]
+        finished: dict[int, dict[int, RowResult]] = {id(job): {} for job in jobs}
+        events = self.dlm.stream(prompts, max_new_tokens=budgets, stop=stops, **jobs[0].settings.engine_kwargs())
         try:
             for event in events:
                 job, row = owners[event.row]
                 if job.streaming and event.text and not job.cancelled:
                     job.put(("block", row, event.text))
+                if event.done:
+                    done = finished[id(job)]
+                    done[row] = RowResult(event.final_text, event.stats.generated_tokens, event.finish_reason,
+                                          event.stats.model_calls)
+                    if len(done) == len(job.inputs):  # answer this request now, whatever the others do
+                        job.put(("done", [done[i] for i in range(len(job.inputs))]))
                 if all(j.cancelled for j in jobs):
                     self.stats["abandoned"] += 1
                     return  # nobody is listening: stop paying for this call
         finally:
             events.close()
-        res = result[0]
-        start = 0
-        for job in jobs:
-            rows = range(start, start + len(job.inputs))
-            job.put(("done", [RowResult(res.texts[r], len(res.token_ids[r]), res.finish_reasons[r],
-                                        res.stats[r].model_calls) for r in rows]))
-            start += len(job.inputs)

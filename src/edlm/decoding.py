@@ -57,8 +57,10 @@ class BlockEvent:
     text: str
     token_ids: list[int]
     done: bool = False
-    finish_reason: str | None = None  # set on the row's last event ("stop" or "length")
-    stats: RowStats | None = None  # set on the row's last event
+    # set on a row's last event only: lets a server answer each row as soon as it is done
+    finish_reason: str | None = None  # "stop" or "length"
+    stats: RowStats | None = None
+    final_text: str | None = None  # the row's whole text (a stop string may cut into earlier blocks)
 
 
 @dataclass
@@ -356,8 +358,10 @@ def stream(dlm, prompts, max_new_tokens: int = 128, block_size: int | None = Non
                 new = batch.block_ids[i][batch.gen[i] & (torch.arange(block_size, device=new.device) <= batch.eos_slot[i])]
             text, done = out.add_block(r, new.tolist(), bool(hit_eos[i]))
             out.stats[r].seconds = time.perf_counter() - t0
-            yield BlockEvent(r, text, new.tolist(), done, out.reason[r] if done else None,
-                             out.stats[r] if done else None)
+            if done:
+                yield BlockEvent(r, text, new.tolist(), True, out.reason[r], out.stats[r], out.text[r])
+            else:
+                yield BlockEvent(r, text, new.tolist())
             if not done:
                 keep_rows.append(i)
                 budgets.append(budget[r] - len(out.tokens[r]))
