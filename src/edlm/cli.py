@@ -60,6 +60,7 @@ VERB_MODULES = [
     "edlm.study",
     "edlm.serve_cli",
     "edlm.embed_cli",
+    "edlm.export",
 ]
 
 def _add_convert(sub) -> None:
@@ -71,7 +72,7 @@ def _add_convert(sub) -> None:
     p.add_argument("--block-size", type=int, default=32, help="diffusion block size L' (default 32)")
     p.add_argument("--mask-token", default=None,
                    help="token to use as mask: an existing token, or a new one to add (default: the "
-                   "tokenizer's mask_token, else a new <|mask|>)")
+                   "tokenizer's mask_token, else a new <|mask|>; <|MASK|> on Qwen3, as SDAR)")
     p.add_argument("--shift", action="store_true", help="predict token i from position i-1 (default: no shift)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
     p.set_defaults(func=cmd_convert)

@@ -18,12 +18,20 @@ from edlm.masks import block_causal_mask, to_backend_mask
 from edlm.model import DiffusionLM, load_causal_lm, read_checkpoint_config
 
 NEW_MASK_TOKEN = "<|mask|>"
+# SDAR names Qwen3's mask token <|MASK|> (its generate.py strips "<|MASK|>"); keeping that name on
+# Qwen3 bases makes a converted model's tokenizer match what SDAR servers (SGLang, LMDeploy) ship.
+SDAR_MASK_TOKEN = "<|MASK|>"
+
+
+def new_mask_token_name(model) -> str:
+    return SDAR_MASK_TOKEN if getattr(model.config, "model_type", None) == "qwen3" else NEW_MASK_TOKEN
 
 
 def choose_mask_token(model, tokenizer, mask_token: str | None = None) -> int:
     """Return the mask token id, adding the token (and an embedding row) when it is new.
 
-    Order: the named token if given, else the tokenizer's own mask_token, else a new <|mask|>.
+    Order: the named token if given, else the tokenizer's own mask_token, else a new <|mask|>
+    (<|MASK|> on Qwen3, as SDAR).
     A new token whose id still falls inside the model's embedding (vocabularies padded to a
     multiple, e.g. Qwen3's 151669 -> row 151669 of 151936) reuses that free row, as SDAR does;
     otherwise the embeddings grow by one row. Either way the new row is the mean embedding
@@ -32,7 +40,7 @@ def choose_mask_token(model, tokenizer, mask_token: str | None = None) -> int:
     vocab = tokenizer.get_vocab()
     if mask_token is None and tokenizer.mask_token is not None:
         return int(tokenizer.mask_token_id)
-    name = mask_token or NEW_MASK_TOKEN
+    name = mask_token or new_mask_token_name(model)
     if name in vocab:
         tokenizer.mask_token = name
         return int(vocab[name])

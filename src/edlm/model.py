@@ -53,6 +53,24 @@ def _is_hub_id(name: str) -> bool:
     return len(parts) <= 2 and not name.startswith((".", "/", "~")) and all(parts)
 
 
+def _sdar_as_qwen3(path) -> dict:
+    """from_pretrained kwargs for an SDAR dir (JetLM's, or `edlm export --format sdar`), else {}.
+
+    SDAR is Qwen3 weights under Qwen3 names, but its config.json says model_type "sdar", which
+    transformers only knows through remote code. Reading the same fields as a Qwen3Config lets
+    AutoModelForCausalLM build Qwen3ForCausalLM with no remote code.
+    """
+    if not (Path(path) / "config.json").is_file():
+        return {}
+    raw = read_checkpoint_config(path)
+    if raw.get("model_type") != "sdar":
+        return {}
+    from transformers import Qwen3Config
+
+    return {"config": Qwen3Config.from_dict({k: v for k, v in raw.items()
+                                             if k not in ("model_type", "architectures", "auto_map")})}
+
+
 def load_causal_lm(path, device=None, dtype=None, attn_implementation: str = "sdpa"):
     """Load a HF causal LM + tokenizer from a local dir with user-facing errors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -61,13 +79,14 @@ def load_causal_lm(path, device=None, dtype=None, attn_implementation: str = "sd
     dtype = dtype or default_dtype(device)
     if not Path(path).exists() and not _is_hub_id(str(path)):
         raise EdlmError(f"model directory not found: {path}")
+    sdar = _sdar_as_qwen3(path)  # also for AutoTokenizer, which reads the model config too
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path), **sdar)
     except Exception as exc:  # noqa: BLE001 - many loader errors, one user message
         raise EdlmError(f"cannot load a tokenizer from {path}: {first_line(exc)}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, attn_implementation=attn_implementation
+            str(path), dtype=dtype, attn_implementation=attn_implementation, **sdar
         )
     except ValueError as exc:
         raise EdlmError(f"{path} is not a causal language model: {first_line(exc)}") from None
