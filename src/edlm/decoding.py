@@ -76,6 +76,7 @@ class DecodeOptions:
     tokens_per_step: int = 1
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    draft_depth: int = 4  # states drafted per verification forward (speculative strategies)
 
     def validate(self) -> None:
         budgets = self.max_new_tokens if isinstance(self.max_new_tokens, list) else [self.max_new_tokens]
@@ -85,17 +86,30 @@ class DecodeOptions:
             raise EdlmError(f"block size must be >= 1, got {self.block_size}")
         if not 0.0 < self.threshold <= 1.0:
             raise EdlmError(f"threshold must be in (0, 1], got {self.threshold}")
-        if self.strategy not in STRATEGIES + SPECULATIVE:
-            raise EdlmError(f"unknown strategy {self.strategy!r}; choose from {', '.join(STRATEGIES + SPECULATIVE)}")
+        names = STRATEGIES + speculative_strategies()
+        if self.strategy not in names:
+            raise EdlmError(f"unknown strategy {self.strategy!r}; choose from {', '.join(names)}")
         if self.temperature < 0:
             raise EdlmError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise EdlmError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.tokens_per_step < 1:
             raise EdlmError(f"tokens_per_step must be >= 1, got {self.tokens_per_step}")
+        if self.draft_depth < 1:
+            raise EdlmError(f"draft_depth must be >= 1, got {self.draft_depth}")
 
 
-SPECULATIVE: tuple[str, ...] = ()  # filled by edlm.speculative when imported
+def speculative_strategies() -> tuple[str, ...]:
+    """Strategies whose step lives in edlm.speculative (imported lazily: it builds on this module)."""
+    from edlm.speculative import STRATEGIES as names
+
+    return names
+
+
+def __getattr__(name: str):
+    if name == "SPECULATIVE":  # decoding.SPECULATIVE, without an import cycle
+        return speculative_strategies()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------ prompts
@@ -294,14 +308,14 @@ class _Outputs:
 def stream(dlm, prompts, max_new_tokens: int = 128, block_size: int | None = None, threshold: float = 0.9,
            strategy: str = "threshold", temperature: float = 0.0, top_p: float = 1.0, stop=None,
            factor: float = 1.0, gamma: float = 0.5, tokens_per_step: int = 1, seed: int | None = None,
-           result: list | None = None):
+           draft_depth: int = 4, result: list | None = None):
     """Yield a BlockEvent per committed block and row; append the GenerationResult to `result`."""
     if block_size is None:
         block_size = dlm.config.block_size
     if isinstance(stop, str):
         stop = [stop]
     opts = DecodeOptions(max_new_tokens, block_size, threshold, strategy, temperature, top_p, factor, gamma,
-                         tokens_per_step, list(stop or []), seed)
+                         tokens_per_step, list(stop or []), seed, draft_depth)
     opts.validate()
     if dlm.config.diffusion is False and block_size != 1:
         raise EdlmError("an autoregressive model decodes with block size 1")
@@ -319,7 +333,7 @@ def stream(dlm, prompts, max_new_tokens: int = 128, block_size: int | None = Non
         if longest >= limit:
             raise EdlmError(f"prompt has {longest} tokens; the model handles at most {limit} positions")
         budget = [min(b, limit - len(p)) for b, p in zip(budget, ids, strict=True)]
-    if strategy in SPECULATIVE:
+    if strategy in speculative_strategies():
         from edlm.speculative import speculative_step as step_fn
     else:
         step_fn = None
@@ -330,15 +344,13 @@ def stream(dlm, prompts, max_new_tokens: int = 128, block_size: int | None = Non
     t0 = time.perf_counter()
     batch.open_blocks(torch.tensor(budget, device=dlm.device).clamp_max(block_size))
     while batch.rows.numel():
-        for r in batch.rows.tolist():
-            out.stats[r].model_calls += 1
         if step_fn is None:
             logits = denoise_step(dlm, batch)
-            committed = commit_step(dlm, batch, logits, generator)
+            committed, calls = commit_step(dlm, batch, logits, generator), 1
         else:
-            committed = step_fn(dlm, batch, generator)
-            for r in batch.rows.tolist():  # the verification forward
-                out.stats[r].model_calls += 1
+            committed, calls = step_fn(dlm, batch, generator)  # calls: model calls it made (each batched)
+        for r in batch.rows.tolist():
+            out.stats[r].model_calls += calls
         for r, c in zip(batch.rows.tolist(), committed.tolist(), strict=True):
             h = out.stats[r].steps_histogram
             h[c] = h.get(c, 0) + 1
@@ -384,8 +396,9 @@ def generate(dlm, prompts, max_new_tokens: int = 128, on_block=None, **kwargs) -
     """Decode prompts (str, list of str, or token ids) block by block.
 
     Options: block_size (default: the model's), threshold, strategy ("threshold", "factor",
-    "entropy", "steps", and the speculative ones), temperature, top_p, stop, factor, gamma,
-    tokens_per_step, seed. `on_block(BlockEvent)` streams each committed block's text.
+    "entropy", "steps", and edlm.speculative's "lossless", "psd", "soft", "wino"), temperature,
+    top_p, stop, factor, gamma, tokens_per_step, seed, draft_depth (speculative strategies).
+    `on_block(BlockEvent)` streams each committed block's text.
     Returns texts, token ids and per-row stats (model calls, generated tokens, TPF, seconds).
     """
     result: list[GenerationResult] = []

@@ -19,11 +19,13 @@ def add_parser(sub) -> None:
     src.add_argument("--prompt-file", help="file holding the prompt text")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threshold", type=float, default=0.9, help="commit confidence threshold in (0, 1]")
-    p.add_argument("--strategy", default="threshold", help="threshold | factor | entropy | steps | ...")
+    p.add_argument("--strategy", default="threshold",
+                   help="threshold | factor | entropy | steps | lossless | psd | soft | wino")
     p.add_argument("--block-size", type=int, default=None, help="decode block size (default: the model's)")
     p.add_argument("--factor", type=float, default=1.0, help="f of the factor strategy")
     p.add_argument("--gamma", type=float, default=0.5, help="entropy budget of the entropy strategy")
     p.add_argument("--tokens-per-step", type=int, default=1, help="k of the steps strategy")
+    p.add_argument("--draft-depth", type=int, default=4, help="states drafted per verification (lossless, psd)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
@@ -46,7 +48,8 @@ def run(args) -> None:
     dlm = DiffusionLM.from_pretrained(args.model, autoregressive=args.ar)
     kwargs = dict(max_new_tokens=args.max_new_tokens, threshold=args.threshold, strategy=args.strategy,
                   block_size=args.block_size, temperature=args.temperature, top_p=args.top_p, stop=args.stop,
-                  factor=args.factor, gamma=args.gamma, tokens_per_step=args.tokens_per_step, seed=args.seed)
+                  factor=args.factor, gamma=args.gamma, tokens_per_step=args.tokens_per_step, seed=args.seed,
+                  draft_depth=args.draft_depth)
     if args.json:
         res = dlm.generate(prompt, **kwargs)
         print(json.dumps({"text": res.texts[0], "token_ids": res.token_ids[0],
