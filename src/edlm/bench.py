@@ -20,6 +20,8 @@ from pathlib import Path
 
 from edlm.errors import EdlmError
 
+THRESHOLD_STRATEGIES = ("threshold", "psd", "soft", "wino")  # the ones --thresholds applies to
+
 
 @dataclass
 class Example:
@@ -194,7 +196,8 @@ def run_bench(model: str, base: str, task: str = "reasoning", thresholds=(0.9, 0
     if repeats < 1 or limit < 1 or any(b < 1 for b in batch_sizes):
         raise EdlmError("--repeats, --limit and --batch-sizes must be >= 1")
     rows: list[dict] = []
-    settings = [(s, t, b) for s in strategies for b in block_sizes for t in (thresholds if s == "threshold" else [None])]
+    settings = [(s, t, b) for s in strategies for b in block_sizes
+                for t in (thresholds if s in THRESHOLD_STRATEGIES else [None])]
     if task.startswith("lm-eval:"):
         name = task.split(":", 1)[1]
         for bs in batch_sizes:
