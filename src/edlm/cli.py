@@ -99,6 +99,9 @@ def _add_train(sub) -> None:
     p.add_argument("--t-per-block", action="store_true", help="one noise level per block, not per sequence")
     p.add_argument("--t-min", type=float, default=1e-3)
     p.add_argument("--complementary", action="store_true", help="also train each sample with the inverse mask")
+    p.add_argument("--repair-fraction", type=float, default=0.0,
+                   help="DMax-style on-policy training: fill this fraction of masked tokens with the model's own "
+                   "argmax draft (still scored), teaching it to repair its drafts (for --strategy soft/wino)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8, help="per process and micro-step")
     p.add_argument("--grad-accum", type=int, default=1)

@@ -21,6 +21,10 @@ class NoiseSettings:
     t_min: float = 1e-3
     complementary: bool = False
     attention: str = "clean"
+    # DMax-style on-policy repair: this fraction of the masked positions is filled with the
+    # model's own argmax draft (one extra no-grad forward) and still scored, so the model learns
+    # to keep right drafts and fix wrong ones, the input the soft/re-masking decoders create.
+    repair_fraction: float = 0.0
 
 
 def row_generators(seed: int, step: int, rows: torch.Tensor) -> list[torch.Generator]:
@@ -71,11 +75,23 @@ def diffusion_loss(dlm, input_ids, maskable, noise: NoiseSettings, generators):
         input_ids = torch.cat([input_ids, input_ids])
         maskable = torch.cat([maskable, maskable])
     x_t = torch.where(masked, torch.full_like(input_ids, dlm.config.mask_token_id), input_ids)
+    if noise.repair_fraction > 0:
+        x_t = with_own_drafts(dlm, x_t, input_ids, masked, noise, generators)
     logits = dlm.forward_noisy(x_t, input_ids, attention=noise.attention)
     weights = inverse_time_weights(masked, maskable, block_size)
     ce = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")
     n_tokens = maskable.sum().clamp_min(1)
     return (ce * weights[masked]).sum() / n_tokens, int(masked.sum())
+
+
+@torch.no_grad()
+def with_own_drafts(dlm, x_t, x_0, masked, noise: NoiseSettings, generators) -> torch.Tensor:
+    """Replace a random `repair_fraction` of the masked positions by the model's argmax draft."""
+    draft = dlm.forward_noisy(x_t, x_0, attention=noise.attention).argmax(-1)
+    u = torch.stack([torch.rand(x_t.shape[1], generator=g) for g in generators]).to(x_t.device)
+    if u.shape[0] != x_t.shape[0]:  # complementary halves reuse the row generators' draws
+        u = torch.cat([u, 1 - u])
+    return torch.where(masked & (u < noise.repair_fraction), draft, x_t)
 
 
 def causal_lm_loss(model, input_ids, maskable):

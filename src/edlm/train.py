@@ -47,6 +47,7 @@ class TrainConfig:
     t_per_block: bool = False
     t_min: float = 1e-3
     complementary: bool = False
+    repair_fraction: float = 0.0
     # optimisation
     seq_len: int = 512
     batch_size: int = 8  # per process, per micro-step
@@ -85,6 +86,8 @@ class TrainConfig:
                 raise EdlmError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise EdlmError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.repair_fraction <= 1.0:
+            raise EdlmError(f"--repair-fraction must be in [0, 1], got {self.repair_fraction}")
         if not 0.0 < self.t_min < 1.0:
             raise EdlmError(f"--t-min must be in (0, 1), got {self.t_min}")
 
@@ -92,7 +95,7 @@ class TrainConfig:
         return NoiseSettings(
             half_life={"position": self.half_life, "uniform": None, "reverse": -self.half_life}[self.masking],
             t_per_block=self.t_per_block, t_min=self.t_min,
-            complementary=self.complementary, attention=self.attention,
+            complementary=self.complementary, attention=self.attention, repair_fraction=self.repair_fraction,
         )
 
 
