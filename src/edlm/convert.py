@@ -124,11 +124,15 @@ def prepare_output_dir(out, force: bool) -> Path:
 
 
 def save_atomically(dlm: DiffusionLM, out: Path) -> None:
-    """Write to a temp dir beside OUT, then rename: a crash never leaves a half-written OUT."""
+    write_atomically(out, dlm.save_pretrained)
+
+
+def write_atomically(out: Path, write) -> None:
+    """Run write(tmp) on a temp dir beside OUT, then rename: a crash never leaves a half-written OUT."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        dlm.save_pretrained(tmp)
+        write(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

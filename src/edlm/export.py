@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -251,20 +249,6 @@ def write_sdar(dlm, out: Path, threshold: float, readme_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- entry points
-def _write_atomically(out: Path, write) -> None:
-    """Write into a temp dir beside OUT, then rename: a failed export never leaves a half-written OUT."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _checked_threshold(format: str, threshold: float | None) -> float:
     if format not in FORMATS:
         raise EdlmError(f"--format must be one of {FORMATS}, got {format!r}")
@@ -279,7 +263,7 @@ def _checked_threshold(format: str, threshold: float | None) -> float:
 def export_model(dlm, out, format: str, threshold: float | None = None, force: bool = False,
                  layout: dict | None = None) -> Path:
     """Write an in-memory DiffusionLM to OUT in FORMAT; `layout` is its TrainConfig, when known."""
-    from edlm.convert import prepare_output_dir
+    from edlm.convert import prepare_output_dir, write_atomically
 
     threshold = _checked_threshold(format, threshold)
     out = prepare_output_dir(out, force)
@@ -287,9 +271,9 @@ def export_model(dlm, out, format: str, threshold: float | None = None, force: b
         check_sdar_servable(dlm, layout)
     dlm = merged(dlm)
     if format == "sdar":
-        _write_atomically(out, lambda tmp: write_sdar(dlm, tmp, threshold, readme_path=out))
+        write_atomically(out, lambda tmp: write_sdar(dlm, tmp, threshold, readme_path=out))
     else:
-        _write_atomically(out, dlm.save_pretrained)
+        write_atomically(out, dlm.save_pretrained)
     return out
 
 
