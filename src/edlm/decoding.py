@@ -233,7 +233,7 @@ def denoise_step(dlm, batch: _Batch) -> torch.Tensor:
     return torch.cat([carry[:, None], body], 1)
 
 
-def _forbid(dlm, logits: torch.Tensor) -> torch.Tensor:
+def candidate_logits(dlm, logits: torch.Tensor) -> torch.Tensor:
     """The mask token is never a candidate, nor are padded vocabulary rows beyond the tokenizer."""
     limit = len(dlm.tokenizer) if dlm.tokenizer is not None else logits.shape[-1]
     if limit < logits.shape[-1]:
@@ -246,7 +246,7 @@ def _forbid(dlm, logits: torch.Tensor) -> torch.Tensor:
 def commit_step(dlm, batch: _Batch, logits: torch.Tensor, generator) -> torch.Tensor:
     """Choose tokens, commit by the strategy; returns the number committed per row [B]."""
     opts = batch.opts
-    tokens, conf, entropy = pick_tokens(_forbid(dlm, logits), opts.temperature, opts.top_p, generator)
+    tokens, conf, entropy = pick_tokens(candidate_logits(dlm, logits), opts.temperature, opts.top_p, generator)
     chosen = commit(opts.strategy, conf, entropy, batch.todo, opts.threshold, opts.factor, opts.gamma,
                     opts.tokens_per_step)
     apply_commit(dlm, batch, chosen, tokens)

@@ -38,6 +38,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
+from edlm.decoding import candidate_logits
 from edlm.errors import EdlmError
 
 ESTIMATORS = ("ltr", "elbo")
@@ -186,16 +187,6 @@ def score_rows(dlm, rows: list[ScoringRow], block_size: int, batch_size: int,
             lp = (logp[r, q, tok] * weight).sum().item()
             out[i] = (lp, bool((greedy[r, q] == tok).all()))
     return out
-
-
-def candidate_logits(dlm, logits: torch.Tensor) -> torch.Tensor:
-    """The decoder's candidate set: never the mask token, never padded rows beyond the tokenizer."""
-    limit = len(dlm.tokenizer)
-    if limit < logits.shape[-1]:
-        logits[..., limit:] = float("-inf")
-    if dlm.config.mask_token_id is not None:
-        logits[..., dlm.config.mask_token_id] = float("-inf")
-    return logits
 
 
 # ------------------------------------------------------------------ the lm-eval model

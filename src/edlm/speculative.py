@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
-from edlm.decoding import _forbid, apply_commit, denoise_step
+from edlm.decoding import apply_commit, candidate_logits, denoise_step
 from edlm.errors import EdlmError
 from edlm.masks import position_block_mask
 from edlm.strategies import commit_steps, commit_threshold, pick_tokens
@@ -107,7 +107,7 @@ def _after(dlm, state, chosen, tokens) -> SimpleNamespace:
 
 
 def greedy_tokens(dlm, logits):
-    tokens, conf, _ = pick_tokens(_forbid(dlm, logits))
+    tokens, conf, _ = pick_tokens(candidate_logits(dlm, logits))
     return tokens, conf
 
 
@@ -222,7 +222,7 @@ def wino_step(dlm, batch) -> tuple[torch.Tensor, int]:
     committed = chosen.sum(-1)
     if loo is not None:
         slot = torch.arange(chosen.shape[1], device=chosen.device)[None]
-        p_kept = torch.softmax(_forbid(dlm, loo), -1).gather(-1, batch.block_ids[..., None])[..., 0]
+        p_kept = torch.softmax(candidate_logits(dlm, loo), -1).gather(-1, batch.block_ids[..., None])[..., 0]
         weak = decided & (slot < batch.eos_slot[:, None]) & (p_kept < REMASK_BELOW)
         score = p_kept.masked_fill(~weak, float("inf"))
         rank = score.argsort(-1).argsort(-1)
