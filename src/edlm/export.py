@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -112,16 +111,6 @@ def load_for_export(path):
     dlm = DiffusionLM.from_pretrained(base, device="cpu", dtype=stored_dtype(read_checkpoint_config(base)))
     model = PeftModel.from_pretrained(dlm.model, str(path)).merge_and_unload()
     return DiffusionLM(model.eval(), dlm.tokenizer, dlm.config)
-
-
-def merged(dlm):
-    """The DiffusionLM to write: LoRA (PEFT) merged into a copy; a plain model as is."""
-    from edlm.model import DiffusionLM
-
-    model = dlm.inner_model
-    if hasattr(model, "merge_and_unload"):
-        model = copy.deepcopy(model).merge_and_unload()
-    return DiffusionLM(model, dlm.tokenizer, dlm.config)
 
 
 def training_layout(path) -> dict | None:
@@ -269,7 +258,7 @@ def export_model(dlm, out, format: str, threshold: float | None = None, force: b
     out = prepare_output_dir(out, force)
     if format == "sdar":
         check_sdar_servable(dlm, layout)
-    dlm = merged(dlm)
+    dlm = dlm.merged()
     if format == "sdar":
         write_atomically(out, lambda tmp: write_sdar(dlm, tmp, threshold, readme_path=out))
     else:

@@ -8,6 +8,7 @@ conversion by `edlm.convert.check_mask_support`).
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -129,6 +130,13 @@ class DiffusionLM:
             model.config.update({CONFIG_KEY: self.config.to_dict()})
         model.save_pretrained(str(out), safe_serialization=True)
         self.tokenizer.save_pretrained(str(out))
+
+    def merged(self) -> "DiffusionLM":
+        """The plain model to save: unwrapped, LoRA (PEFT) merged into a copy; a plain model as is."""
+        model = self.inner_model
+        if hasattr(model, "merge_and_unload"):
+            model = copy.deepcopy(model).merge_and_unload()
+        return DiffusionLM(model, self.tokenizer, self.config)
 
     # ---- properties ----
     @property

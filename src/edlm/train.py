@@ -9,7 +9,6 @@ Checkpoints are written to a temp dir and renamed: a crash mid-save leaves the l
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil
@@ -133,10 +132,7 @@ def apply_lora(model, rank: int):
 
 def exportable(dlm: DiffusionLM, accelerator) -> DiffusionLM:
     """The plain model to save: unwrapped from the engine, LoRA merged into a copy."""
-    model = accelerator.unwrap_model(dlm.model)
-    if hasattr(model, "merge_and_unload"):
-        model = copy.deepcopy(model).merge_and_unload()
-    return DiffusionLM(model, dlm.tokenizer, dlm.config)
+    return DiffusionLM(accelerator.unwrap_model(dlm.model), dlm.tokenizer, dlm.config).merged()
 
 
 def lr_lambda(cfg: TrainConfig):
