@@ -30,5 +30,10 @@ models: $(VENV)/.core
 bench: $(VENV)/.core
 	$(PY) bench/decode.py
 
+# The paper's ablations on the demo data, from the shipped AR parent (see README: study).
+studies: $(VENV)/.core
+	$(PY) -m edlm.recipes.demo_model --stage data
+	$(VENV)/bin/edlm study --base models/ar --data runs/demo-build/data/train.jsonl --out studies $(STUDY_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

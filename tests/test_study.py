@@ -8,10 +8,17 @@ def test_attention_study_runs_and_reports(tiny_ar_dir, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": f"Question: {i}+1?\nAnswer:", "response": f" {i + 1}"})
                               for i in range(200)))
-    res = run_study(str(tiny_ar_dir), [str(data)], str(tmp_path / "s"), studies=("attention",), steps=2, limit=2,
-                    block_size=4, seq_len=32, batch_size=2, max_new_tokens=4, progress=False)
+    res = run_study(str(tiny_ar_dir), [str(data)], str(tmp_path / "s"), studies=("attention", "masking"), steps=2,
+                    limit=2, block_size=4, seq_len=32, batch_size=2, max_new_tokens=4, progress=False)
     rows = res["attention"]
-    assert len(rows) == 4 * 2 and {r["threshold"] for r in rows} == {1.0, 0.7}
+    assert len(rows) == 1 + 4 * 2 and {r["threshold"] for r in rows} == {None, 1.0, 0.7}
+    assert rows[0]["variant"] == "AR parent"
+    # "position hl=0.1" trains exactly what "block, clean context, no shift" trains: one run, same scores
+    runs = sorted(d.name for d in (tmp_path / "s" / "runs").iterdir())
+    assert len(runs) == 4 + 4 and "default" in runs and "attention=noisy" in runs
+    same = [[r for r in res[s] if r["variant"] == v] for s, v in
+            (("attention", "block, clean context, no shift"), ("masking", "position hl=0.1"))]
+    assert [(r["accuracy"], r["tpf"]) for r in same[0]] == [(r["accuracy"], r["tpf"]) for r in same[1]]
     report = (tmp_path / "s" / "report.md").read_text()
     assert "Table 1" in report and ("agrees" in report or "DISAGREES" in report)
     assert (tmp_path / "s" / "attention.png").stat().st_size > 0

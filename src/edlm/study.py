@@ -63,11 +63,17 @@ def run_study(base: str, data: list[str], out: str, studies=tuple(STUDIES), step
         raise EdlmError(f"unknown study {unknown[0]!r}; choose from {', '.join(STUDIES)}")
     out_dir = Path(out)
     problems = reasoning.test_problems(limit)
+    ar = run_reasoning(DiffusionLM.from_pretrained(base, autoregressive=True), "AR parent", problems,
+                       max_new_tokens=max_new_tokens, progress=progress)
+    defaults = dict(block_size=block_size, attention="clean", shift=False, masking="position", half_life=0.1)
+    scores: dict[tuple, dict] = {}  # (run key, eval block size, threshold) -> score, shared across studies
     results: dict[str, list[dict]] = {}
     for study in studies:
-        rows = []
+        rows = [{"variant": "AR parent", "eval_block_size": 1, "threshold": None, "accuracy": ar.accuracy,
+                 "tpf": 1.0}]
         for v in STUDIES[study]:
-            run_dir = out_dir / "runs" / _slug(v.name)
+            key = run_key(v.train, defaults)
+            run_dir = out_dir / "runs" / key
             if not (run_dir / "model" / "config.json").exists():
                 cfg = dict(model=base, data=list(data), out=str(run_dir), block_size=block_size, seq_len=seq_len,
                            batch_size=batch_size, steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=min(50, steps),
@@ -75,20 +81,26 @@ def run_study(base: str, data: list[str], out: str, studies=tuple(STUDIES), step
                 cfg.update(v.train)
                 cfg["seq_len"] = max(cfg["seq_len"] // cfg["block_size"], 1) * cfg["block_size"]
                 train(TrainConfig(**cfg))
-            dlm = DiffusionLM.from_pretrained(run_dir / "model")
+            dlm = None
             for eval_bs in v.eval_block_sizes:
                 for t in EVAL_THRESHOLDS:
-                    r = run_reasoning(dlm, v.name, problems, max_new_tokens=max_new_tokens, progress=progress,
-                                      threshold=t, block_size=eval_bs)
-                    rows.append({"variant": v.name, "eval_block_size": eval_bs or dlm.config.block_size,
-                                 "threshold": t, "accuracy": r.accuracy, "tpf": r.tpf})
+                    if (key, eval_bs, t) not in scores:
+                        dlm = dlm or DiffusionLM.from_pretrained(run_dir / "model")
+                        r = run_reasoning(dlm, v.name, problems, max_new_tokens=max_new_tokens,
+                                          progress=progress, threshold=t, block_size=eval_bs)
+                        scores[key, eval_bs, t] = {"eval_block_size": eval_bs or dlm.config.block_size,
+                                                   "accuracy": r.accuracy, "tpf": r.tpf}
+                    rows.append({"variant": v.name, "threshold": t, **scores[key, eval_bs, t]})
         results[study] = rows
         _write_report(out_dir, results)
     return results
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
+def run_key(overrides: dict, defaults: dict) -> str:
+    """A run directory name from the settings that differ from the defaults: variants that train
+    the same thing ("position hl=0.1", "clean context, no shift", "train bs=8") share one run."""
+    diff = {k: v for k, v in sorted(overrides.items()) if defaults.get(k) != v}
+    return "-".join(f"{k}={v}" for k, v in diff.items()) or "default"
 
 
 def verdict(study: str, rows: list[dict]) -> str:
@@ -103,7 +115,7 @@ def verdict(study: str, rows: list[dict]) -> str:
     if study == "masking" and len(acc) == 5:
         pos_ok = acc["position hl=0.1"] >= acc["uniform"]
         r2l_ok = acc["right-to-left hl=0.1"] < min(acc["uniform"], acc["position hl=0.1"])
-        par = {r["variant"]: r["accuracy"] for r in rows if r["threshold"] != 1.0}
+        par = {r["variant"]: r["accuracy"] for r in rows if r["threshold"] == EVAL_THRESHOLDS[1]}
         par_ok = par.get("position hl=0.1", 0) >= par.get("uniform", 0)
         return (f"hl=0.1 >= uniform: {'agrees' if pos_ok else 'DISAGREES'} (at threshold 0.7: "
                 f"{'agrees' if par_ok else 'DISAGREES'}); right-to-left worst: {'agrees' if r2l_ok else 'DISAGREES'}")
@@ -125,22 +137,26 @@ def _write_report(out_dir: Path, results: dict) -> None:
     for study, rows in results.items():
         lines += [f"## {study}\n", f"Paper: {PAPER[study]}\n", f"Here: {verdict(study, rows)}\n",
                   "| variant | eval block | threshold | accuracy | TPF |", "|---|---|---|---|---|"]
-        lines += [f"| {r['variant']} | {r['eval_block_size']} | {r['threshold']:g} | {100 * r['accuracy']:.1f}% | "
+        lines += [f"| {r['variant']} | {r['eval_block_size']} | {_thr(r)} | {100 * r['accuracy']:.1f}% | "
                   f"{r['tpf']:.2f} |" for r in rows]
         lines.append("")
         fig, ax = plt.subplots(figsize=(7, 3.5))
-        labels = [f"{r['variant']}\nbs{r['eval_block_size']} t{r['threshold']:g}" for r in rows]
+        labels = [f"{r['variant']}\nbs{r['eval_block_size']} t{_thr(r)}" for r in rows]
         ax.bar(range(len(rows)), [100 * r["accuracy"] for r in rows],
-               color=["tab:blue" if r["threshold"] == 1.0 else "tab:orange" for r in rows])
+               color=[{None: "tab:gray", 1.0: "tab:blue"}.get(r["threshold"], "tab:orange") for r in rows])
         ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=6)
         ax.set_ylabel("exact match (%)")
-        ax.set_title(f"{study} (blue: threshold 1.0, orange: 0.7)")
+        ax.set_title(f"{study} (gray: AR parent, blue: threshold 1.0, orange: {EVAL_THRESHOLDS[1]:g})")
         fig.tight_layout()
         fig.savefig(out_dir / f"{study}.png", dpi=110)
         plt.close(fig)
         lines.append(f"![{study}]({study}.png)\n")
     (out_dir / "report.md").write_text("\n".join(lines))
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+
+
+def _thr(row: dict) -> str:
+    return "AR" if row["threshold"] is None else f"{row['threshold']:g}"
 
 
 def add_parser(sub) -> None:

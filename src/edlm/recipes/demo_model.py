@@ -92,7 +92,8 @@ def main(argv=None) -> None:
     ap.add_argument("--ar-steps", type=int, default=3000)
     ap.add_argument("--dlm-steps", type=int, default=1600)
     ap.add_argument("--block-size", type=int, default=8)
-    ap.add_argument("--stage", choices=["all", "ar", "dlm"], default="all")
+    ap.add_argument("--stage", choices=["all", "data", "ar", "dlm"], default="all",
+                    help="data = only the jsonl splits and tokenizer (what `make studies` needs)")
     args = ap.parse_args(argv)
     work, models = Path(args.work), Path(args.models)
     data = build_data(work)
