@@ -179,3 +179,41 @@ def test_per_row_budgets_and_stops_equal_separate_calls():
     last = {e.row: e for e in events}
     assert all(e.done and e.stats is not None for e in last.values())
     assert last[1].finish_reason == "stop" and last[0].stats.generated_tokens == 5
+
+
+@pytest.mark.parametrize("strategy,shift", [("threshold", False), ("threshold", True), ("lossless", False),
+                                            ("wino", False)])
+def test_rows_joining_at_block_boundaries_decode_as_alone(strategy, shift):
+    dlm = tiny_dlm("llama", block_size=4, shift=shift)
+    kw = {"threshold": 0.4, "strategy": strategy}
+    # joining prompts of 10, 22 and 12 tokens (12: aligned to the block); budgets not multiples of it
+    joins = [([PROMPTS[1], PROMPTS[3]], [9, 13], None), (["Hello, world"], 6, None)]
+    asked = []
+
+    def admit():
+        asked.append(len(events))  # events streamed so far
+        return joins.pop(0) if joins else None
+
+    events, result = [], []
+    # both first prompts are shorter than a block: at the first boundary nothing is cached yet,
+    # and "ab" leaves the batch just as the first rows join
+    for event in dlm.stream(["ab", "cd"], max_new_tokens=[2, 24], admit=admit, result=result, **kw):
+        events.append(event)
+    expected = [("ab", 2), ("cd", 24), (PROMPTS[1], 9), (PROMPTS[3], 13), ("Hello, world", 6)]
+    for row, (prompt, budget) in enumerate(expected):
+        alone = dlm.generate(prompt, max_new_tokens=budget, **kw)
+        assert result[0].token_ids[row] == alone.token_ids[0], (row, prompt)
+        assert result[0].texts[row] == alone.texts[0]
+    assert not joins and len(asked) >= 3 and asked == sorted(set(asked))  # asked once per block boundary
+    rows = [e.row for e in events]
+    last_of_first_call = max(i for i, r in enumerate(rows) if r == 1)
+    for joined in (2, 3, 4):  # joined rows stream their blocks while the original row still decodes
+        assert rows.index(joined) < last_of_first_call
+    assert result[0].stats[4].model_calls < result[0].stats[1].model_calls  # counted from the join on
+
+
+def test_row_leaving_before_anything_is_cached():
+    dlm = tiny_dlm("llama", block_size=4)  # both prompts < one block: the cache is empty when "ab" leaves
+    res = dlm.generate(["ab", "cd"], max_new_tokens=[2, 9], threshold=0.4)
+    assert res.token_ids == [dlm.generate(p, max_new_tokens=n, threshold=0.4).token_ids[0]
+                             for p, n in (("ab", 2), ("cd", 9))]

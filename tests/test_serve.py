@@ -288,6 +288,34 @@ def test_queue_limit_and_disconnected_clients_cost_nothing(dlm_dir):
         assert time.perf_counter() - t0 < 2.0  # 200 tokens at one per 20 ms step would take over 4 s
 
 
+def test_request_arriving_mid_batch_joins_at_the_next_block(dlm_dir, dlm):
+    slow = load(dlm_dir)
+    slow.model.register_forward_pre_hook(lambda *a: time.sleep(0.02))  # >= 20 ms per engine step
+    long_body = {"model": NAME, "prompt": "ab", "max_tokens": 60, "temperature": 0, "threshold": 1.0}
+    short_body = {**long_body, "prompt": "Hello, wor", "max_tokens": 6}  # same settings: it may join
+    answered = {}
+
+    def post(name, body):
+        r = httpx.post(f"{s.url}/v1/completions", json=body, timeout=60)
+        answered[name] = (time.perf_counter(), r)
+
+    with LiveServer(slow) as s:
+        long = threading.Thread(target=post, args=("long", long_body))
+        long.start()
+        while s.health()["running"] == 0:
+            time.sleep(0.01)
+        time.sleep(0.1)  # a few steps into the long request's call (60 steps of one token)
+        post("short", short_body)
+        long.join()
+        h = s.health()
+    assert answered["short"][0] < answered["long"][0]  # it did not wait for the running call to end
+    assert h["batches"] == 1 and h["joined"] == 1 and h["rows"] == 2 and h["largest_batch"] == 2
+    for name, body in (("short", short_body), ("long", long_body)):
+        r = answered[name][1]
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["text"] == greedy(dlm, body["prompt"], body["max_tokens"], threshold=1.0).texts[0]
+
+
 def test_cli_serve_wires_the_app(dlm_dir, monkeypatch):
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: seen.update(app=app, host=host, port=port))

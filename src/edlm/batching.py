@@ -5,11 +5,15 @@ waiting request plus every other waiting request with the same decode settings (
 rows) and runs them as ONE engine call (`DiffusionLM.stream` on the list of prompts): one forward
 per step for all of them, so concurrent requests cost little more than one.
 
-Honest limits, all from the engine's call shape (`edlm.decoding.stream`):
-- A running call cannot take new rows, so a request that arrives mid-batch joins at the next
-  *batch* boundary (when the call in flight ends), not at the next block boundary.
+While a call runs, requests that arrive join it at the next block boundary (the engine's `admit`
+hook): the waiting requests at the head of the queue, as long as they have the call's settings
+and fit in max_batch rows. The first one that does not (other settings, an embedding, too many
+rows) stops joining, so it waits only until the running rows finish, never behind an endless
+stream of newer compatible requests.
+
 - Requests batch together when their decode settings match; max_tokens and stop may differ (the
-  engine takes one budget and one stop list per row, and a row decodes exactly as it would alone).
+  engine takes one budget and one stop list per row, and a row decodes exactly as it would alone,
+  whether it started the call or joined it).
 - Rows that finish early (EOS, stop, budget) leave the engine's batch at once and cost no compute;
   a request is answered as soon as all of its rows are done, not when the whole call ends.
 
@@ -106,8 +110,11 @@ class BatchingWorker:
         self._cv = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
-        # counters for /health (and tests): largest_batch > 1 shows requests really batched
-        self.stats = {"batches": 0, "rows": 0, "largest_batch": 0, "running": 0, "dropped": 0, "abandoned": 0}
+        # counters for /health (and tests): largest_batch > 1 shows requests really batched; batches
+        # counts engine calls, joined the requests that entered a call already running, running the
+        # rows decoding now
+        self.stats = {"batches": 0, "rows": 0, "largest_batch": 0, "running": 0, "joined": 0, "dropped": 0,
+                      "abandoned": 0}
 
     # ---- lifecycle (called from the server) ----
     def start(self) -> None:
@@ -160,11 +167,27 @@ class BatchingWorker:
             self._waiting = rest
             return batch
 
+    def _joining(self, first: Job) -> list[Job]:
+        """Jobs from the head of the queue that join the running call of `first` (block boundary)."""
+        with self._cv:
+            self._drop_cancelled()
+            joining, rows = [], self.stats["running"]
+            while self._waiting and first.batches_with(self._waiting[0]) and \
+                    rows + len(self._waiting[0].inputs) <= self.max_batch:
+                joining.append(self._waiting.popleft())
+                rows += len(joining[-1].inputs)
+            return joining
+
+    def _count_rows(self, rows: int) -> None:
+        running = self.stats["running"] + rows
+        self.stats.update(rows=self.stats["rows"] + rows, running=running,
+                          largest_batch=max(self.stats["largest_batch"], running))
+
     def _serve_forever(self) -> None:
         while (batch := self._next_batch()) is not None:
             rows = sum(len(j.inputs) for j in batch)
-            self.stats.update(batches=self.stats["batches"] + 1, rows=self.stats["rows"] + rows, running=rows,
-                              largest_batch=max(self.stats["largest_batch"], rows))
+            self.stats["batches"] += 1
+            self._count_rows(rows)
             try:
                 if batch[0].kind == "embed":
                     self._embed(batch[0])
@@ -183,18 +206,36 @@ class BatchingWorker:
         job.put(("embeddings", embed_ids(self.dlm, job.inputs)))
 
     def _decode(self, jobs: list[Job]) -> None:
-        owners = [(job, i) for job in jobs for i in range(len(job.inputs))]  # engine row -> (job, row)
-        prompts = [ids for job in jobs for ids in job.inputs]
-        budgets = [job.settings.max_tokens for job in jobs for _ in job.inputs]
-        stops = [list(job.settings.stop) for job in jobs for _ in job.inputs]
-        finished: dict[int, dict[int, RowResult]] = {id(job): {} for job in jobs}
-        events = self.dlm.stream(prompts, max_new_tokens=budgets, stop=stops, **jobs[0].settings.engine_kwargs())
+        owners: list[tuple[Job, int]] = []  # engine row -> (job, row in job); the engine numbers rows in order
+        finished: dict[int, dict[int, RowResult]] = {}
+
+        def engine_rows(new: list[Job]) -> tuple[list[list[int]], list[int], list[list[str]]]:
+            for job in new:
+                owners.extend((job, i) for i in range(len(job.inputs)))
+                finished[id(job)] = {}
+            return ([ids for job in new for ids in job.inputs],
+                    [job.settings.max_tokens for job in new for _ in job.inputs],
+                    [list(job.settings.stop) for job in new for _ in job.inputs])
+
+        def admit():  # called by the engine at each block boundary
+            joining = self._joining(jobs[0])
+            if not joining:
+                return None
+            jobs.extend(joining)  # the caller's list: if the call fails, joined jobs get the error too
+            self.stats["joined"] += len(joining)
+            self._count_rows(sum(len(j.inputs) for j in joining))
+            return engine_rows(joining)
+
+        prompts, budgets, stops = engine_rows(jobs)
+        events = self.dlm.stream(prompts, max_new_tokens=budgets, stop=stops, admit=admit,
+                                 **jobs[0].settings.engine_kwargs())
         try:
             for event in events:
                 job, row = owners[event.row]
                 if job.streaming and event.text and not job.cancelled:
                     job.put(("block", row, event.text))
                 if event.done:
+                    self.stats["running"] -= 1
                     done = finished[id(job)]
                     done[row] = RowResult(event.final_text, event.stats.generated_tokens, event.finish_reason,
                                           event.stats.model_calls)

@@ -13,6 +13,11 @@ ends mid-block, its tail sits in the first block as already-decided slots.
 Batches are block-synchronous: every row works on its own current block, a row that finishes
 its block waits for the others, and rows that are done (EOS, stop string, budget) leave the
 batch at once. Left padding with logical position ids; pad keys are masked out.
+
+New rows join a running batch at a block boundary (every row's block finished; `stream`'s
+`admit`): their prompt blocks become pending tokens next to the running rows' finished blocks,
+and both sides' cache and pending tokens are padded with masked keys (`_Batch.join`), so each
+row still attends exactly the keys it would alone.
 """
 
 from __future__ import annotations
@@ -138,14 +143,17 @@ def encode_prompts(dlm, prompts) -> list[list[int]]:
 class _Batch:
     """Tensors of the rows still decoding; row r of every tensor is the same request."""
 
-    def __init__(self, dlm, prompts: list[list[int]], opts: DecodeOptions):
+    PER_ROW = ("cache_pos", "cache_valid", "pending_ids", "pending_pos", "block_start", "block_ids", "todo", "gen",
+               "eos_slot", "prompt_tail")  # plus rows (cpu), the cache and carry
+
+    def __init__(self, dlm, prompts: list[list[int]], opts: DecodeOptions, first_row: int = 0):
         from transformers import DynamicCache
 
         self.dlm, self.opts = dlm, opts
         bs = opts.block_size
         dev = dlm.device
         n = len(prompts)
-        self.rows = torch.arange(n)
+        self.rows = torch.arange(first_row, first_row + n)  # request ids
         self.cache = DynamicCache()
         self.cache_pos = torch.zeros(n, 0, dtype=torch.long, device=dev)
         self.cache_valid = torch.zeros(n, 0, dtype=torch.bool, device=dev)
@@ -182,12 +190,42 @@ class _Batch:
     def keep(self, idx: torch.Tensor) -> None:
         """Drop finished rows everywhere (cache included): they cost nothing from now on."""
         self.rows = self.rows[idx.cpu()]
-        self.cache.batch_select_indices(idx)
-        for name in ("cache_pos", "cache_valid", "pending_ids", "pending_pos", "block_start", "block_ids",
-                     "todo", "gen", "eos_slot", "prompt_tail"):
+        self._select_cache_rows(idx)
+        for name in self.PER_ROW:
             setattr(self, name, getattr(self, name)[idx])
         if self.carry is not None:
             self.carry = self.carry[idx]
+
+    def join(self, new: _Batch) -> None:
+        """Append the rows of a fresh batch; only at a block boundary, when every row has pending tokens.
+
+        The new rows get the running rows' cache width of invalid keys (copies of row 0's KV,
+        masked out) and every row's pending tokens are left-padded to the widest, so each row
+        attends exactly the keys it would alone.
+        """
+        n_old, n_new, dev = self.rows.numel(), new.rows.numel(), self.block_ids.device
+        self._select_cache_rows(torch.cat([torch.arange(n_old), torch.zeros(n_new, dtype=torch.long)]).to(dev))
+        new.cache_pos = torch.full((n_new, self.cache_pos.shape[1]), -1, dtype=torch.long, device=dev)
+        new.cache_valid = new.cache_pos >= 0
+        width = max(self.pending_ids.shape[1], new.pending_ids.shape[1])
+        for b in (self, new):
+            pad = width - b.pending_ids.shape[1]
+            b.pending_ids = torch.nn.functional.pad(b.pending_ids, (pad, 0))
+            b.pending_pos = torch.nn.functional.pad(b.pending_pos, (pad, 0), value=-1)
+        self.rows = torch.cat([self.rows, new.rows])
+        for name in self.PER_ROW:
+            setattr(self, name, torch.cat([getattr(self, name), getattr(new, name)]))
+        self.carry = None  # the next forward writes pending tokens and sets it anew (shift models)
+
+    def _select_cache_rows(self, idx: torch.Tensor) -> None:
+        if self.cache.get_seq_length() == 0:
+            # nothing cached yet (every prompt shorter than a block); DynamicCache leaves empty
+            # layers at their old batch size here, which the next forward cannot extend
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache()
+        else:
+            self.cache.batch_select_indices(idx)
 
 
 # ------------------------------------------------------------------ one step
@@ -269,12 +307,27 @@ def apply_commit(dlm, batch: _Batch, chosen: torch.Tensor, tokens: torch.Tensor)
 class _Outputs:
     """Per-request token lists, text, stats and finish reason, with stop-string handling."""
 
-    def __init__(self, dlm, n: int, opts: DecodeOptions, budget: list[int], stops: list[list[str]]):
-        self.dlm, self.opts, self.budget, self.stops = dlm, opts, budget, stops
-        self.tokens = [[] for _ in range(n)]
-        self.text = [""] * n
-        self.stats = [RowStats() for _ in range(n)]
-        self.reason = ["length"] * n
+    def __init__(self, dlm):
+        self.dlm = dlm
+        self.budget: list[int] = []
+        self.stops: list[list[str]] = []
+        self.tokens: list[list[int]] = []
+        self.text: list[str] = []
+        self.stats: list[RowStats] = []
+        self.reason: list[str] = []
+        self.started: list[float] = []  # perf_counter when the row entered the batch
+
+    def add_rows(self, budget: list[int], stops: list[list[str]]) -> int:
+        """Open outputs for new requests; returns the first new row id."""
+        first, n = len(self.budget), len(budget)
+        self.budget += budget
+        self.stops += stops
+        self.tokens += [[] for _ in range(n)]
+        self.text += [""] * n
+        self.stats += [RowStats() for _ in range(n)]
+        self.reason += ["length"] * n
+        self.started += [time.perf_counter()] * n
+        return first
 
     def add_block(self, row: int, new: list[int], hit_eos: bool) -> tuple[str, bool]:
         """Append a finished block's tokens; returns (new text, row is done)."""
@@ -305,26 +358,17 @@ class _Outputs:
                 return
 
 
-def stream(dlm, prompts, max_new_tokens: int = 128, block_size: int | None = None, threshold: float = 0.9,
-           strategy: str = "threshold", temperature: float = 0.0, top_p: float = 1.0, stop=None,
-           factor: float = 1.0, gamma: float = 0.5, tokens_per_step: int = 1, seed: int | None = None,
-           draft_depth: int = 4, result: list | None = None):
-    """Yield a BlockEvent per committed block and row; append the GenerationResult to `result`."""
-    if block_size is None:
-        block_size = dlm.config.block_size
-    if isinstance(stop, str):
-        stop = [stop]
-    opts = DecodeOptions(max_new_tokens, block_size, threshold, strategy, temperature, top_p, factor, gamma,
-                         tokens_per_step, list(stop or []), seed, draft_depth)
-    opts.validate()
-    if dlm.config.diffusion is False and block_size != 1:
-        raise EdlmError("an autoregressive model decodes with block size 1")
+def prepare_rows(dlm, prompts, max_new_tokens, stop) -> tuple[list[list[int]], list[int], list[list[str]]]:
+    """Token ids, budget (clamped to the context left) and stop strings of each row.
+
+    max_new_tokens: one for all rows or one per row; stop: a string, one list for all rows, or
+    one list per row.
+    """
     ids = encode_prompts(dlm, prompts)
     n = len(ids)
     budget = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
-    # stop: one list shared by every row, or one list per row (list of lists)
-    per_row = bool(opts.stop) and isinstance(opts.stop[0], (list, tuple))
-    stops = [list(x) for x in opts.stop] if per_row else [opts.stop] * n
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    stops = [list(x) for x in stop] if stop and isinstance(stop[0], (list, tuple)) else [stop] * n
     if len(budget) != n or len(stops) != n:
         raise EdlmError(f"{n} prompts but {len(budget)} max_new_tokens and {len(stops)} stop lists")
     limit = dlm.max_positions
@@ -333,15 +377,36 @@ def stream(dlm, prompts, max_new_tokens: int = 128, block_size: int | None = Non
         if longest >= limit:
             raise EdlmError(f"prompt has {longest} tokens; the model handles at most {limit} positions")
         budget = [min(b, limit - len(p)) for b, p in zip(budget, ids, strict=True)]
+    return ids, budget, stops
+
+
+def stream(dlm, prompts, max_new_tokens: int = 128, block_size: int | None = None, threshold: float = 0.9,
+           strategy: str = "threshold", temperature: float = 0.0, top_p: float = 1.0, stop=None,
+           factor: float = 1.0, gamma: float = 0.5, tokens_per_step: int = 1, seed: int | None = None,
+           draft_depth: int = 4, result: list | None = None, admit=None):
+    """Yield a BlockEvent per committed block and row; append the GenerationResult to `result`.
+
+    admit: called at every block boundary while rows are decoding; returns None or more requests
+    for this call as (prompts, max_new_tokens, stop), in the forms the arguments take. They get
+    the next row ids and decode exactly as they would alone, under this call's options.
+    """
+    if block_size is None:
+        block_size = dlm.config.block_size
+    opts = DecodeOptions(max_new_tokens, block_size, threshold, strategy, temperature, top_p, factor, gamma,
+                         tokens_per_step, [stop] if isinstance(stop, str) else list(stop or []), seed, draft_depth)
+    opts.validate()
+    if dlm.config.diffusion is False and block_size != 1:
+        raise EdlmError("an autoregressive model decodes with block size 1")
+    ids, budget, stops = prepare_rows(dlm, prompts, max_new_tokens, stop)
     if strategy in speculative_strategies():
         from edlm.speculative import speculative_step as step_fn
     else:
         step_fn = None
     generator = torch.Generator(device=dlm.device).manual_seed(seed) if seed is not None else None
 
-    out = _Outputs(dlm, n, opts, budget, stops)
+    out = _Outputs(dlm)
+    out.add_rows(budget, stops)
     batch = _Batch(dlm, ids, opts)
-    t0 = time.perf_counter()
     batch.open_blocks(torch.tensor(budget, device=dlm.device).clamp_max(block_size))
     while batch.rows.numel():
         if step_fn is None:
@@ -369,14 +434,14 @@ def stream(dlm, prompts, max_new_tokens: int = 128, block_size: int | None = Non
             if hit_eos[i]:
                 new = batch.block_ids[i][batch.gen[i] & (torch.arange(block_size, device=new.device) <= batch.eos_slot[i])]
             text, done = out.add_block(r, new.tolist(), bool(hit_eos[i]))
-            out.stats[r].seconds = time.perf_counter() - t0
+            out.stats[r].seconds = time.perf_counter() - out.started[r]
             if done:
                 yield BlockEvent(r, text, new.tolist(), True, out.reason[r], out.stats[r], out.text[r])
             else:
                 yield BlockEvent(r, text, new.tolist())
             if not done:
                 keep_rows.append(i)
-                budgets.append(budget[r] - len(out.tokens[r]))
+                budgets.append(out.budget[r] - len(out.tokens[r]))
         if len(keep_rows) < batch.rows.numel():
             batch.keep(torch.tensor(keep_rows, dtype=torch.long, device=dlm.device))
         if round_over and batch.rows.numel():
@@ -386,6 +451,10 @@ def stream(dlm, prompts, max_new_tokens: int = 128, block_size: int | None = Non
             batch.pending_pos = batch.block_start[:, None] + bs_range
             batch.block_start = batch.block_start + block_size
             batch.prompt_tail = torch.zeros_like(batch.prompt_tail)
+            if admit is not None and (joining := admit()):
+                new_ids, new_budget, new_stops = prepare_rows(dlm, *joining)
+                batch.join(_Batch(dlm, new_ids, opts, first_row=out.add_rows(new_budget, new_stops)))
+                budgets += new_budget
             batch.open_blocks(torch.tensor(budgets, device=dlm.device).clamp_max(block_size))
     res = GenerationResult(out.text, out.tokens, out.stats, out.reason)
     if result is not None:

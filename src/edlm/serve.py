@@ -5,8 +5,8 @@ GET /health. Decoding extensions in the request body: threshold, block_size, str
 model_calls to the OpenAI token counts, so clients can compute tokens per forward.
 
 All model work goes through one `BatchingWorker` thread (edlm.batching): concurrent requests with
-the same settings are decoded as one batch, a new request joins at the next batch boundary, and a
-full queue answers 429. Streaming sends one server-sent event per committed block.
+the same settings are decoded as one batch, a request that arrives while one runs joins it at the
+next block boundary, and a full queue answers 429. Streaming sends one server-sent event per committed block.
 
 Every bad request gets an OpenAI-style error body {"error": {message, type, param, code}} with a
 4xx status, checked before it is queued, so one bad request never fails a batch.
