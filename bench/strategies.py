@@ -35,9 +35,8 @@ SETTINGS = [  # (label, decode options)
 ]
 
 
-def lossless_agreement(dlm, problems, max_new_tokens: int, draft_depth: int) -> tuple[int, int]:
-    """(problems where lossless == steps k=1 token for token, problems checked)."""
-    prompts = [p.prompt for p in problems]
+def lossless_agreement(dlm, prompts: list[str], max_new_tokens: int, draft_depth: int) -> tuple[int, int]:
+    """(prompts where lossless == steps k=1 token for token, prompts checked)."""
     ref = dlm.generate(prompts, max_new_tokens=max_new_tokens, strategy="steps", tokens_per_step=1).token_ids
     got = dlm.generate(prompts, max_new_tokens=max_new_tokens, strategy="lossless",
                        draft_depth=draft_depth).token_ids
@@ -47,9 +46,9 @@ def lossless_agreement(dlm, problems, max_new_tokens: int, draft_depth: int) -> 
 def main(argv=None) -> int:
     import torch
 
-    from edlm import DiffusionLM, reasoning
+    from edlm import DiffusionLM
+    from edlm.bench import engine_runner, load_examples, markdown, measure, plot
     from edlm.errors import EdlmError
-    from edlm.evaluate import format_table, plot_pareto, run_reasoning, warm_up
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=str(ROOT / "models"), help="dir holding ar/ and dlm/")
@@ -68,28 +67,25 @@ def main(argv=None) -> int:
     try:
         ar = DiffusionLM.from_pretrained(models / "ar", autoregressive=True)
         dlm = DiffusionLM.from_pretrained(models / "dlm")
-        problems = reasoning.test_problems(args.limit)
+        examples = load_examples("reasoning", args.limit)
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{torch.get_num_threads()}threads"
-        common = {"max_new_tokens": args.max_new_tokens, "progress": False}
-        warm_up(ar)
-        base = run_reasoning(ar, "AR (engine)", problems, **common)
-        rows = [base]
+        rows = [measure("AR (engine)", engine_runner(ar, args.max_new_tokens), examples, progress=False)]
         for label, decode in SETTINGS:
             if decode["strategy"] in ("lossless", "psd"):
                 decode = {**decode, "draft_depth": args.draft_depth}
-            warm_up(dlm, **decode)
-            rows.append(run_reasoning(dlm, label, problems, **common, **decode))
-            print(format_table(rows[-1:], baseline=base).splitlines()[-1], flush=True)
-        same, checked = lossless_agreement(dlm, problems[:8], args.max_new_tokens, args.draft_depth)
+            rows.append(measure(label, engine_runner(dlm, args.max_new_tokens, **decode), examples, progress=False))
+            print(markdown([rows[0], rows[-1]]).splitlines()[-1], flush=True)
+        same, checked = lossless_agreement(dlm, [e.prompt for e in examples[:8]], args.max_new_tokens,
+                                           args.draft_depth)
     except EdlmError as exc:
         print(f"bench/strategies.py: error: {exc}", file=sys.stderr)
         return 2
 
-    table = format_table(rows, baseline=base)
+    table = markdown(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     title = f"decoding strategies, {models / 'dlm'} on {device}"
-    md = [f"# {title}\n", f"{len(problems)} held-out reasoning problems, batch 1, max {args.max_new_tokens} "
+    md = [f"# {title}\n", f"{len(examples)} held-out reasoning problems, batch 1, max {args.max_new_tokens} "
           f"new tokens, draft depth {args.draft_depth}. Speed-up is over the AR parent on the same engine.\n",
           table, f"\nlossless == steps k=1 token for token on {same}/{checked} problems "
           "(differences can only come from floating-point near-ties between forwards).\n"]
@@ -97,8 +93,8 @@ def main(argv=None) -> int:
     (out / "strategies.json").write_text(json.dumps(
         {"device": device, "platform": platform.platform(), "torch": torch.__version__, "models": str(models),
          "draft_depth": args.draft_depth, "lossless_agreement": [same, checked],
-         "rows": [r.to_dict() for r in rows]}, indent=1))
-    plot_pareto(rows, out / "strategies.png", title="decoding strategies (batch 1)")
+         "rows": rows}, indent=1))
+    plot(rows, out / "strategies.png", title="decoding strategies")
     print(table)
     print(f"wrote {out / 'strategies.md'}, strategies.json, strategies.png")
     return 0

@@ -21,7 +21,11 @@ def test_bench_one_run_all_settings(tiny_ar_dir, tmp_path, capsys):
     assert by[("AR engine", 1)]["generated_tokens"] == by[("AR HF generate", 1)]["generated_tokens"]
     assert by[("AR engine", 1)]["tpf"] == 1.0
     assert by[("dLM threshold 0.3", 1)]["tpf"] >= by[("dLM threshold 0.9", 1)]["tpf"] >= 1.0
+    for key in (("dLM threshold 0.9", 1), ("dLM threshold 0.3", 1)):  # every committed token is in the histogram
+        hist = by[key]["commit_histogram"]
+        assert sum(k * v for k, v in hist.items()) == by[key]["generated_tokens"] and min(hist) >= 1
     out = tmp_path / "out"
+    assert "Tokens committed per model call" in (out / "results.md").read_text()
     assert (out / "pareto.png").stat().st_size > 0 and "dLM threshold 0.3" in (out / "results.md").read_text()
     assert len(json.loads((out / "results.json").read_text())["rows"]) == 9
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from edlm import DiffusionLM, reasoning
-from edlm.evaluate import run_reasoning
+from edlm import DiffusionLM
+from edlm.bench import engine_runner, load_examples, measure
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 # Measured on this 20-problem slice (2026-11-24): AR 85%, dLM 35% at threshold 1.0 and 30% at 0.9
@@ -17,21 +17,21 @@ DLM_FLOOR = {1.0: 0.20, 0.9: 0.15}
 
 @pytest.fixture(scope="module")
 def problems():
-    return reasoning.test_problems(20)
+    return load_examples("reasoning", 20)
 
 
 def test_ar_model_loads_and_scores(problems):
     ar = DiffusionLM.from_pretrained(MODELS / "ar", autoregressive=True)
-    r = run_reasoning(ar, "AR", problems, progress=False)
-    assert r.tpf == 1.0
-    assert r.accuracy >= AR_FLOOR
+    r = measure("AR", engine_runner(ar, 96), problems, progress=False)
+    assert r["tpf"] == 1.0
+    assert r["accuracy"] >= AR_FLOOR
 
 
 @pytest.mark.parametrize("threshold", sorted(DLM_FLOOR))
 def test_dlm_loads_and_scores(problems, threshold):
     dlm = DiffusionLM.from_pretrained(MODELS / "dlm")
     assert dlm.config.diffusion and dlm.config.mask_token_id is not None
-    r = run_reasoning(dlm, "dLM", problems, progress=False, threshold=threshold)
-    assert r.accuracy >= DLM_FLOOR[threshold]
+    r = measure("dLM", engine_runner(dlm, 96, threshold=threshold), problems, progress=False)
+    assert r["accuracy"] >= DLM_FLOOR[threshold]
     if threshold < 1.0:
-        assert r.tpf > 1.5  # parallel decoding actually commits several tokens per call
+        assert r["tpf"] > 1.5  # parallel decoding actually commits several tokens per call

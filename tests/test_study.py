@@ -1,7 +1,12 @@
 import json
 
+import torch
+
+from edlm import DiffusionLM
+from edlm.bench import Example
 from edlm.cli import main
-from edlm.study import run_study, verdict
+from edlm.decoding import candidate_logits
+from edlm.study import answer_nll, run_study, verdict
 
 
 def test_attention_study_runs_and_reports(tiny_ar_dir, tmp_path):
@@ -21,6 +26,7 @@ def test_attention_study_runs_and_reports(tiny_ar_dir, tmp_path):
     assert [(r["accuracy"], r["tpf"]) for r in same[0]] == [(r["accuracy"], r["tpf"]) for r in same[1]]
     report = (tmp_path / "s" / "report.md").read_text()
     assert "Table 1" in report and ("agrees" in report or "DISAGREES" in report)
+    assert "By answer NLL/token" in report and all(r["answer_nll"] > 0 for r in rows)
     assert (tmp_path / "s" / "attention.png").stat().st_size > 0
 
 
@@ -36,3 +42,20 @@ def test_verdict_reads_the_direction():
 def test_unknown_study_is_a_one_line_error(tiny_ar_dir, tmp_path, capsys):
     assert main(["study", "--base", str(tiny_ar_dir), "--data", "x.jsonl", "--studies", "nope"]) == 2
     assert "unknown study" in capsys.readouterr().err
+
+
+def test_answer_nll_at_block_size_1_is_the_ar_loss(tiny_ar_dir):
+    """The study's NLL column for the AR parent must equal plain next-token cross-entropy over the
+    tokens the decoder may emit (candidate_logits), computed here by one causal forward."""
+    ar = DiffusionLM.from_pretrained(tiny_ar_dir, autoregressive=True)
+    examples = [Example("Question: 3+4?\nAnswer:", " 7"), Example("Question: 12+30?\nAnswer:", " 42 done")]
+    tok, total, n = ar.tokenizer, 0.0, 0
+    for e in examples:
+        prompt = tok(e.prompt).input_ids
+        answer = tok(e.answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        with torch.no_grad():
+            logits = ar.model(input_ids=torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1]
+        logp = candidate_logits(ar, logits.float()).log_softmax(-1)
+        total -= logp[torch.arange(len(answer)), torch.tensor(answer)].sum().item()
+        n += len(answer)
+    assert abs(answer_nll(ar, examples, 1) - total / n) < 1e-4

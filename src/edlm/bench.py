@@ -61,10 +61,17 @@ def load_examples(task: str, limit: int) -> list[Example]:
 
 
 # ------------------------------------------------------------------ runners
+# A runner decodes a list of prompts: run(prompts) -> (texts, generated tokens, model calls,
+# {tokens committed in one step: number of steps}); HF runners know neither calls nor steps.
 def engine_runner(dlm, max_new_tokens: int, **decode):
     def run(prompts):
         res = dlm.generate(prompts, max_new_tokens=max_new_tokens, **decode)
-        return res.texts, sum(s.generated_tokens for s in res.stats), sum(s.model_calls for s in res.stats)
+        hist: dict[int, int] = {}
+        for s in res.stats:
+            for k, v in s.steps_histogram.items():
+                hist[k] = hist.get(k, 0) + v
+        return (res.texts, sum(s.generated_tokens for s in res.stats), sum(s.model_calls for s in res.stats),
+                hist)
 
     return run
 
@@ -91,32 +98,39 @@ def hf_runner(ar, max_new_tokens: int, prompt_lookup: int | None = None):
                 row = row[: row.index(eos) + 1]
             tokens += len(row)
             texts.append(tok.decode(row, skip_special_tokens=True))
-        return texts, tokens, 0
+        return texts, tokens, 0, {}
 
     return run
 
 
-def measure(name: str, run, examples: list[Example], batch_size: int, repeats: int) -> dict:
+def measure(name: str, run, examples: list[Example], batch_size: int = 1, repeats: int = 1,
+            progress: bool = True) -> dict:
+    """One setting: untimed warm-up, `repeats` timed passes (median tokens/s, generated tokens
+    only), accuracy / TPF / commit histogram from the first pass (greedy decoding is deterministic)."""
     from tqdm.auto import tqdm
 
     prompts = [e.prompt for e in examples]
-    run(prompts[:batch_size])  # warm-up, untimed
-    rates, latencies, correct, tokens, calls = [], [], 0, 0, 0
+    run(prompts[:batch_size])  # warm-up, untimed: first calls pay for lazy init and allocator growth
+    rates, latencies, correct, tokens, calls, hist = [], [], 0, 0, 0, {}
     for rep in range(repeats):
         t0, n_tok = time.perf_counter(), 0
-        for s in tqdm(range(0, len(prompts), batch_size), desc=f"{name} [{rep + 1}/{repeats}]", leave=False):
+        for s in tqdm(range(0, len(prompts), batch_size), desc=f"{name} [{rep + 1}/{repeats}]", leave=False,
+                      disable=not progress, dynamic_ncols=True):
             t = time.perf_counter()
-            texts, n, c = run(prompts[s : s + batch_size])
+            texts, n, c, h = run(prompts[s : s + batch_size])
             latencies.append(time.perf_counter() - t)
             n_tok += n
             if rep == 0:
                 correct += sum(ex.correct(x) for ex, x in zip(examples[s : s + batch_size], texts, strict=True))
                 tokens, calls = tokens + n, calls + c
+                for k, v in h.items():
+                    hist[k] = hist.get(k, 0) + v
         _sync()
         rates.append(n_tok / (time.perf_counter() - t0))
     return {"name": name, "batch_size": batch_size, "accuracy": correct / len(examples),
             "tpf": tokens / calls if calls else None, "tokens_per_s": statistics.median(rates),
-            "latency_s": statistics.median(latencies), "generated_tokens": tokens, "model_calls": calls}
+            "latency_s": statistics.median(latencies), "generated_tokens": tokens, "model_calls": calls,
+            "commit_histogram": dict(sorted(hist.items()))}
 
 
 def _sync() -> None:
@@ -143,9 +157,13 @@ def lm_eval_setting(model: str, task: str, limit: int, batch_size: int, name: st
 
 # ------------------------------------------------------------------ report
 def markdown(rows: list[dict]) -> str:
-    lines = ["| setting | batch | accuracy | TPF | tokens/s | speed-up vs AR engine | latency (s) |",
+    """The table every measurement prints; speed-up is over the first AR row of the same batch size."""
+    lines = ["| setting | batch | accuracy | TPF | tokens/s | speed-up vs AR | latency (s) |",
              "|---|---|---|---|---|---|---|"]
-    base = {r["batch_size"]: r["tokens_per_s"] for r in rows if r["name"].startswith("AR engine")}
+    base: dict[int, float] = {}
+    for r in rows:
+        if r["name"].startswith("AR"):
+            base.setdefault(r["batch_size"], r["tokens_per_s"])
     for r in rows:
         ref = base.get(r["batch_size"])
         speed = f"{r['tokens_per_s'] / ref:.2f}x" if ref else "-"
@@ -154,6 +172,13 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['name']} | {r['batch_size']} | {100 * r['accuracy']:.1f}% | {tpf} | "
                      f"{r['tokens_per_s']:.1f} | {speed} | {lat} |")
     return "\n".join(lines)
+
+
+def histograms(rows: list[dict]) -> list[str]:
+    """Markdown lines: how many tokens each denoising step committed, per engine setting."""
+    lines = ["Tokens committed per model call ({tokens: calls}):", ""]
+    return lines + [f"- {r['name']} (batch {r['batch_size']}): {json.dumps(r['commit_histogram'])}"
+                    for r in rows if r.get("commit_histogram")]
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -168,13 +193,13 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for ax, bs in zip(axes[0], sizes, strict=True):
         sub = [r for r in rows if r["batch_size"] == bs]
         for r in sub:
-            ar = not r["name"].startswith("dLM")
+            ar = r["name"].startswith("AR")
             ax.scatter(r["tokens_per_s"], 100 * r["accuracy"], marker="s" if ar else "o",
                        color="tab:gray" if ar else "tab:blue")
             ax.annotate(r["name"], (r["tokens_per_s"], 100 * r["accuracy"]), fontsize=7,
                         textcoords="offset points", xytext=(4, 4))
         front, best = [], -1.0
-        for r in sorted((r for r in sub if r["name"].startswith("dLM")), key=lambda r: -r["tokens_per_s"]):
+        for r in sorted((r for r in sub if not r["name"].startswith("AR")), key=lambda r: -r["tokens_per_s"]):
             if r["accuracy"] > best:
                 front.append(r)
                 best = r["accuracy"]
@@ -225,7 +250,7 @@ def run_bench(model: str, base: str, task: str = "reasoning", thresholds=(0.9, 0
     table = markdown(rows)
     (out_dir / "results.json").write_text(json.dumps({"model": model, "base": base, "task": task, "rows": rows},
                                                      indent=1))
-    (out_dir / "results.md").write_text(table + "\n")
+    (out_dir / "results.md").write_text("\n".join([table, "", *histograms(rows)]) + "\n")
     plot(rows, out_dir / "pareto.png", Path(model).name)
     print(table)
     print(f"wrote {out_dir}/results.json, results.md, pareto.png")

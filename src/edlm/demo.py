@@ -12,6 +12,7 @@ from pathlib import Path
 from edlm.errors import EdlmError
 
 DEFAULT_MODELS = Path(__file__).resolve().parents[2] / "models"
+MAX_NEW_TOKENS = 96  # the longest held-out worked solution is 96 tokens
 
 
 def add_parser(sub) -> None:
@@ -30,7 +31,7 @@ def run(args) -> None:
     import torch
 
     from edlm import reasoning
-    from edlm.evaluate import format_table, plot_pareto, run_reasoning, warm_up
+    from edlm.bench import engine_runner, load_examples, markdown, measure, plot
     from edlm.model import DiffusionLM
 
     models = Path(args.models)
@@ -44,21 +45,19 @@ def run(args) -> None:
             raise EdlmError(f"--thresholds must be in (0, 1], got {t}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    problems = reasoning.test_problems(args.limit)
+    examples = load_examples("reasoning", args.limit)
     ar = DiffusionLM.from_pretrained(models / "ar", autoregressive=True)
     dlm = DiffusionLM.from_pretrained(models / "dlm")
-    print(f"edlm demo: {len(problems)} held-out problems, batch 1, {torch.get_num_threads()} threads, "
+    print(f"edlm demo: {len(examples)} held-out problems, batch 1, {torch.get_num_threads()} threads, "
           f"dLM block size {dlm.config.block_size}")
-    warm_up(ar)
-    warm_up(dlm)
-    rows = [run_reasoning(ar, "AR (KV cache)", problems)]
+    rows = [measure("AR (KV cache)", engine_runner(ar, MAX_NEW_TOKENS), examples)]
     for t in args.thresholds:
-        rows.append(run_reasoning(dlm, f"dLM thr={t:g}", problems, threshold=t))
-    table = format_table(rows, baseline=rows[0])
+        rows.append(measure(f"dLM thr={t:g}", engine_runner(dlm, MAX_NEW_TOKENS, threshold=t), examples))
+    table = markdown(rows)
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps([r.to_dict() for r in rows], indent=1))
-    plot_pareto(rows, out / "pareto.png", f"edlm demo: {len(problems)} held-out problems, CPU batch 1")
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, out / "pareto.png", f"edlm demo: {len(examples)} held-out problems, {dlm.device}")
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'pareto.png'}")

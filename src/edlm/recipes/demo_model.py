@@ -4,13 +4,17 @@ Stages (each skipped when its output exists, training resumes from its last chec
 1. data: built-in reasoning problems -> train/val jsonl (prompt/response)
 2. tokenizer: byte-level BPE, one token per digit
 3. AR parent: a small Llama trained from random init with `edlm train --objective ar`
-4. dLM: `edlm convert` the AR parent, then `edlm train` (block diffusion) -> models/dlm
+   (3000 steps at lr 1e-3, then 800 more at lr 4e-4 on a new data order)
+4. dLM: `edlm convert --shift` the AR parent, then `edlm train` (block diffusion) -> models/dlm
 
-Wall time on 2 CPU cores (other jobs running alongside): AR ~40 min, dLM ~50 min.
-The shipped models were trained with two mid-run schedule changes made through `--resume`
-(the cosine schedule is a function of --steps): the AR run was extended from 2000 to 3000
-steps at step 1700, the dLM run shortened from 2000 to 1600 steps at step 100. A fresh
-`make models` uses the final step counts from the start, so its numbers differ slightly.
+Wall time on 2 CPU cores: AR ~40 + ~25 min, dLM ~90 min.
+Why shift for this model (measured, README "Rebuilding the demo models"): the paper's no-shift
+setting wins after ~10B tokens on billion-parameter models, but a 3.5M model on a CPU budget
+must first re-learn to predict position i at position i: after 150 steps from the same parent,
+no-shift had loss 1.15 and 0% exact match, shift loss ~0.8, because with shift every AR
+weight keeps its meaning (the logit at i-1 still predicts token i).
+The first AR run was extended once mid-run (2000 -> 3000 steps at step 1700, via --resume: the
+cosine schedule is a function of --steps), so a fresh `make models` differs slightly.
 """
 
 from __future__ import annotations
@@ -90,7 +94,8 @@ def main(argv=None) -> None:
     ap.add_argument("--work", default="runs/demo-build", help="scratch dir (checkpoints live here)")
     ap.add_argument("--models", default="models", help="where the shipped models go")
     ap.add_argument("--ar-steps", type=int, default=3000)
-    ap.add_argument("--dlm-steps", type=int, default=1600)
+    ap.add_argument("--ar2-steps", type=int, default=800)
+    ap.add_argument("--dlm-steps", type=int, default=2200)
     ap.add_argument("--block-size", type=int, default=8)
     ap.add_argument("--stage", choices=["all", "data", "ar", "dlm"], default="all",
                     help="data = only the jsonl splits and tokenizer (what `make studies` needs)")
@@ -103,24 +108,28 @@ def main(argv=None) -> None:
               "--seq-len", "256", "--batch-size", "16", "--eval-every", "250", "--save-every", "100",
               "--keep-last", "2", "--resume"]
     if args.stage in ("all", "ar") and not (models / "ar" / "config.json").exists():
-        rc = edlm(["train", str(init), "--objective", "ar", "--out", str(work / "ar-run"),
-                   "--steps", str(args.ar_steps), "--lr", "1e-3", "--min-lr", "1e-4",
-                   "--warmup-steps", "50", *common])
-        if rc:
-            raise SystemExit(rc)
-        _publish(work / "ar-run" / "model", models / "ar")
+        _train(edlm, init, work / "ar-run", args.ar_steps, "1e-3", "1e-4", "--objective", "ar", *common)
+        # a second schedule on a new data order: a cooler lr lifted held-out accuracy further
+        _train(edlm, work / "ar-run" / "model", work / "ar2-run", args.ar2_steps, "4e-4", "2e-5",
+               "--objective", "ar", "--seed", "1", *common, warmup=30)
+        _publish(work / "ar2-run" / "model", models / "ar")
     if args.stage in ("all", "dlm") and not (models / "dlm" / "config.json").exists():
         conv = work / "dlm-init"
         if not (conv / "config.json").exists():
-            edlm(["convert", str(models / "ar"), str(conv), "--block-size", str(args.block_size), "--force"])
-        # A model this small must re-learn its arithmetic under the new attention pattern, so the
-        # paper's lr (1e-5, for billion-parameter models) is far too low here: 1e-3 as for the AR
-        # parent. One t per block gives every sequence blocks at many noise levels.
-        rc = edlm(["train", str(conv), "--out", str(work / "dlm-run"), "--steps", str(args.dlm_steps),
-                   "--lr", "1e-3", "--min-lr", "1e-4", "--warmup-steps", "50", "--t-per-block", *common])
-        if rc:
-            raise SystemExit(rc)
+            edlm(["convert", str(models / "ar"), str(conv), "--block-size", str(args.block_size), "--shift",
+                  "--force"])
+        # lr 3e-4: ten times the paper's relative step for a model this small, but below the
+        # 1e-3 the parent was trained at, so the AR weights move only as far as they must.
+        # One t per block gives every sequence blocks at many noise levels.
+        _train(edlm, conv, work / "dlm-run", args.dlm_steps, "3e-4", "3e-5", "--t-per-block", *common)
         _publish(work / "dlm-run" / "model", models / "dlm")
+
+
+def _train(edlm, model: Path, out: Path, steps: int, lr: str, min_lr: str, *extra: str, warmup: int = 50) -> None:
+    rc = edlm(["train", str(model), "--out", str(out), "--steps", str(steps), "--lr", lr, "--min-lr", min_lr,
+               "--warmup-steps", str(warmup), *extra])
+    if rc:
+        raise SystemExit(rc)
 
 
 def _publish(src: Path, dst: Path) -> None:
