@@ -200,26 +200,38 @@ def _sse(payload) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-async def _event_stream(job: Job, open_chunks, block_chunk, final_chunks):
-    """SSE body: open chunks, one chunk per committed block, final chunks, then [DONE]."""
-    try:
-        for chunk in open_chunks:
-            yield _sse(chunk)
-        while True:
-            kind, *rest = await job.get()
-            if kind == "block":
-                yield _sse(block_chunk(*rest))
-            elif kind == "done":
-                for chunk in final_chunks(rest[0]):
-                    yield _sse(chunk)
-                break
-            elif kind == "error":
-                yield _sse({"error": {"message": f"decoding failed: {rest[0]}", "type": "server_error",
-                                      "param": None, "code": None}})
-                break
-        yield "data: [DONE]\n\n"
-    finally:
-        job.cancel()  # a client that left mid-stream stops costing compute (no-op once done)
+def _streaming_response(job: Job, meta: dict, choice, n_prompt: int, include_usage: bool,
+                        opening: list | None = None) -> StreamingResponse:
+    """SSE for completions and chat alike; `choice(index, text, finish)` is the endpoint's choice
+    object (text None on a row's closing chunk)."""
+
+    def chunk(index, text, finish=None):
+        return {**meta, "choices": [choice(index, text, finish)]}
+
+    async def events():
+        try:
+            for c in opening or []:
+                yield _sse(c)
+            while True:
+                kind, *rest = await job.get()
+                if kind == "block":
+                    yield _sse(chunk(*rest))
+                elif kind == "done":
+                    rows = rest[0]
+                    for i, r in enumerate(rows):
+                        yield _sse(chunk(i, None, r.finish_reason))
+                    if include_usage:
+                        yield _sse({**meta, "choices": [], "usage": _usage(n_prompt, rows)})
+                    break
+                elif kind == "error":
+                    yield _sse({"error": {"message": f"decoding failed: {rest[0]}", "type": "server_error",
+                                          "param": None, "code": None}})
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()  # a client that left mid-stream stops costing compute (no-op once done)
+
+    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 # ------------------------------------------------------------------ the app
@@ -291,19 +303,10 @@ def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256) 
         job = submit(Job("generate", ids, _settings(dlm, body, body.max_tokens or COMPLETION_MAX_TOKENS), streaming=body.stream))
         n_prompt = sum(len(i) for i in ids)
         if body.stream:
-            meta = head("text_completion", "cmpl")
-
-            def chunk(index, text, finish=None):
-                return {**meta, "choices": [{"index": index, "text": text, "logprobs": None,
-                                             "finish_reason": finish}]}
-
-            def final(rows):
-                out = [chunk(i, "", r.finish_reason) for i, r in enumerate(rows)]
-                if body.stream_options and body.stream_options.include_usage:
-                    out.append({**meta, "choices": [], "usage": _usage(n_prompt, rows)})
-                return out
-
-            return StreamingResponse(_event_stream(job, [], chunk, final), media_type="text/event-stream")
+            return _streaming_response(
+                job, head("text_completion", "cmpl"),
+                lambda i, text, finish: {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish},
+                n_prompt, bool(body.stream_options and body.stream_options.include_usage))
         rows = await _answer_unless_gone(request, job, _rows)
         if rows is None:
             return Response(status_code=499)  # nobody is there to read it
@@ -327,19 +330,13 @@ def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256) 
         if body.stream:
             meta = head("chat.completion.chunk", "chatcmpl")
 
-            def chunk(index, delta, finish=None):
-                return {**meta, "choices": [{"index": index, "delta": delta, "logprobs": None,
-                                             "finish_reason": finish}]}
+            def choice(i, text, finish, delta=None):
+                return {"index": i, "delta": delta or ({} if text is None else {"content": text}), "logprobs": None,
+                        "finish_reason": finish}
 
-            def final(rows):
-                out = [chunk(0, {}, rows[0].finish_reason)]
-                if body.stream_options and body.stream_options.include_usage:
-                    out.append({**meta, "choices": [], "usage": _usage(len(ids), rows)})
-                return out
-
-            opening = [chunk(0, {"role": "assistant", "content": ""})]
-            return StreamingResponse(_event_stream(job, opening, lambda i, t: chunk(i, {"content": t}), final),
-                                     media_type="text/event-stream")
+            opening = [{**meta, "choices": [choice(0, None, None, {"role": "assistant", "content": ""})]}]
+            return _streaming_response(job, meta, choice, len(ids),
+                                       bool(body.stream_options and body.stream_options.include_usage), opening)
         rows = await _answer_unless_gone(request, job, _rows)
         if rows is None:
             return Response(status_code=499)
