@@ -42,6 +42,10 @@ def test_verdict_reads_the_direction():
 def test_unknown_study_is_a_one_line_error(tiny_ar_dir, tmp_path, capsys):
     assert main(["study", "--base", str(tiny_ar_dir), "--data", "x.jsonl", "--studies", "nope"]) == 2
     assert "unknown study" in capsys.readouterr().err
+    # checked before any evaluation or training starts
+    assert main(["study", "--base", str(tiny_ar_dir), "--data", str(tmp_path / "missing.jsonl"),
+                 "--out", str(tmp_path / "s")]) == 2
+    assert "training data not found" in capsys.readouterr().err and not (tmp_path / "s").exists()
 
 
 def test_answer_nll_at_block_size_1_is_the_ar_loss(tiny_ar_dir):

@@ -65,6 +65,9 @@ def run_study(base: str, data: list[str], out: str, studies=tuple(STUDIES), step
     unknown = [s for s in studies if s not in STUDIES]
     if unknown:
         raise EdlmError(f"unknown study {unknown[0]!r}; choose from {', '.join(STUDIES)}")
+    missing = [d for d in data if not Path(d).exists()]
+    if missing:
+        raise EdlmError(f"training data not found: {missing[0]}")
     out_dir = Path(out)
     examples = load_examples("reasoning", limit)
     ar = measure("AR parent", engine_runner(DiffusionLM.from_pretrained(base, autoregressive=True), max_new_tokens),
