@@ -37,6 +37,11 @@ def test_verdict_reads_the_direction():
     assert verdict("attention", rows).count("agrees") == 2
     rows[0]["accuracy"] = 0.9
     assert "DISAGREES" in verdict("attention", rows)
+    # with a shift base, noisy and bidirectional are shift models: compared with clean + shift
+    rows[0]["accuracy"] = 0.1
+    rows[2]["accuracy"] = 0.15  # clean + shift below noisy context
+    assert verdict("attention", rows, shift=True).startswith("clean >= noisy >= bidirectional: DISAGREES")
+    assert verdict("attention", rows, shift=False).startswith("clean >= noisy >= bidirectional: agrees")
 
 
 def test_unknown_study_is_a_one_line_error(tiny_ar_dir, tmp_path, capsys):
