@@ -170,7 +170,9 @@ def _write_report(out_dir: Path, results: dict, setup: str, shift: bool = False)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = ["# edlm study: the paper's ablations at small scale\n", setup + "\n"]
     for study, rows in results.items():
-        ranked = sorted({r["variant"]: r["answer_nll"] for r in rows}.items(), key=lambda kv: kv[1])
+        several = len({r["eval_block_size"] for r in rows if r["threshold"] is not None}) > 1
+        ranked = sorted({f"{r['variant']} @ eval bs {r['eval_block_size']}" if several and r["threshold"] is not None
+                         else r["variant"]: r["answer_nll"] for r in rows}.items(), key=lambda kv: kv[1])
         lines += [f"## {study}\n", f"Paper: {PAPER[study]}\n", f"Here: {verdict(study, rows, shift)}\n",
                   "By answer NLL/token (lower is better): " + " < ".join(f"{v} ({x:.3f})" for v, x in ranked) + "\n",
                   "| variant | eval block | threshold | accuracy | TPF | answer NLL/token |",
