@@ -217,3 +217,15 @@ def test_row_leaving_before_anything_is_cached():
     res = dlm.generate(["ab", "cd"], max_new_tokens=[2, 9], threshold=0.4)
     assert res.token_ids == [dlm.generate(p, max_new_tokens=n, threshold=0.4).token_ids[0]
                              for p, n in (("ab", 2), ("cd", 9))]
+
+
+def test_prefix_rule_commits_a_left_to_right_run():
+    t = torch.tensor
+    cand = t([[True, True, True, True], [False, True, True, True], [True, True, True, True]])
+    conf = t([[0.95, 0.50, 0.99, 0.99],   # run stops at the first slot below the threshold
+              [0.10, 0.20, 0.95, 0.95],   # decided slot 0 is skipped; leftmost candidate always goes
+              [0.99, 0.99, 0.99, 0.99]])  # everything passes: the whole block
+    got = commit("prefix", conf, torch.zeros_like(conf), cand, threshold=0.9)
+    assert got.tolist() == [[True, False, False, False], [False, True, True, True], [True, True, True, True]]
+    # threshold 1.0: exactly one token per step, the leftmost: strict left-to-right decoding
+    assert commit("prefix", conf, torch.zeros_like(conf), cand, threshold=1.0).sum(-1).tolist() == [1, 1, 1]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from edlm.errors import EdlmError
 
-THRESHOLD_STRATEGIES = ("threshold", "psd", "soft", "wino")  # the ones --thresholds applies to
+THRESHOLD_STRATEGIES = ("threshold", "prefix", "psd", "soft", "wino")  # the ones --thresholds applies to
 
 
 @dataclass

@@ -464,7 +464,7 @@ def stream(dlm, prompts, max_new_tokens: int = 128, block_size: int | None = Non
 def generate(dlm, prompts, max_new_tokens: int = 128, on_block=None, **kwargs) -> GenerationResult:
     """Decode prompts (str, list of str, or token ids) block by block.
 
-    Options: block_size (default: the model's), threshold, strategy ("threshold", "factor",
+    Options: block_size (default: the model's), threshold, strategy ("threshold", "prefix", "factor",
     "entropy", "steps", and edlm.speculative's "lossless", "psd", "soft", "wino"), temperature,
     top_p, stop, factor, gamma, tokens_per_step, seed, draft_depth (speculative strategies).
     `on_block(BlockEvent)` streams each committed block's text.

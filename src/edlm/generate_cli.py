@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threshold", type=float, default=0.9, help="commit confidence threshold in (0, 1]")
     p.add_argument("--strategy", default="threshold",
-                   help="threshold | factor | entropy | steps | lossless | psd | soft | wino")
+                   help="threshold | prefix | factor | entropy | steps | lossless | psd | soft | wino")
     p.add_argument("--block-size", type=int, default=None, help="decode block size (default: the model's)")
     p.add_argument("--factor", type=float, default=1.0, help="f of the factor strategy")
     p.add_argument("--gamma", type=float, default=0.5, help="entropy budget of the entropy strategy")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-STRATEGIES = ("threshold", "factor", "entropy", "steps")
+STRATEGIES = ("threshold", "prefix", "factor", "entropy", "steps")
 
 
 def pick_tokens(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -52,6 +52,15 @@ def commit_threshold(conf, candidates, threshold: float):
     return at_least_one(candidates & (conf >= threshold), conf, candidates)
 
 
+def commit_prefix(conf, candidates, threshold: float):
+    """Left-to-right threshold: the leftmost candidate always, then each next slot while every
+    candidate up to it passes the threshold. An AR-initialised dLM reads its block left to right
+    best (measured on the demo dLM: more accurate AND more tokens per call than `threshold`)."""
+    first = candidates & (candidates.long().cumsum(-1) == 1)
+    passes = (conf >= threshold) | ~candidates | first  # decided slots do not break the run
+    return passes.long().cumprod(-1).bool() & candidates
+
+
 def commit_factor(conf, candidates, factor: float):
     """Fast-dLLM factor rule: the top n for the largest n with (n + 1)(1 - c_n) < f."""
     c = conf.masked_fill(~candidates, -1.0).sort(dim=-1, descending=True).values
@@ -82,6 +91,8 @@ def commit(strategy: str, conf, entropy, candidates, threshold=0.9, factor=1.0, 
            tokens_per_step=1) -> torch.Tensor:
     if strategy == "threshold":
         return commit_threshold(conf, candidates, threshold)
+    if strategy == "prefix":
+        return commit_prefix(conf, candidates, threshold)
     if strategy == "factor":
         return commit_factor(conf, candidates, factor)
     if strategy == "entropy":
