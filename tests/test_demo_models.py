@@ -1,5 +1,6 @@
 """The shipped demo checkpoints load, generate, and score above floors set from measurement."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,16 @@ def test_dlm_loads_and_scores(problems, threshold):
     assert r["accuracy"] >= DLM_FLOOR[threshold]
     if threshold < 1.0:
         assert r["tpf"] > 1.5  # parallel decoding actually commits several tokens per call
+
+
+def test_demo_command_writes_table_json_and_plot(tmp_path, capsys):
+    from edlm.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--limit", "2", "--thresholds", "0.9", "--strategies", "threshold", "prefix",
+                 "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in rows] == ["AR (KV cache)", "dLM threshold 0.9", "dLM prefix 0.9"]
+    assert "speed-up" in capsys.readouterr().out and (out / "pareto.png").stat().st_size > 0
+    assert main(["demo", "--limit", "0"]) == 2
+    assert "--limit" in capsys.readouterr().err

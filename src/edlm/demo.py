@@ -22,6 +22,9 @@ def add_parser(sub) -> None:
     p.add_argument("--models", default=str(DEFAULT_MODELS), help="dir holding ar/ and dlm/ (default: shipped)")
     p.add_argument("--limit", type=int, default=100, help="number of held-out problems (default 100)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5])
+    p.add_argument("--strategies", nargs="+", default=["threshold", "prefix"], choices=["threshold", "prefix"],
+                   help="commit rules to show: threshold (the paper's: any slot above the threshold) and prefix "
+                   "(left to right while slots pass it)")
     p.add_argument("--out", default="demo-out", help="where results.json, results.md and pareto.png go")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=run)
@@ -51,8 +54,10 @@ def run(args) -> None:
     print(f"edlm demo: {len(examples)} held-out problems, batch 1, {torch.get_num_threads()} threads, "
           f"dLM block size {dlm.config.block_size}")
     rows = [measure("AR (KV cache)", engine_runner(ar, MAX_NEW_TOKENS), examples)]
-    for t in args.thresholds:
-        rows.append(measure(f"dLM thr={t:g}", engine_runner(dlm, MAX_NEW_TOKENS, threshold=t), examples))
+    for strategy in args.strategies:
+        for t in args.thresholds:
+            rows.append(measure(f"dLM {strategy} {t:g}", engine_runner(dlm, MAX_NEW_TOKENS, threshold=t,
+                                                                       strategy=strategy), examples))
     table = markdown(rows)
     print(table)
     out = Path(args.out)
