@@ -5,7 +5,7 @@
 --models is a dir holding ar/ and dlm/ (the shipped demo models; `make models` builds them).
 Settings: the AR parent through the engine (speed-up baseline), one-token-per-step greedy
 ("steps k=1", what lossless must equal), lossless, threshold 0.9/0.7/0.5 for reference, then
-psd, soft and wino. Batch 1, untimed warm-up per setting, tokens/s counts generated tokens only.
+prefix, psd, soft and wino. Batch 1, untimed warm-up per setting, tokens/s counts generated tokens only.
 Also checks that lossless reproduces steps k=1 token for token on the first problems.
 Writes strategies.md, strategies.json and strategies.png to --out.
 """
@@ -26,6 +26,8 @@ SETTINGS = [  # (label, decode options)
     ("threshold 0.9", {"strategy": "threshold", "threshold": 0.9}),
     ("threshold 0.7", {"strategy": "threshold", "threshold": 0.7}),
     ("threshold 0.5", {"strategy": "threshold", "threshold": 0.5}),
+    ("prefix 0.9", {"strategy": "prefix", "threshold": 0.9}),
+    ("prefix 0.7", {"strategy": "prefix", "threshold": 0.7}),
     ("psd 0.9", {"strategy": "psd", "threshold": 0.9}),
     ("psd 0.7", {"strategy": "psd", "threshold": 0.7}),
     ("soft 0.9", {"strategy": "soft", "threshold": 0.9}),
