@@ -9,11 +9,11 @@ from edlm import DiffusionLM
 from edlm.bench import engine_runner, load_examples, measure
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
-# Measured on this 20-problem slice (2026-11-24): AR 85%, dLM 35% at threshold 1.0 and 30% at 0.9
-# (TPF 2.7). Floors sit well below, so they catch a broken checkpoint or decoder (a random or
-# mis-wired model scores 0), not run-to-run noise. Raise them when the dLM is trained further.
-AR_FLOOR = 0.70
-DLM_FLOOR = {1.0: 0.20, 0.9: 0.15}
+# Measured on this 20-problem slice (2026-11-25, shipped models): AR 95%, dLM 75% at threshold 1.0
+# and 65% at 0.9 (TPF 3.4). Floors sit well below, so they catch a broken checkpoint or decoder
+# (a random or mis-wired model scores 0), not run-to-run noise. Raise them when the dLM improves.
+AR_FLOOR = 0.80
+DLM_FLOOR = {1.0: 0.55, 0.9: 0.45}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_dlm_loads_and_scores(problems, threshold):
     r = measure("dLM", engine_runner(dlm, 96, threshold=threshold), problems, progress=False)
     assert r["accuracy"] >= DLM_FLOOR[threshold]
     if threshold < 1.0:
-        assert r["tpf"] > 1.5  # parallel decoding actually commits several tokens per call
+        assert r["tpf"] > 2.5  # parallel decoding actually commits several tokens per call
 
 
 def test_demo_command_writes_table_json_and_plot(tmp_path, capsys):
