@@ -35,7 +35,8 @@ bench: $(VENV)/.core
 # The paper's ablations on the demo data, from the shipped AR parent (see README: study).
 studies: $(VENV)/.core
 	$(PY) -m edlm.recipes.demo_model --stage data
-	$(VENV)/bin/edlm study --base models/ar --data runs/demo-build/data/train.jsonl --out studies $(STUDY_ARGS)
+	$(VENV)/bin/edlm study --base models/ar --data runs/demo-build/data/train.jsonl --out studies \
+		--steps 200 --batch-size 8 --lr 3e-4 --shift $(STUDY_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
