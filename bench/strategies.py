@@ -72,10 +72,17 @@ def main(argv=None) -> int:
         examples = load_examples("reasoning", args.limit)
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{torch.get_num_threads()}threads"
         rows = [measure("AR (engine)", engine_runner(ar, args.max_new_tokens), examples, progress=False)]
+        skipped = []  # (label, why): strategies this model cannot run, e.g. wino on a shift model
         for label, decode in SETTINGS:
             if decode["strategy"] in ("lossless", "psd"):
                 decode = {**decode, "draft_depth": args.draft_depth}
-            rows.append(measure(label, engine_runner(dlm, args.max_new_tokens, **decode), examples, progress=False))
+            try:
+                rows.append(measure(label, engine_runner(dlm, args.max_new_tokens, **decode), examples,
+                                    progress=False))
+            except EdlmError as exc:
+                skipped.append((label, str(exc)))
+                print(f"| {label} | skipped: {exc} |", flush=True)
+                continue
             print(markdown([rows[0], rows[-1]]).splitlines()[-1], flush=True)
         same, checked = lossless_agreement(dlm, [e.prompt for e in examples[:8]], args.max_new_tokens,
                                            args.draft_depth)
@@ -91,10 +98,11 @@ def main(argv=None) -> int:
           f"new tokens, draft depth {args.draft_depth}. Speed-up is over the AR parent on the same engine.\n",
           table, f"\nlossless == steps k=1 token for token on {same}/{checked} problems "
           "(differences can only come from floating-point near-ties between forwards).\n"]
+    md += [f"Not run: {label} ({why})." for label, why in skipped]
     (out / "strategies.md").write_text("\n".join(md))
     (out / "strategies.json").write_text(json.dumps(
         {"device": device, "platform": platform.platform(), "torch": torch.__version__, "models": str(models),
-         "draft_depth": args.draft_depth, "lossless_agreement": [same, checked],
+         "draft_depth": args.draft_depth, "lossless_agreement": [same, checked], "skipped": skipped,
          "rows": rows}, indent=1))
     plot(rows, out / "strategies.png", title="decoding strategies")
     print(table)
