@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,10 +67,9 @@ def load_examples(task: str, limit: int) -> list[Example]:
 def engine_runner(dlm, max_new_tokens: int, **decode):
     def run(prompts):
         res = dlm.generate(prompts, max_new_tokens=max_new_tokens, **decode)
-        hist: dict[int, int] = {}
+        hist = Counter()
         for s in res.stats:
-            for k, v in s.steps_histogram.items():
-                hist[k] = hist.get(k, 0) + v
+            hist.update(s.steps_histogram)
         return (res.texts, sum(s.generated_tokens for s in res.stats), sum(s.model_calls for s in res.stats),
                 hist)
 
@@ -111,7 +111,7 @@ def measure(name: str, run, examples: list[Example], batch_size: int = 1, repeat
 
     prompts = [e.prompt for e in examples]
     run(prompts[:batch_size])  # warm-up, untimed: first calls pay for lazy init and allocator growth
-    rates, latencies, correct, tokens, calls, hist = [], [], 0, 0, 0, {}
+    rates, latencies, correct, tokens, calls, hist = [], [], 0, 0, 0, Counter()
     for rep in range(repeats):
         t0, n_tok = time.perf_counter(), 0
         for s in tqdm(range(0, len(prompts), batch_size), desc=f"{name} [{rep + 1}/{repeats}]", leave=False,
@@ -123,8 +123,7 @@ def measure(name: str, run, examples: list[Example], batch_size: int = 1, repeat
             if rep == 0:
                 correct += sum(ex.correct(x) for ex, x in zip(examples[s : s + batch_size], texts, strict=True))
                 tokens, calls = tokens + n, calls + c
-                for k, v in h.items():
-                    hist[k] = hist.get(k, 0) + v
+                hist.update(h)
         _sync()
         rates.append(n_tok / (time.perf_counter() - t0))
     return {"name": name, "batch_size": batch_size, "accuracy": correct / len(examples),

@@ -70,13 +70,13 @@ def run_study(base: str, data: list[str], out: str, studies=tuple(STUDIES), step
         raise EdlmError(f"training data not found: {missing[0]}")
     out_dir = Path(out)
     examples = load_examples("reasoning", limit)
-    ar = measure("AR parent", engine_runner(DiffusionLM.from_pretrained(base, autoregressive=True), max_new_tokens),
-                 examples, progress=progress)
     ar_model = DiffusionLM.from_pretrained(base, autoregressive=True)
+    ar = measure("AR parent", engine_runner(ar_model, max_new_tokens), examples, progress=progress)
     ar_nll = answer_nll(ar_model, examples, 1)
     del ar_model
     defaults = dict(block_size=block_size, attention="clean", shift=shift, masking="position", half_life=0.1)
     scores: dict[tuple, dict] = {}  # (run key, eval block size, threshold) -> score, shared across studies
+    nlls: dict[tuple, float] = {}  # (run key, decode block size) -> answer NLL (threshold-free)
     results: dict[str, list[dict]] = {}
     for study in studies:
         rows = [{"variant": "AR parent", "eval_block_size": 1, "threshold": None, "accuracy": ar["accuracy"],
@@ -100,10 +100,10 @@ def run_study(base: str, data: list[str], out: str, studies=tuple(STUDIES), step
                         r = measure(v.name, engine_runner(dlm, max_new_tokens, threshold=t, block_size=eval_bs),
                                     examples, progress=progress)
                         bs = eval_bs or dlm.config.block_size
-                        if (key, bs) not in scores:
-                            scores[key, bs] = answer_nll(dlm, examples, bs)
+                        if (key, bs) not in nlls:
+                            nlls[key, bs] = answer_nll(dlm, examples, bs)
                         scores[key, eval_bs, t] = {"eval_block_size": bs, "accuracy": r["accuracy"],
-                                                   "tpf": r["tpf"], "answer_nll": scores[key, bs]}
+                                                   "tpf": r["tpf"], "answer_nll": nlls[key, bs]}
                     rows.append({"variant": v.name, "threshold": t, **scores[key, eval_bs, t]})
         results[study] = rows
         _write_report(out_dir, results, f"Every variant continues `{base}` for {steps} steps x {batch_size} x "
