@@ -4,6 +4,7 @@ import torch
 from edlm.masks import (
     bidirectional_mask,
     block_causal_mask,
+    block_copies_mask,
     clean_context_mask,
     noisy_context_mask,
     position_block_mask,
@@ -75,3 +76,14 @@ def test_backend_translation():
     # the pad query's row would be all-masked except itself: it must not be empty (NaN)
     only_pad = to_backend_mask(torch.zeros(2, 2, dtype=torch.bool), "sdpa")
     assert only_pad.all()
+
+
+@pytest.mark.parametrize("seq_len,block_size", SHAPES)
+def test_block_copies_with_one_copy_per_block_is_the_training_layout(seq_len, block_size):
+    """Likelihood scoring's mask reduces to training's when every block has one noisy copy."""
+    pos = torch.arange(seq_len).repeat(2)[None]
+    group = torch.cat([torch.arange(seq_len) // block_size, torch.full((seq_len,), -1)])[None]
+    assert torch.equal(block_copies_mask(pos, group, block_size)[0], definition(seq_len, block_size))
+    padded = block_copies_mask(torch.cat([pos, torch.zeros(1, 1, dtype=torch.long)], 1),
+                               torch.cat([group, torch.full((1, 1), -2)], 1), block_size)[0]
+    assert not padded[-1].any() and not padded[:, -1].any()  # padding attends to and is seen by nothing

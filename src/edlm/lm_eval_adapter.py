@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from edlm.decoding import candidate_logits
 from edlm.errors import EdlmError
+from edlm.masks import block_copies_mask
 
 ESTIMATORS = ("ltr", "elbo")
 NOISY_TOKENS_PER_ROW = 2048  # long continuations are scored in pieces of about this many noisy inputs
@@ -139,21 +140,6 @@ def masked_elbo_row(x: list[int], start: int, block_size: int, mask_id: int, shi
     return row
 
 
-def scoring_mask(pos: torch.Tensor, group: torch.Tensor, block_size: int) -> torch.Tensor:
-    """[B, T, T] bool (True = attend) for rows of a clean stream plus noisy block copies.
-
-    The clean-context rule of training (paper Sec. 3), with one noisy group per copy:
-    clean -> clean block-causal; copy -> clean strictly earlier blocks; copy -> its own copy only.
-    """
-    blk = torch.div(pos, block_size, rounding_mode="floor")
-    q_blk, k_blk = blk[:, :, None], blk[:, None, :]
-    q_grp, k_grp = group[:, :, None], group[:, None, :]
-    k_clean = k_grp == -1
-    clean_query = (q_grp == -1) & k_clean & (k_blk <= q_blk)
-    copy_query = (q_grp >= 0) & ((k_clean & (k_blk < q_blk)) | (k_grp == q_grp))
-    return clean_query | copy_query  # pad groups (-2) match nothing; to_backend_mask opens pad rows
-
-
 @torch.no_grad()
 def score_rows(dlm, rows: list[ScoringRow], block_size: int, batch_size: int,
                progress: bool = False) -> list[tuple[float, bool]]:
@@ -173,7 +159,7 @@ def score_rows(dlm, rows: list[ScoringRow], block_size: int, batch_size: int,
             n = len(built[i][0])
             ids[r, width - n :], pos[r, width - n :], group[r, width - n :] = map(torch.tensor, built[i])
         ids, pos, group = ids.to(dev), pos.to(dev), group.to(dev)
-        mask = scoring_mask(pos, group, block_size)
+        mask = block_copies_mask(pos, group, block_size)
         logits = dlm.model(input_ids=ids, attention_mask=dlm.backend_mask(mask), position_ids=pos.clamp_min(0),
                            logits_to_keep=n_query, use_cache=False).logits
         logp = candidate_logits(dlm, logits.float()).log_softmax(-1)  # [B, n_query, V]
@@ -217,12 +203,12 @@ class EdlmLM(TemplateLM):
     """`--model edlm`: model args pretrained, threshold, strategy, block_size, max_gen_toks,
     autoregressive, estimator (ltr | elbo), mc_samples, batch_size, device, dtype, seed."""
 
-    def __init__(self, pretrained: str, threshold: float = 0.9, strategy: str = "threshold",
+    def __init__(self, pretrained: str, threshold: float | None = None, strategy: str | None = None,
                  block_size: int | None = None, max_gen_toks: int = 256, autoregressive: bool = False,
                  estimator: str = "ltr", mc_samples: int = 32, batch_size=None, device=None, dtype=None,
                  seed: int = 0, max_batch_size=None):
         super().__init__()
-        from edlm.decoding import DecodeOptions
+        from edlm.decoding import DecodeOptions, model_defaults
         from edlm.model import DiffusionLM
 
         if estimator not in ESTIMATORS:
@@ -239,7 +225,9 @@ class EdlmLM(TemplateLM):
                                                autoregressive=bool(autoregressive))
         self.block_size = int(block_size or self.dlm.config.block_size)
         self.tokenizer = self.dlm.tokenizer
-        self.decode = dict(threshold=float(threshold), strategy=str(strategy), block_size=self.block_size)
+        defaults = model_defaults(self.dlm)  # unset decode options follow the checkpoint's own
+        self.decode = dict(threshold=float(defaults["threshold"] if threshold is None else threshold),
+                           strategy=str(strategy or defaults["strategy"]), block_size=self.block_size)
         DecodeOptions(**self.decode).validate()  # a bad flag fails now, not after the loglikelihood tasks
         self.max_gen_toks = int(max_gen_toks)
         self.estimator, self.mc_samples, self.seed = estimator, int(mc_samples), int(seed)

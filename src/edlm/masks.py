@@ -50,6 +50,23 @@ def clean_context_mask(seq_len: int, block_size: int, device=None) -> torch.Tens
     return torch.cat([top, bottom], dim=0)
 
 
+def block_copies_mask(pos: torch.Tensor, group: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, T, T] bool (True = attend) for rows of a clean stream plus noisy block copies
+    (likelihood scoring: several noisy versions of one block are scored in one forward).
+
+    clean_context_mask's rule with positions and groups given per token (group -1 = clean,
+    >= 0 = a copy, -2 = padding):
+    clean -> clean block-causal; copy -> clean strictly earlier blocks; copy -> its own copy only.
+    """
+    blk = torch.div(pos, block_size, rounding_mode="floor")
+    q_blk, k_blk = blk[:, :, None], blk[:, None, :]
+    q_grp, k_grp = group[:, :, None], group[:, None, :]
+    k_clean = k_grp == -1
+    clean_query = (q_grp == -1) & k_clean & (k_blk <= q_blk)
+    copy_query = (q_grp >= 0) & ((k_clean & (k_blk < q_blk)) | (k_grp == q_grp))
+    return clean_query | copy_query  # pad groups (-2) match nothing; to_backend_mask opens pad rows
+
+
 def position_block_mask(
     q_pos: torch.Tensor, k_pos: torch.Tensor, block_size: int, k_valid: torch.Tensor | None = None
 ) -> torch.Tensor:
