@@ -229,3 +229,37 @@ def test_prefix_rule_commits_a_left_to_right_run():
     assert got.tolist() == [[True, False, False, False], [False, True, True, True], [True, True, True, True]]
     # threshold 1.0: exactly one token per step, the leftmost: strict left-to-right decoding
     assert commit("prefix", conf, torch.zeros_like(conf), cand, threshold=1.0).sum(-1).tolist() == [1, 1, 1]
+
+
+def test_checkpoint_decoding_defaults_apply_when_caller_sets_none(tmp_path):
+    from edlm import DiffusionLM
+
+    dlm = tiny_dlm("llama", block_size=4)
+    engine_default = dlm.generate(PROMPTS[0], max_new_tokens=8)
+    dlm.config.decoding = {"strategy": "prefix", "threshold": 0.01}  # commits a whole block per step
+    dlm.save_pretrained(tmp_path)
+    loaded = DiffusionLM.from_pretrained(tmp_path, dtype=torch.float64)
+    assert loaded.config.decoding == {"strategy": "prefix", "threshold": 0.01}
+    res = loaded.generate(PROMPTS[0], max_new_tokens=8)
+    explicit = loaded.generate(PROMPTS[0], max_new_tokens=8, strategy="prefix", threshold=0.01)
+    calls = res.stats[0].model_calls
+    assert res.token_ids == explicit.token_ids and calls == explicit.stats[0].model_calls
+    assert calls <= 3  # 8 tokens touch at most 3 blocks of 4, and each is committed in one call
+    assert engine_default.stats[0].model_calls > calls
+    overridden = loaded.generate(PROMPTS[0], max_new_tokens=8, strategy="threshold", threshold=0.9)
+    assert overridden.token_ids == engine_default.token_ids
+    assert overridden.stats[0].model_calls == engine_default.stats[0].model_calls
+
+
+def test_rows_leaving_drop_cache_columns_nobody_sees():
+    from edlm.decoding import DecodeOptions, _Batch, denoise_step, prepare_rows
+
+    dlm = tiny_dlm("llama", block_size=4)
+    ids, _, _ = prepare_rows(dlm, [PROMPTS[3], "abcdefghi"], 8, None)
+    batch = _Batch(dlm, ids, DecodeOptions(block_size=4))
+    batch.open_blocks(torch.tensor([4, 4]))
+    denoise_step(dlm, batch)
+    short = int(batch.cache_valid[1].sum())
+    assert 0 < short < batch.cache_valid.shape[1]  # the short row sees the long row's width as padding
+    batch.keep(torch.tensor([1]))
+    assert batch.cache.get_seq_length() == batch.cache_valid.shape[1] == short and batch.cache_valid.all()

@@ -6,7 +6,7 @@ normal transformers checkpoint plus our settings, loaded with one call.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 CONFIG_KEY = "edlm"
 
@@ -21,6 +21,10 @@ class DiffusionConfig:
     # False for a plain AR model driven through the same engine (block size 1, shift, no mask).
     diffusion: bool = True
     base_model: str | None = None
+    # The checkpoint's own decode defaults ({"strategy": ..., "threshold": ...}), used wherever a
+    # caller sets none (generate, serve, eval), like HF's generation_config: the best measured
+    # setting of a model travels with it instead of living in every command line.
+    decoding: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

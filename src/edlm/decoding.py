@@ -79,7 +79,6 @@ class DecodeOptions:
     factor: float = 1.0
     gamma: float = 0.5
     tokens_per_step: int = 1
-    stop: list[str] = field(default_factory=list)
     seed: int | None = None
     draft_depth: int = 4  # states drafted per verification forward (speculative strategies)
 
@@ -195,6 +194,22 @@ class _Batch:
             setattr(self, name, getattr(self, name)[idx])
         if self.carry is not None:
             self.carry = self.carry[idx]
+        self._drop_unseen_keys()
+
+    def _drop_unseen_keys(self) -> None:
+        """Drop cache columns no remaining row attends (the left padding that rows of other
+        lengths or joins put there), so a long-lived batch stops paying for rows that left.
+        Positions are explicit (RoPE is applied when a key is written), so this is exact."""
+        seen = self.cache_valid.any(0)
+        layers = getattr(self.cache, "layers", [])
+        if seen.all() or any(getattr(layer, "is_sliding", False) for layer in layers):
+            return
+        if self.cache.get_seq_length() != seen.numel():
+            return  # nothing cached yet
+        cols = seen.nonzero().squeeze(1)
+        for layer in layers:
+            layer.keys, layer.values = layer.keys[:, :, cols], layer.values[:, :, cols]
+        self.cache_pos, self.cache_valid = self.cache_pos[:, cols], self.cache_valid[:, cols]
 
     def join(self, new: _Batch) -> None:
         """Append the rows of a fresh batch; only at a block boundary, when every row has pending tokens.
@@ -380,8 +395,15 @@ def prepare_rows(dlm, prompts, max_new_tokens, stop) -> tuple[list[list[int]], l
     return ids, budget, stops
 
 
-def stream(dlm, prompts, max_new_tokens: int = 128, block_size: int | None = None, threshold: float = 0.9,
-           strategy: str = "threshold", temperature: float = 0.0, top_p: float = 1.0, stop=None,
+def model_defaults(dlm) -> dict:
+    """strategy and threshold to use when the caller gives none: the checkpoint's `decoding`
+    config over the engine's defaults."""
+    base = DecodeOptions()
+    return {"strategy": base.strategy, "threshold": base.threshold, **(dlm.config.decoding or {})}
+
+
+def stream(dlm, prompts, max_new_tokens: int = 128, block_size: int | None = None, threshold: float | None = None,
+           strategy: str | None = None, temperature: float = 0.0, top_p: float = 1.0, stop=None,
            factor: float = 1.0, gamma: float = 0.5, tokens_per_step: int = 1, seed: int | None = None,
            draft_depth: int = 4, result: list | None = None, admit=None):
     """Yield a BlockEvent per committed block and row; append the GenerationResult to `result`.
@@ -392,8 +414,12 @@ def stream(dlm, prompts, max_new_tokens: int = 128, block_size: int | None = Non
     """
     if block_size is None:
         block_size = dlm.config.block_size
+    defaults = model_defaults(dlm)
+    threshold = defaults["threshold"] if threshold is None else threshold
+    strategy = defaults["strategy"] if strategy is None else strategy
+    # stop strings and budgets are per row (prepare_rows); the options are what every row shares
     opts = DecodeOptions(max_new_tokens, block_size, threshold, strategy, temperature, top_p, factor, gamma,
-                         tokens_per_step, [stop] if isinstance(stop, str) else list(stop or []), seed, draft_depth)
+                         tokens_per_step, seed, draft_depth)
     opts.validate()
     if dlm.config.diffusion is False and block_size != 1:
         raise EdlmError("an autoregressive model decodes with block size 1")
@@ -464,8 +490,9 @@ def stream(dlm, prompts, max_new_tokens: int = 128, block_size: int | None = Non
 def generate(dlm, prompts, max_new_tokens: int = 128, on_block=None, **kwargs) -> GenerationResult:
     """Decode prompts (str, list of str, or token ids) block by block.
 
-    Options: block_size (default: the model's), threshold, strategy ("threshold", "prefix", "factor",
-    "entropy", "steps", and edlm.speculative's "lossless", "psd", "soft", "wino"), temperature,
+    Options: block_size (default: the model's), threshold and strategy ("threshold", "prefix", "factor",
+    "entropy", "steps", and edlm.speculative's "lossless", "psd", "soft", "wino"; default: the
+    model's `decoding` config, else threshold 0.9), temperature,
     top_p, stop, factor, gamma, tokens_per_step, seed, draft_depth (speculative strategies).
     `on_block(BlockEvent)` streams each committed block's text.
     Returns texts, token ids and per-row stats (model calls, generated tokens, TPF, seconds).

@@ -19,8 +19,9 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=float, default=None, help="examples per task (< 1: a fraction)")
     p.add_argument("--num-fewshot", type=int, default=None, help="override the tasks' few-shot count")
     p.add_argument("--include-path", default=None, help="directory of extra (local) YAML tasks")
-    p.add_argument("--threshold", type=float, default=0.9, help="decoding commit threshold in (0, 1]")
-    p.add_argument("--strategy", default="threshold", help="decoding strategy (see edlm generate)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="decoding commit threshold in (0, 1] (default: the model's, else 0.9)")
+    p.add_argument("--strategy", default=None, help="decoding strategy (see edlm generate; default: the model's)")
     p.add_argument("--block-size", type=int, default=None, help="decode/scoring block size (default: the model's)")
     p.add_argument("--max-gen-toks", type=int, default=256, help="generation budget when a task sets none")
     p.add_argument("--estimator", default="ltr", choices=["ltr", "elbo"],

@@ -18,9 +18,11 @@ def add_parser(sub) -> None:
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", help="file holding the prompt text")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--threshold", type=float, default=0.9, help="commit confidence threshold in (0, 1]")
-    p.add_argument("--strategy", default="threshold",
-                   help="threshold | prefix | factor | entropy | steps | lossless | psd | soft | wino")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="commit confidence threshold in (0, 1] (default: the model's, else 0.9)")
+    p.add_argument("--strategy", default=None,
+                   help="threshold | prefix | factor | entropy | steps | lossless | psd | soft | wino "
+                        "(default: the model's, else threshold)")
     p.add_argument("--block-size", type=int, default=None, help="decode block size (default: the model's)")
     p.add_argument("--factor", type=float, default=1.0, help="f of the factor strategy")
     p.add_argument("--gamma", type=float, default=0.5, help="entropy budget of the entropy strategy")

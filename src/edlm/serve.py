@@ -29,10 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edlm.batching import BatchingWorker, DecodeSettings, Job, QueueFull, RowResult
-from edlm.decoding import DecodeOptions
+from edlm.decoding import DecodeOptions, model_defaults
 from edlm.errors import EdlmError, first_line
 
-DEFAULT_THRESHOLD = 0.9  # the engine's default: the usual speed/accuracy point
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
@@ -141,11 +140,12 @@ def _settings(dlm, body: _DecodeBody, max_tokens: int | None) -> DecodeSettings:
         stop = (body.stop,)
     else:
         stop = tuple(s for s in body.stop or () if s)
+    defaults = model_defaults(dlm)  # the checkpoint's own strategy/threshold, else the engine's
     settings = DecodeSettings(
         max_tokens=max_tokens or dlm.max_positions or 4096,  # the engine clamps to the context left
         block_size=body.block_size or dlm.config.block_size,
-        threshold=body.threshold if body.threshold is not None else DEFAULT_THRESHOLD,
-        strategy=body.strategy or "threshold",
+        threshold=body.threshold if body.threshold is not None else defaults["threshold"],
+        strategy=body.strategy or defaults["strategy"],
         temperature=body.temperature if body.temperature is not None else 1.0,  # OpenAI's default
         top_p=body.top_p if body.top_p is not None else 1.0,
         stop=stop,
