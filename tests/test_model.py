@@ -84,3 +84,23 @@ def test_study_variants_run(attention):
         b = dlm.forward_noisy(x2, x2, attention=attention)
     changed_first_block = not torch.allclose(a[:, :4], b[:, :4], atol=1e-6)
     assert changed_first_block == (attention == "bidirectional")
+
+
+@pytest.mark.parametrize("arch,impl,shift", [("llama", "sdpa", False), ("qwen3", "eager", True), ("llama", "sdpa", True)])
+def test_feeding_only_active_noisy_blocks_is_exact(arch, impl, shift):
+    model = make_tiny_causal_lm(arch, attn_implementation=impl, dtype=torch.float64)
+    bs, seq_len = 4, 14  # the last block is partial
+    dlm = DiffusionLM(model, None, DiffusionConfig(block_size=bs, mask_token_id=127, shift=shift))
+    x_0 = torch.randint(0, 120, (3, seq_len))
+    x_t = torch.where(torch.rand(3, seq_len) < 0.5, torch.full_like(x_0, 127), x_0)
+    active = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    fed = []
+    model.get_input_embeddings().register_forward_hook(lambda m, args, out: fed.append(args[0].shape[1]))
+    with torch.no_grad():
+        full = dlm.forward_noisy(x_t, x_0)
+        part = dlm.forward_noisy(x_t, x_0, active=active)
+    assert fed == [2 * seq_len, 8 + seq_len]  # widest row: two active blocks of 4
+    tok = active.repeat_interleave(bs, dim=1)[:, :seq_len]
+    assert torch.allclose(part[tok], full[tok], atol=1e-6)  # eager softmaxes in float32
+    if not shift:
+        assert not part[~tok].any()

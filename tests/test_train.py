@@ -226,3 +226,28 @@ def test_repair_training_feeds_own_drafts_and_scores_them(tiny_ar_dir, corpus, t
     final = train(small(tmp_path / "rep", tiny_ar_dir, corpus / "train.txt", steps=20, repair_fraction=0.3))
     ls = losses(tmp_path / "rep")
     assert ls[-1] < ls[0] and DiffusionLM.from_pretrained(final).config.block_size == 4
+
+
+def test_loss_feeds_only_blocks_with_masks_and_is_unchanged(corpus):
+    model = make_tiny_causal_lm("llama", dtype=torch.float64)
+    dlm = convert_model(model, make_tiny_tokenizer(), block_size=4, shift=True)
+    batch = build_dataset([str(corpus / "sft.jsonl")], dlm.tokenizer, seq_len=32)[:8]
+    noise = NoiseSettings(t_per_block=True)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss, _ = diffusion_loss(dlm, batch["input_ids"], batch["maskable"], noise,
+                                 row_generators(0, 3, torch.arange(8)))
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    fed = []
+    model.get_input_embeddings().register_forward_hook(lambda m, args, out: fed.append(args[0].shape[1]))
+    loss, grads = loss_and_grads()
+    assert fed[-1] < 64  # prompt-only blocks were left out of the noisy half
+    forward = dlm.forward_noisy
+    dlm.forward_noisy = lambda *a, active=None, **kw: forward(*a, **kw)  # the full concat layout
+    full_loss, full_grads = loss_and_grads()
+    assert fed[-1] == 64
+    assert torch.allclose(loss, full_loss, rtol=1e-10)
+    assert all(torch.allclose(g, h, atol=1e-10) for g, h in zip(grads, full_grads, strict=True))

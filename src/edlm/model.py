@@ -18,6 +18,7 @@ from edlm.config import CONFIG_KEY, DiffusionConfig
 from edlm.errors import EdlmError, first_line
 from edlm.masks import (
     bidirectional_mask,
+    block_copies_mask,
     clean_context_mask,
     noisy_context_mask,
     to_backend_mask,
@@ -174,6 +175,7 @@ class DiffusionLM:
         attention: str = "clean",
         block_size: int | None = None,
         shift: bool | None = None,
+        active: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, L, V] that predict x_0 at every position of the noisy sequence x_t.
 
@@ -183,13 +185,28 @@ class DiffusionLM:
         "noisy" and "bidirectional" feed x_t alone (paper Table 1 study variants).
         With shift, the logit for position i comes from position i-1; for the first token of a
         block under clean context that is the *clean* stream's i-1, exactly what decoding has.
+        active [B, n_blocks] (clean only): the noisy blocks that carry loss. The others are left
+        out of the input, which is exact (a noisy token attends only its own noisy block) and
+        saves their compute: on SFT data prompt-only blocks are a large share. Their logits are 0.
         """
         block_size = block_size or self.config.block_size
         shift = self.config.shift if shift is None else shift
         batch, seq_len = x_t.shape
         device = x_t.device
         pos = torch.arange(seq_len, device=device)
-        if attention == "clean":
+        noisy_at = None  # [B, W] positions of the noisy inputs when only active blocks are fed
+        if attention == "clean" and active is not None and not active.all():
+            tok_active = active.repeat_interleave(block_size, dim=1)[:, :seq_len]
+            width = max(int(tok_active.sum(1).max()), 1)
+            noisy_at = tok_active.int().argsort(dim=1, descending=True, stable=True)[:, :width]
+            fed = tok_active.gather(1, noisy_at)
+            ids = torch.cat([x_t.gather(1, noisy_at), x_0], dim=1)
+            position_ids = torch.cat([noisy_at, pos[None].expand(batch, -1)], dim=1)
+            group = torch.cat([torch.where(fed, noisy_at // block_size, -2),
+                               torch.full_like(x_0, -1)], dim=1)  # a copy per block; -1 clean, -2 pad
+            mask = block_copies_mask(position_ids, group, block_size)
+            keep = torch.arange(width + seq_len if shift else width, device=device)
+        elif attention == "clean":
             ids = torch.cat([x_t, x_0], dim=1)
             position_ids = torch.cat([pos, pos])[None].expand(batch, -1)
             mask = clean_context_mask(seq_len, block_size, device)
@@ -214,6 +231,12 @@ class DiffusionLM:
             use_cache=False,
         )
         logits = out.logits
+        if noisy_at is not None:  # back to [B, L, V]; pad slots land on inactive positions
+            width = noisy_at.shape[1]
+            noisy = logits.new_zeros(batch, seq_len, logits.shape[-1])
+            fed_logits = torch.where(fed[..., None], logits[:, :width], 0)
+            noisy = noisy.scatter(1, noisy_at[..., None].expand(-1, -1, logits.shape[-1]), fed_logits)
+            logits = torch.cat([noisy, logits[:, width:]], dim=1)
         if not shift:
             return logits
         noisy = logits[:, :seq_len]

@@ -75,19 +75,27 @@ def diffusion_loss(dlm, input_ids, maskable, noise: NoiseSettings, generators):
         input_ids = torch.cat([input_ids, input_ids])
         maskable = torch.cat([maskable, maskable])
     x_t = torch.where(masked, torch.full_like(input_ids, dlm.config.mask_token_id), input_ids)
+    active = blocks_with_loss(masked, block_size)
     if noise.repair_fraction > 0:
-        x_t = with_own_drafts(dlm, x_t, input_ids, masked, noise, generators)
-    logits = dlm.forward_noisy(x_t, input_ids, attention=noise.attention)
+        x_t = with_own_drafts(dlm, x_t, input_ids, masked, noise, generators, active)
+    logits = dlm.forward_noisy(x_t, input_ids, attention=noise.attention, active=active)
     weights = inverse_time_weights(masked, maskable, block_size)
     ce = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")
     n_tokens = maskable.sum().clamp_min(1)
     return (ce * weights[masked]).sum() / n_tokens, int(masked.sum())
 
 
+def blocks_with_loss(masked: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, n_blocks] True where a block has a masked token: only those need a noisy copy."""
+    batch, seq_len = masked.shape
+    n_blocks = -(-seq_len // block_size)
+    return F.pad(masked, (0, n_blocks * block_size - seq_len)).view(batch, n_blocks, block_size).any(-1)
+
+
 @torch.no_grad()
-def with_own_drafts(dlm, x_t, x_0, masked, noise: NoiseSettings, generators) -> torch.Tensor:
+def with_own_drafts(dlm, x_t, x_0, masked, noise: NoiseSettings, generators, active=None) -> torch.Tensor:
     """Replace a random `repair_fraction` of the masked positions by the model's argmax draft."""
-    draft = dlm.forward_noisy(x_t, x_0, attention=noise.attention).argmax(-1)
+    draft = dlm.forward_noisy(x_t, x_0, attention=noise.attention, active=active).argmax(-1)
     u = torch.stack([torch.rand(x_t.shape[1], generator=g) for g in generators]).to(x_t.device)
     if u.shape[0] != x_t.shape[0]:  # complementary halves reuse the row generators' draws
         u = torch.cat([u, 1 - u])
