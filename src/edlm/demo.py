@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
                        "at several thresholds; print a table and write a PNG. Example: edlm demo --limit 50")
     p.add_argument("--models", default=str(DEFAULT_MODELS), help="dir holding ar/ and dlm/ (default: shipped)")
     p.add_argument("--limit", type=int, default=100, help="number of held-out problems (default 100)")
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5])
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.95, 0.9, 0.7])
     p.add_argument("--strategies", nargs="+", default=["threshold", "prefix"], choices=["threshold", "prefix"],
                    help="commit rules to show: threshold (the paper's: any slot above the threshold) and prefix "
                    "(left to right while slots pass it)")
@@ -35,6 +35,7 @@ def run(args) -> None:
 
     from edlm import reasoning
     from edlm.bench import engine_runner, load_examples, markdown, measure, plot
+    from edlm.decoding import model_defaults
     from edlm.model import DiffusionLM
 
     models = Path(args.models)
@@ -53,11 +54,14 @@ def run(args) -> None:
     dlm = DiffusionLM.from_pretrained(models / "dlm")
     print(f"edlm demo: {len(examples)} held-out problems, batch 1, {torch.get_num_threads()} threads, "
           f"dLM block size {dlm.config.block_size}")
+    default = model_defaults(dlm)  # what `edlm generate models/dlm` uses with no flags
     rows = [measure("AR (KV cache)", engine_runner(ar, MAX_NEW_TOKENS), examples)]
     for strategy in args.strategies:
         for t in args.thresholds:
-            rows.append(measure(f"dLM {strategy} {t:g}", engine_runner(dlm, MAX_NEW_TOKENS, threshold=t,
-                                                                       strategy=strategy), examples))
+            name = f"dLM {strategy} {t:g}"
+            if (strategy, t) == (default["strategy"], default["threshold"]):
+                name += " (default)"
+            rows.append(measure(name, engine_runner(dlm, MAX_NEW_TOKENS, threshold=t, strategy=strategy), examples))
     table = markdown(rows)
     print(table)
     out = Path(args.out)
