@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test lint models bench studies clean
+.PHONY: demo test lint models bench studies clean test-engines
 
 $(VENV)/.core: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,22 @@ lint: $(VENV)/.dev
 
 test: lint
 	$(PY) -m pytest
+
+# Engine tier (not part of `make test`): an SDAR export served by a live SGLang (CPU) must give
+# edlm's greedy tokens. SGLang lives in its own venv (~11 GB with its CUDA wheels, ~4 min to install).
+SGL_VENV ?= .venv-sglang
+SGLANG   ?= sglang==0.5.23
+
+$(SGL_VENV)/.sglang:
+	@test -x $(SGL_VENV)/bin/python || python3.11 -m venv $(SGL_VENV) \
+		|| { echo "test-engines: cannot create $(SGL_VENV): python3.11 is needed" >&2; exit 1; }
+	@echo "installing $(SGLANG) into $(SGL_VENV) (log: $(SGL_VENV)/install.log)"
+	@$(SGL_VENV)/bin/python -m pip install --disable-pip-version-check "$(SGLANG)" >$(SGL_VENV)/install.log 2>&1 \
+		|| { echo "test-engines: pip install $(SGLANG) failed (needs PyPI, ~11 GB disk, Linux x86_64): see $(SGL_VENV)/install.log" >&2; exit 1; }
+	touch $@
+
+test-engines: $(VENV)/.dev $(SGL_VENV)/.sglang
+	EDLM_SGLANG_PYTHON=$(SGL_VENV)/bin/python $(PY) -m pytest tests/engines -v
 
 models: $(VENV)/.core
 	$(PY) -m edlm.recipes.demo_model

@@ -49,8 +49,8 @@ def main(argv=None) -> int:
     import torch
 
     from edlm import DiffusionLM
-    from edlm.bench import engine_runner, load_examples, markdown, measure, plot
     from edlm.errors import EdlmError
+    from edlm.recipes.bench import engine_runner, load_examples, markdown, measure, plot
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=str(ROOT / "models"), help="dir holding ar/ and dlm/")

@@ -18,18 +18,18 @@ from pathlib import Path
 
 import torch
 
-import edlm.objective
-from edlm import reasoning
+from edlm.recipes import reasoning
 from edlm.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(objective: str, args, data: Path, work: Path) -> float:
+def measure(objective: str, args, data: Path, work: Path, **extra) -> float:
+    if objective == "diffusion":
+        extra["block_size"] = args.block_size
     cfg = TrainConfig(model=args.model, data=[str(data)], out=str(work / objective), objective=objective,
-                      block_size=args.block_size, seq_len=args.seq_len, batch_size=args.batch_size,
-                      steps=args.steps, lr=1e-4, min_lr=1e-5, warmup_steps=1, save_every=10**9,
-                      log_every=1, progress=False)
+                      seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, lr=1e-4, min_lr=1e-5,
+                      warmup_steps=1, save_every=10**9, log_every=1, progress=False, **extra)
     train(cfg)
     records = [json.loads(x) for x in (work / objective / "metrics.jsonl").read_text().splitlines()]
     # metrics hold cumulative rates; recover elapsed time per record and drop the first quarter
@@ -56,12 +56,7 @@ def main() -> None:
                                   for p in reasoning.train_problems(3000)))
         ar = measure("ar", args, data, work)
         dlm = measure("diffusion", args, data, work)
-        active_blocks = edlm.objective.blocks_with_loss
-        edlm.objective.blocks_with_loss = lambda masked, block_size: None  # feed every noisy block
-        try:
-            full = measure("diffusion", args, data, work / "full")
-        finally:
-            edlm.objective.blocks_with_loss = active_blocks
+        full = measure("diffusion", args, data, work / "full", all_noisy_blocks=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{torch.get_num_threads()}threads"
     result = {"device": device, "ar_tokens_per_s": ar, "diffusion_tokens_per_s": dlm, "ratio": dlm / ar,
               "diffusion_full_layout_tokens_per_s": full, "active_blocks_speedup": dlm / full,

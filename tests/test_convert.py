@@ -6,9 +6,9 @@ from safetensors.torch import load_file
 
 from edlm import DiffusionLM
 from edlm.cli import main
-from edlm.convert import check_mask_support, convert
 from edlm.errors import EdlmError
 from edlm.testing import make_tiny_causal_lm, make_tiny_tokenizer
+from edlm.train.convert import check_mask_support, convert
 
 
 def _weights(path):

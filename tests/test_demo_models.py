@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from edlm import DiffusionLM
-from edlm.bench import engine_runner, load_examples, measure
+from edlm.recipes.bench import engine_runner, load_examples, measure
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 # Measured on this 20-problem slice (2026-11-25, shipped models): AR 95%; dLM 80% at threshold

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from edlm.cli import main
-from edlm.convert import convert
 from edlm.embed import bidirectional_hidden_states, embed
 from edlm.errors import EdlmError
 from edlm.model import DiffusionLM
+from edlm.train.convert import convert
 
 
 @pytest.fixture(scope="module")

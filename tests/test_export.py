@@ -9,7 +9,6 @@ produced by encoding), and the model is a 2-layer Qwen3 with hidden size 32 and 
 
 import json
 import shutil
-import string
 
 import pytest
 import torch
@@ -18,30 +17,13 @@ from safetensors.torch import load_file
 
 from edlm import DiffusionLM
 from edlm.cli import main
-from edlm.convert import convert
 from edlm.errors import EdlmError
-from edlm.export import QWEN3_FIELDS, SDAR_MASK_TOKEN_ID, export, export_model
-from edlm.testing import make_tiny_causal_lm
+from edlm.serve.export import QWEN3_FIELDS, SDAR_MASK_TOKEN_ID, export, export_model
+from edlm.testing import QWEN3_TOKENS, make_tiny_causal_lm, qwen3_sized_tokenizer
+from edlm.train.convert import convert
 
-QWEN3_TOKENS = 151669  # len(Qwen3 tokenizer); the mask token takes the next id
 ROPE = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 1e6}
 PROMPTS = ["hello world", "the cat sat on"]  # prompt lengths 11 and 14: both end mid-block
-
-
-def qwen3_sized_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
-    for c in string.printable:
-        if c not in "\x0b\x0c\r":
-            vocab.setdefault(c, len(vocab))
-    vocab.update({f"<x{i}>": i for i in range(len(vocab), QWEN3_TOKENS)})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                   bos_token="<bos>", unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +69,13 @@ def test_sdar_config_tokenizer_and_serving_files(qwen3_dlm_dir, sdar_dir):
     assert cfg["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
     base = json.loads((qwen3_dlm_dir / "config.json").read_text())
     for name in QWEN3_FIELDS:
-        assert cfg[name] == base.get(name), name
+        assert cfg[name] == (False if name == "tie_word_embeddings" else base.get(name)), name
+    assert base["tie_word_embeddings"] is True  # a tied base, untied in the export (SGLang needs lm_head)
 
     hf = AutoConfig.from_pretrained(str(sdar_dir), trust_remote_code=True)
     assert type(hf).__name__ == "SDARConfig" and hf.model_type == "sdar"
     assert (hf.mask_token_id, hf.block_size, hf.head_dim, hf.rope_theta) == (SDAR_MASK_TOKEN_ID, 8, 16, 1e6)
-    assert hf.num_key_value_heads == 1 and hf.tie_word_embeddings is True
+    assert hf.num_key_value_heads == 1 and hf.tie_word_embeddings is False
 
     tok = AutoTokenizer.from_pretrained(str(sdar_dir), config=hf)
     assert tok.mask_token == "<|MASK|>" and tok.mask_token_id == SDAR_MASK_TOKEN_ID
@@ -108,7 +91,8 @@ def test_sdar_config_tokenizer_and_serving_files(qwen3_dlm_dir, sdar_dir):
 
 def test_sdar_weights_are_qwen3_weights_unchanged(qwen3_dlm_dir, sdar_dir):
     before, after = _weights(qwen3_dlm_dir), _weights(sdar_dir)
-    assert before.keys() == after.keys()
+    assert "lm_head.weight" not in before and after.keys() == before.keys() | {"lm_head.weight"}
+    assert torch.equal(after["lm_head.weight"], before["model.embed_tokens.weight"])  # the tied head, written out
     assert all(k.startswith(("model.", "lm_head.")) for k in after)
     for name, w in before.items():
         assert torch.equal(after[name], w), name
@@ -135,7 +119,7 @@ def test_lora_is_merged_into_sdar_weights(qwen3_dlm_dir, tmp_path):
     export_model(DiffusionLM(peft, dlm.tokenizer, dlm.config), tmp_path / "sdar", "sdar")
     expected = peft.merge_and_unload().state_dict()
     got = _weights(tmp_path / "sdar")
-    assert got.keys() == _weights(qwen3_dlm_dir).keys()
+    assert got.keys() == _weights(qwen3_dlm_dir).keys() | {"lm_head.weight"}
     assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"],
                            _weights(qwen3_dlm_dir)["model.layers.0.self_attn.q_proj.weight"])
     for name, w in got.items():

@@ -13,9 +13,10 @@ from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from edlm.cli import main  # noqa: E402
-from edlm.convert import convert  # noqa: E402
-from edlm.lm_eval_adapter import EdlmLM, candidate_logits  # noqa: E402
+from edlm.decode.step import candidate_logits  # noqa: E402
+from edlm.recipes.evaluate import EdlmLM  # noqa: E402
 from edlm.testing import make_tiny_causal_lm, make_tiny_tokenizer  # noqa: E402
+from edlm.train.convert import convert  # noqa: E402
 
 GEN_TASK = """task: edlm_tiny_gen
 dataset_path: json

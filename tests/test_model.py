@@ -17,11 +17,11 @@ def _noisy_block_via_cache(dlm, x_0, x_t, block, bs):
     if start:
         model(input_ids=x_0[:, :start], position_ids=torch.arange(start)[None].expand(b, -1),
               attention_mask=dlm.backend_mask(block_causal_mask(start, bs).expand(b, -1, -1)),
-              past_key_values=cache, use_cache=True)
+              cache=cache, use_cache=True)
     end = min(start + bs, x_0.shape[1])
     mask = torch.ones(b, end - start, end, dtype=torch.bool)
     return model(input_ids=x_t[:, start:end], position_ids=torch.arange(start, end)[None].expand(b, -1),
-                 attention_mask=dlm.backend_mask(mask), past_key_values=cache, use_cache=True).logits
+                 attention_mask=dlm.backend_mask(mask), cache=cache, use_cache=True).logits
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from edlm.noise import position_weights, sample_block_mask, sample_noise_level
+from edlm.train.noise import position_weights, sample_block_mask, sample_noise_level
 
 
 def test_position_weights_formula():

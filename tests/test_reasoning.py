@@ -1,4 +1,4 @@
-from edlm import reasoning
+from edlm.recipes import reasoning
 
 
 def test_generator_is_deterministic():

@@ -14,11 +14,12 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from edlm.batching import BatchingWorker, DecodeSettings, Job, QueueFull  # noqa: E402
 from edlm.cli import main  # noqa: E402
-from edlm.convert import convert  # noqa: E402
+from edlm.decode.options import ENGINE_DEFAULTS, DecodeOptions  # noqa: E402
 from edlm.model import DiffusionLM  # noqa: E402
-from edlm.serve import create_app, render_chat  # noqa: E402
+from edlm.serve.app import create_app, render_chat  # noqa: E402
+from edlm.serve.batching import BatchingWorker, Job, QueueFull  # noqa: E402
+from edlm.train.convert import convert  # noqa: E402
 
 NAME = "tiny-dlm"
 
@@ -192,7 +193,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": NAME, "prompt": "ab", "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
     ("/v1/completions", {"model": NAME, "prompt": "a" * 300}, 400, "context_length_exceeded", "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": ""}, 400, "invalid_value", "prompt"),
-    ("/v1/completions", {"model": NAME, "prompt": "ab", "strategy": "magic"}, 400, "invalid_value", None),
+    ("/v1/completions", {"model": NAME, "prompt": "ab", "strategy": "magic"}, 400, "invalid_value", "strategy"),
     ("/v1/completions", {"model": NAME, "prompt": "ab", "threshold": 1.5}, 400, "invalid_value", "threshold"),
     ("/v1/completions", {"model": NAME, "prompt": "ab", "n": 2}, 400, "invalid_value", "n"),
     ("/v1/chat/completions", {"model": NAME, "messages": []}, 400, "invalid_value", "messages"),
@@ -329,8 +330,8 @@ def test_cli_serve_wires_the_app(dlm_dir, monkeypatch):
 
 def test_worker_groups_equal_settings_oldest_first():
     async def scenario():
-        greedy8 = DecodeSettings(8, 4, 0.9, "threshold", 0.0, 1.0)
-        other = DecodeSettings(8, 4, 0.5, "threshold", 0.0, 1.0)
+        greedy8 = DecodeOptions(**{**ENGINE_DEFAULTS, "block_size": 4, "threshold": 0.9})
+        other = DecodeOptions(**{**ENGINE_DEFAULTS, "block_size": 4, "threshold": 0.5})
         worker = BatchingWorker(dlm=None, max_batch=3, max_queue=5)  # not started: we drive _next_batch
         jobs = [Job("generate", [[1]], greedy8), Job("generate", [[2]], other), Job("generate", [[3], [4]], greedy8),
                 Job("generate", [[5]], greedy8), Job("embed", [[6]])]

@@ -3,10 +3,10 @@ import json
 import torch
 
 from edlm import DiffusionLM
-from edlm.bench import Example
 from edlm.cli import main
-from edlm.decoding import candidate_logits
-from edlm.study import answer_nll, run_study, verdict
+from edlm.decode.step import candidate_logits
+from edlm.recipes.bench import Example
+from edlm.recipes.study import answer_nll, run_study, verdict
 
 
 def test_attention_study_runs_and_reports(tiny_ar_dir, tmp_path):

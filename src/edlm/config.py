@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from edlm.errors import EdlmError
+
 CONFIG_KEY = "edlm"
+DEFAULT_BLOCK_SIZE = 32  # the paper evaluates at 16-32; every command that converts uses this
 
 
 @dataclass
 class DiffusionConfig:
-    block_size: int = 32
+    block_size: int = DEFAULT_BLOCK_SIZE
     mask_token_id: int | None = None
     # shift=True: the logit at i-1 predicts token i (Fast-dLLM v2 / Dream, and every AR model).
     # The paper's best setting is no shift: the logit at i predicts token i.
@@ -32,7 +35,22 @@ class DiffusionConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "DiffusionConfig":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        config = cls(**{k: v for k, v in data.items() if k in known})
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Types and ranges of a stored config: a hand-edited config.json fails with a clear message."""
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise EdlmError(f"config.json: edlm.block_size must be a positive integer, got {self.block_size!r}")
+        if self.mask_token_id is not None and (isinstance(self.mask_token_id, bool)
+                                               or not isinstance(self.mask_token_id, int) or self.mask_token_id < 0):
+            raise EdlmError(f"config.json: edlm.mask_token_id must be a token id, got {self.mask_token_id!r}")
+        for name in ("shift", "diffusion"):
+            if not isinstance(getattr(self, name), bool):
+                raise EdlmError(f"config.json: edlm.{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.decoding, dict):
+            raise EdlmError(f"config.json: edlm.decoding must be an object, got {self.decoding!r}")
 
     @classmethod
     def autoregressive(cls, base_model: str | None = None) -> "DiffusionConfig":

@@ -3,7 +3,7 @@
 The wrapped model is untouched; block diffusion is entirely in the inputs we give it: a 4D
 attention mask, duplicated position ids for the concat(x_t, x_0) layout, and a mask token.
 That is why any architecture that honours 4D masks and position_ids works (checked at
-conversion by `edlm.convert.check_mask_support`).
+conversion by `edlm.train.convert.check_mask_support`).
 """
 
 from __future__ import annotations
@@ -121,6 +121,10 @@ class DiffusionLM:
         else:
             raise EdlmError(f"{path} is not a converted edlm model (run `edlm convert {path} OUT` first)")
         model, tokenizer = load_causal_lm(path, device, dtype, attn_implementation)
+        rows = model.get_input_embeddings().weight.shape[0]
+        if config.mask_token_id is not None and config.mask_token_id >= rows:
+            raise EdlmError(f"{path}: mask_token_id {config.mask_token_id} is outside the model's {rows} "
+                            "embedding rows")
         return cls(model, tokenizer, config)
 
     def save_pretrained(self, out) -> None:
@@ -250,17 +254,17 @@ class DiffusionLM:
         return shifted
 
     # ---- inference ----
-    def generate(self, prompts, max_new_tokens: int = 128, **kwargs):
-        """Block-parallel decoding; see `edlm.decoding.generate` for every option."""
-        from edlm.decoding import generate
+    def generate(self, prompts, **kwargs):
+        """Block-parallel decoding; see `edlm.decode.generate` for every option and its default."""
+        from edlm.decode import generate
 
-        return generate(self, prompts, max_new_tokens=max_new_tokens, **kwargs)
+        return generate(self, prompts, **kwargs)
 
-    def stream(self, prompts, max_new_tokens: int = 128, **kwargs):
+    def stream(self, prompts, **kwargs):
         """Iterator form of generate: yields BlockEvent(row, text, token_ids) per committed block."""
-        from edlm.decoding import stream
+        from edlm.decode import stream
 
-        return stream(self, prompts, max_new_tokens=max_new_tokens, **kwargs)
+        return stream(self, prompts, **kwargs)
 
     def embed(self, texts, batch_size: int = 16, max_length: int | None = None) -> torch.Tensor:
         """L2-normalised mean-pooled last hidden states under a bidirectional mask (paper Sec. 5.3)."""

@@ -59,3 +59,24 @@ def make_tiny_tokenizer(vocab_size: int = 128):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
     )
+
+
+QWEN3_TOKENS = 151669  # len(Qwen3's tokenizer): `edlm convert` puts a new mask token at this id
+
+
+def qwen3_sized_tokenizer():
+    """The char-level tokenizer padded with `<x4>`..`<x151668>` (never produced by encoding) to Qwen3's
+    151669 entries, so that `edlm convert` adds the mask token at id 151669 exactly as on a real Qwen3."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    for c in string.printable:
+        if c not in "\x0b\x0c\r":
+            vocab.setdefault(c, len(vocab))
+    vocab.update({f"<x{i}>": i for i in range(len(vocab), QWEN3_TOKENS)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   bos_token="<bos>", unk_token="<unk>")

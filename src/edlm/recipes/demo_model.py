@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
-from edlm import reasoning
+from edlm.files import copy_dir_atomically
+from edlm.recipes import reasoning
 
 AR_ARCH = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=4, max_position_embeddings=512, rope_theta=10000.0)
@@ -95,7 +95,8 @@ def init_ar(work: Path, tokenizer) -> Path:
 
 
 def main(argv=None) -> None:
-    from edlm.cli import main as edlm
+    from edlm.train import TrainConfig, train
+    from edlm.train.convert import convert
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="runs/demo-build", help="scratch dir (checkpoints live here)")
@@ -112,36 +113,32 @@ def main(argv=None) -> None:
     data = build_data(work)
     tok = build_tokenizer(work)
     init = init_ar(work, tok)
-    common = ["--data", str(data / "train.jsonl"), "--val-data", str(data / "val.jsonl"),
-              "--seq-len", "256", "--batch-size", "16", "--eval-every", "250", "--save-every", "100",
-              "--keep-last", "2", "--resume"]
+    common = dict(data=[str(data / "train.jsonl")], val_data=[str(data / "val.jsonl")], seq_len=256, batch_size=16,
+                  eval_every=250, save_every=100, keep_last=2, resume=True, warmup_steps=50)
+
+    def run(model: Path, out: Path, steps: int, lr: float, min_lr: float, **extra) -> Path:
+        return train(TrainConfig(model=str(model), out=str(out), steps=steps, lr=lr, min_lr=min_lr,
+                                 **{**common, **extra}))
+
     if args.stage in ("all", "ar") and not (models / "ar" / "config.json").exists():
-        _train(edlm, init, work / "ar-run", args.ar_steps, "1e-3", "1e-4", "--objective", "ar", *common)
+        run(init, work / "ar-run", args.ar_steps, 1e-3, 1e-4, objective="ar")
         # a second schedule on a new data order: a cooler lr lifted held-out accuracy further
-        _train(edlm, work / "ar-run" / "model", work / "ar2-run", args.ar2_steps, "4e-4", "2e-5",
-               "--objective", "ar", "--seed", "1", *common, warmup=30)
-        _publish(work / "ar2-run" / "model", models / "ar")
+        final = run(work / "ar-run" / "model", work / "ar2-run", args.ar2_steps, 4e-4, 2e-5, objective="ar", seed=1,
+                    warmup_steps=30)
+        copy_dir_atomically(final, models / "ar")
     if args.stage in ("all", "dlm") and not (models / "dlm" / "config.json").exists():
         conv = work / "dlm-init"
         if not (conv / "config.json").exists():
-            edlm(["convert", str(models / "ar"), str(conv), "--block-size", str(args.block_size), "--shift",
-                  "--force"])
+            convert(models / "ar", conv, block_size=args.block_size, shift=True, force=True)
         # lr 3e-4: ten times the paper's relative step for a model this small, but below the
         # 1e-3 the parent was trained at, so the AR weights move only as far as they must.
         # One t per block gives every sequence blocks at many noise levels.
-        _train(edlm, conv, work / "dlm-run", args.dlm_steps, "3e-4", "3e-5", "--t-per-block", *common)
+        run(conv, work / "dlm-run", args.dlm_steps, 3e-4, 3e-5, t_per_block=True)
         # accuracy was still rising at the end of the first schedule: a second one, as for the AR
-        _train(edlm, work / "dlm-run" / "model", work / "dlm2-run", args.dlm2_steps, "2e-4", "2e-5",
-               "--t-per-block", "--seed", "1", *common, warmup=30)
-        _set_decoding(work / "dlm2-run" / "model", DLM_DECODING)
-        _publish(work / "dlm2-run" / "model", models / "dlm")
-
-
-def _train(edlm, model: Path, out: Path, steps: int, lr: str, min_lr: str, *extra: str, warmup: int = 50) -> None:
-    rc = edlm(["train", str(model), "--out", str(out), "--steps", str(steps), "--lr", lr, "--min-lr", min_lr,
-               "--warmup-steps", str(warmup), *extra])
-    if rc:
-        raise SystemExit(rc)
+        final = run(work / "dlm-run" / "model", work / "dlm2-run", args.dlm2_steps, 2e-4, 2e-5, t_per_block=True,
+                    seed=1, warmup_steps=30)
+        _set_decoding(final, DLM_DECODING)
+        copy_dir_atomically(final, models / "dlm")
 
 
 def _set_decoding(model: Path, settings: dict) -> None:
@@ -152,16 +149,6 @@ def _set_decoding(model: Path, settings: dict) -> None:
     tmp = path.with_name(".config.json.tmp")
     tmp.write_text(json.dumps(cfg, indent=2) + "\n")
     tmp.rename(path)
-
-
-def _publish(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
-    print(f"published {dst}")
 
 
 if __name__ == "__main__":

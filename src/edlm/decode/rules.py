@@ -2,14 +2,13 @@
 
 Each rule takes per-slot confidences [B, S] (probability of the chosen token), entropies
 [B, S] and the candidate slots [B, S] (still masked, to be generated) and returns a bool
-[B, S] commit mask with at least one True per row that has a candidate.
+[B, S] commit mask with at least one True per row that has a candidate. Pure functions of
+tensors: which rule a strategy uses, and with which option, is said once in edlm.decode.strategies.
 """
 
 from __future__ import annotations
 
 import torch
-
-STRATEGIES = ("threshold", "prefix", "factor", "entropy", "steps")
 
 
 def pick_tokens(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -85,18 +84,3 @@ def commit_steps(conf, candidates, tokens_per_step: int):
     """A fixed number of most-confident tokens per step (LLaDA-style schedules)."""
     n = torch.full((conf.shape[0],), tokens_per_step, dtype=torch.long, device=conf.device)
     return _top_n(conf, n, candidates)
-
-
-def commit(strategy: str, conf, entropy, candidates, threshold=0.9, factor=1.0, gamma=0.5,
-           tokens_per_step=1) -> torch.Tensor:
-    if strategy == "threshold":
-        return commit_threshold(conf, candidates, threshold)
-    if strategy == "prefix":
-        return commit_prefix(conf, candidates, threshold)
-    if strategy == "factor":
-        return commit_factor(conf, candidates, factor)
-    if strategy == "entropy":
-        return commit_entropy(conf, entropy, candidates, gamma)
-    if strategy == "steps":
-        return commit_steps(conf, candidates, tokens_per_step)
-    raise ValueError(f"unknown strategy {strategy!r}")

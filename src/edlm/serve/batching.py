@@ -11,7 +11,7 @@ and fit in max_batch rows. The first one that does not (other settings, an embed
 rows) stops joining, so it waits only until the running rows finish, never behind an endless
 stream of newer compatible requests.
 
-- Requests batch together when their decode settings match; max_tokens and stop may differ (the
+- Requests batch together when their decode options (edlm.decode.options) match; max_tokens and stop may differ (the
   engine takes one budget and one stop list per row, and a row decodes exactly as it would alone,
   whether it started the call or joined it).
 - Rows that finish early (EOS, stop, budget) leave the engine's batch at once and cost no compute;
@@ -38,27 +38,6 @@ class QueueFull(Exception):
     """The bounded queue is full: the caller should answer 429."""
 
 
-@dataclass(frozen=True)
-class DecodeSettings:
-    """Everything one engine call shares; requests batch together only when these are equal."""
-
-    max_tokens: int
-    block_size: int
-    threshold: float
-    strategy: str
-    temperature: float
-    top_p: float
-    stop: tuple[str, ...] = ()
-
-    def shared(self) -> tuple:
-        """What one engine call must share (budget and stop strings are per row)."""
-        return (self.block_size, self.threshold, self.strategy, self.temperature, self.top_p)
-
-    def engine_kwargs(self) -> dict:
-        return dict(block_size=self.block_size, threshold=self.threshold, strategy=self.strategy,
-                    temperature=self.temperature, top_p=self.top_p)
-
-
 @dataclass
 class RowResult:
     text: str
@@ -74,11 +53,13 @@ class Job:
     ("error", message).
     """
 
-    def __init__(self, kind: str, inputs: list[list[int]], settings: DecodeSettings | None = None,
-                 streaming: bool = False):
+    def __init__(self, kind: str, inputs: list[list[int]], options=None, budgets: list[int] | None = None,
+                 stop: tuple[str, ...] = (), streaming: bool = False):
         self.kind = kind  # "generate" | "embed"
         self.inputs = inputs  # token ids per row
-        self.settings = settings
+        self.options = options  # DecodeOptions (resolved): what an engine call shares
+        self.budgets = budgets or []  # max new tokens per row
+        self.stop = stop
         self.streaming = streaming
         self.cancelled = False
         self._loop = asyncio.get_running_loop()
@@ -98,7 +79,7 @@ class Job:
         self.cancelled = True
 
     def batches_with(self, other: Job) -> bool:
-        return self.kind == other.kind == "generate" and self.settings.shared() == other.settings.shared()
+        return self.kind == other.kind == "generate" and self.options == other.options
 
 
 class BatchingWorker:
@@ -214,8 +195,8 @@ class BatchingWorker:
                 owners.extend((job, i) for i in range(len(job.inputs)))
                 finished[id(job)] = {}
             return ([ids for job in new for ids in job.inputs],
-                    [job.settings.max_tokens for job in new for _ in job.inputs],
-                    [list(job.settings.stop) for job in new for _ in job.inputs])
+                    [b for job in new for b in job.budgets],
+                    [list(job.stop) for job in new for _ in job.inputs])
 
         def admit():  # called by the engine at each block boundary
             joining = self._joining(jobs[0])
@@ -227,8 +208,7 @@ class BatchingWorker:
             return engine_rows(joining)
 
         prompts, budgets, stops = engine_rows(jobs)
-        events = self.dlm.stream(prompts, max_new_tokens=budgets, stop=stops, admit=admit,
-                                 **jobs[0].settings.engine_kwargs())
+        events = self.dlm.stream(prompts, max_new_tokens=budgets, stop=stops, admit=admit, options=jobs[0].options)
         try:
             for event in events:
                 job, row = owners[event.row]

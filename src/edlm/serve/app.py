@@ -2,7 +2,13 @@
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /v1/embeddings,
 GET /health. Decoding extensions in the request body: threshold, block_size, strategy. Usage adds
-model_calls to the OpenAI token counts, so clients can compute tokens per forward.
+model_calls to the OpenAI token counts, so clients can compute tokens per forward. Unset decode
+options resolve as everywhere else (edlm.decode.options: the checkpoint's `decoding` config, then
+the engine's defaults), so unlike OpenAI an unset temperature means greedy, as in `edlm generate`.
+
+Every field of a request is either honoured or refused with a 400 that names it: OpenAI fields
+edlm does not implement (logprobs, tools, penalties, ...) are declared only to be refused when
+set to anything but their no-op value, and unknown fields are refused too.
 
 All model work goes through one `BatchingWorker` thread (edlm.batching): concurrent requests with
 the same settings are decoded as one batch, a request that arrives while one runs joins it at the
@@ -20,17 +26,18 @@ import json
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Literal
+from typing import ClassVar, Literal
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edlm.batching import BatchingWorker, DecodeSettings, Job, QueueFull, RowResult
-from edlm.decoding import DecodeOptions, model_defaults
+from edlm.decode.options import DecodeOptionError, DecodeOptions, resolve_rows
 from edlm.errors import EdlmError, first_line
+from edlm.serve.batching import BatchingWorker, Job, QueueFull, RowResult
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -60,8 +67,15 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
 
 # ------------------------------------------------------------------ request bodies
 class _Body(BaseModel):
-    # strict: "8" is not an int, as in the OpenAI API; unknown fields (user, n, ...) are ignored
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # strict: "8" is not an int, as in the OpenAI API; a field we do not know is refused, not ignored
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    def refuse_unsupported(self, allowed: dict) -> None:
+        """400 for each declared-but-unimplemented field set to anything but its no-op value."""
+        for name, noop in allowed.items():
+            value = getattr(self, name, None)
+            if value is not None and value not in noop:
+                raise ApiError(400, f"{name}={value!r} is not supported by edlm", param=name, code="invalid_value")
 
 
 class StreamOptions(_Body):
@@ -74,17 +88,31 @@ class _DecodeBody(_Body):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     stream: bool = False
-    n: int | None = Field(None, ge=1, le=1)  # one choice per prompt: say so instead of ignoring n
     stream_options: StreamOptions | None = None
+    seed: int | None = Field(None, ge=0)
+    user: str | None = None  # metadata: accepted, it changes nothing
+    # OpenAI fields edlm does not implement: refused unless set to their no-op value
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict | None = None
     # extensions
     threshold: float | None = Field(None, gt=0.0, le=1.0)
     block_size: int | None = Field(None, ge=1)
     strategy: str | None = None
 
+    UNSUPPORTED: ClassVar[dict] = {"n": (1,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},)}
+
 
 class CompletionRequest(_DecodeBody):
     prompt: str | list[str]
     max_tokens: int | None = Field(None, ge=1)
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    UNSUPPORTED: ClassVar[dict] = {**_DecodeBody.UNSUPPORTED, "logprobs": (), "best_of": (1,), "suffix": ("",)}
 
 
 class TextPart(_Body):
@@ -93,25 +121,36 @@ class TextPart(_Body):
 
 
 class ChatMessage(_Body):
-    role: str
-    content: str | list[TextPart] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
-        return self.content or ""
+        return self.content
 
 
 class ChatRequest(_DecodeBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)  # None: until EOS or the end of the context
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+
+    UNSUPPORTED: ClassVar[dict] = {**_DecodeBody.UNSUPPORTED, "logprobs": (False,), "top_logprobs": (0,), "tools": ([],),
+                   "tool_choice": ("none",), "response_format": ({"type": "text"},)}
 
 
 class EmbeddingRequest(_Body):
     model: str
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
 
 
 # ------------------------------------------------------------------ prompts
@@ -124,41 +163,32 @@ def render_chat(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=True)["input_ids"]
 
 
-def _check_length(dlm, ids: list[int], param: str, room: int = 1) -> list[int]:
-    """Reject before queueing: in a batch, the engine's own check would fail every row."""
+def _check_length(dlm, ids: list[int], param: str) -> list[int]:
     if not ids:
         raise ApiError(400, f"{param} is empty", param=param, code="invalid_value")
     limit = dlm.max_positions
-    if limit is not None and len(ids) + room > limit:
+    if limit is not None and len(ids) > limit:
         raise ApiError(400, f"{param} has {len(ids)} tokens; this model handles at most {limit} positions",
                        param=param, code="context_length_exceeded")
     return ids
 
 
-def _settings(dlm, body: _DecodeBody, max_tokens: int | None) -> DecodeSettings:
-    if isinstance(body.stop, str):
-        stop = (body.stop,)
-    else:
-        stop = tuple(s for s in body.stop or () if s)
-    defaults = model_defaults(dlm)  # the checkpoint's own strategy/threshold, else the engine's
-    settings = DecodeSettings(
-        max_tokens=max_tokens or dlm.max_positions or 4096,  # the engine clamps to the context left
-        block_size=body.block_size or dlm.config.block_size,
-        threshold=body.threshold if body.threshold is not None else defaults["threshold"],
-        strategy=body.strategy or defaults["strategy"],
-        temperature=body.temperature if body.temperature is not None else 1.0,  # OpenAI's default
-        top_p=body.top_p if body.top_p is not None else 1.0,
-        stop=stop,
-    )
-    opts = DecodeOptions(**{k: v for k, v in settings.engine_kwargs().items() if k != "max_new_tokens"})
+def _job(dlm, body: _DecodeBody, ids: list[list[int]], max_tokens: int | None, param: str) -> Job:
+    """Resolve and check everything before queueing: a bad request never reaches (or fails) a batch."""
+    body.refuse_unsupported(type(body).UNSUPPORTED)
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(s for s in body.stop or () if s)
     try:
-        opts.validate()
+        options = DecodeOptions.resolve(dlm, block_size=body.block_size, threshold=body.threshold,
+                                        strategy=body.strategy, temperature=body.temperature, top_p=body.top_p,
+                                        seed=body.seed)
+        _, budgets, _ = resolve_rows(dlm, ids, max_tokens, list(stop))
+    except DecodeOptionError as exc:
+        field = {"max_new_tokens": "max_tokens", "prompt": param}.get(exc.option, exc.option)
+        code = "context_length_exceeded" if field in ("max_tokens", param) else "invalid_value"
+        raise ApiError(400, str(exc).replace("max_new_tokens", "max_tokens"), param=field, code=code) from None
     except EdlmError as exc:
         raise ApiError(400, str(exc), code="invalid_value") from None
-    if dlm.config.diffusion is False and settings.block_size != 1:
-        raise ApiError(400, "this model is autoregressive: block_size must be 1", param="block_size",
-                       code="invalid_value")
-    return settings
+    return Job("generate", ids, options, budgets, stop, streaming=body.stream)
 
 
 def _usage(prompt_tokens: int, rows: list[RowResult]) -> dict:
@@ -235,8 +265,11 @@ def _streaming_response(job: Job, meta: dict, choice, n_prompt: int, include_usa
 
 
 # ------------------------------------------------------------------ the app
-def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256) -> FastAPI:
-    """The server for one loaded DiffusionLM; `model_name` is the id clients pass as `model`."""
+def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256, aliases=()) -> FastAPI:
+    """The server for one loaded DiffusionLM; clients pass `model_name` (listed by /v1/models) or
+    one of `aliases` as `model`. One request holds at most max_batch prompts, each within the
+    model's context: that bounds the memory one request can take."""
+    served = {model_name, *aliases}
     worker = BatchingWorker(dlm, max_batch=max_batch, max_queue=max_queue)
     created = int(time.time())
 
@@ -267,7 +300,7 @@ def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256) 
         return ApiError(500, f"internal error: {first_line(exc)}", "server_error").response()
 
     def check_model(name: str) -> None:
-        if name != model_name:
+        if name not in served:
             raise ApiError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
 
@@ -298,20 +331,26 @@ def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256) 
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise ApiError(400, "prompt is empty", param="prompt", code="invalid_value")
+        if len(prompts) > max_batch:
+            raise ApiError(400, f"{len(prompts)} prompts in one request; this server takes at most {max_batch}",
+                           param="prompt", code="invalid_value")
         ids = [_check_length(dlm, dlm.tokenizer(p, add_special_tokens=True)["input_ids"], "prompt")
                for p in prompts]
-        job = submit(Job("generate", ids, _settings(dlm, body, body.max_tokens or COMPLETION_MAX_TOKENS), streaming=body.stream))
+        job = submit(_job(dlm, body, ids, body.max_tokens or COMPLETION_MAX_TOKENS, "prompt"))
         n_prompt = sum(len(i) for i in ids)
+        echo = prompts if body.echo else [""] * len(prompts)  # echo: the prompt comes before the completion
         if body.stream:
+            opening = [{**head("text_completion", "cmpl"), "choices": [
+                {"index": i, "text": p, "logprobs": None, "finish_reason": None}]} for i, p in enumerate(echo) if p]
             return _streaming_response(
                 job, head("text_completion", "cmpl"),
                 lambda i, text, finish: {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish},
-                n_prompt, bool(body.stream_options and body.stream_options.include_usage))
+                n_prompt, bool(body.stream_options and body.stream_options.include_usage), opening)
         rows = await _answer_unless_gone(request, job, _rows)
         if rows is None:
             return Response(status_code=499)  # nobody is there to read it
         return {**head("text_completion", "cmpl"),
-                "choices": [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+                "choices": [{"index": i, "text": echo[i] + r.text, "logprobs": None, "finish_reason": r.finish_reason}
                             for i, r in enumerate(rows)],
                 "usage": _usage(n_prompt, rows)}
 
@@ -326,7 +365,7 @@ def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256) 
                            code="invalid_value") from None
         _check_length(dlm, ids, "messages")
         max_tokens = body.max_completion_tokens or body.max_tokens
-        job = submit(Job("generate", [ids], _settings(dlm, body, max_tokens), streaming=body.stream))
+        job = submit(_job(dlm, body, [ids], max_tokens, "messages"))
         if body.stream:
             meta = head("chat.completion.chunk", "chatcmpl")
 
@@ -352,8 +391,14 @@ def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256) 
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts:
             raise ApiError(400, "input is empty", param="input", code="invalid_value")
-        ids = [_check_length(dlm, dlm.tokenizer(t, add_special_tokens=True)["input_ids"], "input", room=0)
-               for t in texts]
+        if len(texts) > max_batch * 16:
+            raise ApiError(400, f"{len(texts)} inputs in one request; this server takes at most {max_batch * 16}",
+                           param="input", code="invalid_value")
+        width = dlm.inner_model.config.hidden_size
+        if body.dimensions is not None and body.dimensions > width:
+            raise ApiError(400, f"dimensions {body.dimensions} exceeds the model's {width}", param="dimensions",
+                           code="invalid_value")
+        ids = [_check_length(dlm, dlm.tokenizer(t, add_special_tokens=True)["input_ids"], "input") for t in texts]
         job = submit(Job("embed", ids))
 
         async def vectors(job):
@@ -365,6 +410,8 @@ def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256) 
         vecs = await _answer_unless_gone(request, job, vectors)
         if vecs is None:
             return Response(status_code=499)
+        if body.dimensions is not None:  # OpenAI's Matryoshka-style shortening: cut, then unit length again
+            vecs = torch.nn.functional.normalize(vecs[:, : body.dimensions], dim=-1)
         if body.encoding_format == "base64":  # little-endian float32, what the openai client decodes
             data = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vecs]
         else:

@@ -13,15 +13,18 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from edlm.decode.options import DecodeOptions
 from edlm.errors import EdlmError
+from edlm.files import prepare_output_dir, write_dir_atomically
+from edlm.model import DiffusionLM, read_checkpoint_config
 
 FORMATS = ("sdar", "hf")
 SDAR_MASK_TOKEN_ID = 151669  # the first free row of Qwen3's padded embedding (151669 tokens, 151936 rows)
-DEFAULT_THRESHOLD = 0.9
 
 # Qwen3Config fields copied into SDAR's config.json (RoPE is handled apart: see rope_fields).
 QWEN3_FIELDS = (
@@ -95,8 +98,6 @@ def stored_dtype(raw: dict) -> torch.dtype:
 
 def load_for_export(path):
     """A converted edlm dir, an SDAR dir, or a PEFT LoRA adapter dir on top of one (merged here)."""
-    from edlm.model import DiffusionLM, read_checkpoint_config
-
     path = Path(path)
     if not path.is_dir():
         raise EdlmError(f"model directory not found: {path}")
@@ -178,6 +179,7 @@ def sdar_config(model_config, block_size: int, dtype: torch.dtype) -> dict:
     cfg["head_dim"] = getattr(model_config, "head_dim", None) or (
         model_config.hidden_size // model_config.num_attention_heads)
     cfg["rope_theta"], cfg["rope_scaling"] = rope_fields(model_config)
+    cfg["tie_word_embeddings"] = False  # the export always writes lm_head.weight (see untied_head)
     dtype_name = str(dtype).removeprefix("torch.")
     cfg.update(mask_token_id=SDAR_MASK_TOKEN_ID, block_size=block_size, torch_dtype=dtype_name, dtype=dtype_name,
                transformers_version=transformers.__version__)
@@ -224,9 +226,34 @@ def _portable_tokenizer_config(directory: Path) -> None:
         path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
+@contextmanager
+def untied_head(model):
+    """Within the block, the LM head is its own copy of a tied embedding and the config says untied.
+
+    SGLang's SDAR model (0.5.23, srt/models/sdar.py) loads `lm_head.weight` unconditionally, so an
+    export of a tied Qwen3 (0.6B/1.7B/4B all tie) crashes it with KeyError; LMDeploy handles both.
+    The copy has the same values, so every engine (edlm included) decodes the export identically.
+    The model is restored afterwards: exporting never changes the caller's in-memory model.
+    """
+    head, config = model.get_output_embeddings(), model.config
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    if not tied:
+        yield
+        return
+    shared = head.weight
+    head.weight = torch.nn.Parameter(shared.detach().clone(), requires_grad=False)
+    config.tie_word_embeddings = False
+    try:
+        yield
+    finally:
+        head.weight = shared
+        config.tie_word_embeddings = True
+
+
 def write_sdar(dlm, out: Path, threshold: float, readme_path: Path) -> None:
     model = dlm.inner_model
-    model.save_pretrained(str(out), safe_serialization=True)
+    with untied_head(model):  # SGLang's sdar.py reads lm_head.weight and crashes without it
+        model.save_pretrained(str(out), safe_serialization=True)
     cfg = sdar_config(model.config, dlm.config.block_size, dlm.dtype)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "configuration_sdar.py").write_text(CONFIGURATION_SDAR)
@@ -238,67 +265,36 @@ def write_sdar(dlm, out: Path, threshold: float, readme_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- entry points
-def _checked_threshold(format: str, threshold: float | None) -> float:
+def _check_format(format: str, threshold: float | None) -> None:
     if format not in FORMATS:
         raise EdlmError(f"--format must be one of {FORMATS}, got {format!r}")
     if format == "hf" and threshold is not None:
         raise EdlmError("--threshold only applies to --format sdar")
-    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
-    if not 0.0 < threshold <= 1.0:
-        raise EdlmError(f"--threshold must be in (0, 1], got {threshold}")
-    return threshold
 
 
 def export_model(dlm, out, format: str, threshold: float | None = None, force: bool = False,
                  layout: dict | None = None) -> Path:
-    """Write an in-memory DiffusionLM to OUT in FORMAT; `layout` is its TrainConfig, when known."""
-    from edlm.convert import prepare_output_dir, write_atomically
-
-    threshold = _checked_threshold(format, threshold)
+    """Write an in-memory DiffusionLM to OUT in FORMAT; `layout` is its TrainConfig, when known.
+    The SDAR threshold defaults like every decode option (the checkpoint's, then the engine's)."""
+    _check_format(format, threshold)
     out = prepare_output_dir(out, force)
     if format == "sdar":
         check_sdar_servable(dlm, layout)
+        threshold = DecodeOptions.resolve(dlm, strategy="threshold", threshold=threshold).threshold
     dlm = dlm.merged()
     if format == "sdar":
-        write_atomically(out, lambda tmp: write_sdar(dlm, tmp, threshold, readme_path=out))
+        write_dir_atomically(out, lambda tmp: write_sdar(dlm, tmp, threshold, readme_path=out))
     else:
-        write_atomically(out, dlm.save_pretrained)
+        write_dir_atomically(out, dlm.save_pretrained)
     return out
 
 
 def export(model, out, format: str, threshold: float | None = None, force: bool = False) -> Path:
     """`edlm export`: load MODEL (converted/trained edlm dir, SDAR dir, or LoRA adapter dir), write OUT."""
-    from edlm.convert import prepare_output_dir
-
-    _checked_threshold(format, threshold)  # fail before loading a large model
+    _check_format(format, threshold)  # fail before loading a large model
+    if threshold is not None and not 0.0 < threshold <= 1.0:
+        raise EdlmError(f"--threshold must be in (0, 1], got {threshold}")
     if Path(out).resolve() == Path(model).resolve():
         raise EdlmError("OUT must differ from MODEL")
     prepare_output_dir(out, force)
     return export_model(load_for_export(model), out, format, threshold, force, layout=training_layout(model))
-
-
-# ---------------------------------------------------------------- CLI
-def add_parser(sub) -> None:
-    p = sub.add_parser("export", help="export for SGLang / LMDeploy (SDAR format) or as a plain HF checkpoint",
-                       description="Write MODEL (a converted or trained edlm dir) to OUT. --format sdar: the SDAR "
-                       "layout that SGLang and LMDeploy serve as a block-diffusion model (Qwen3 bases, mask id "
-                       f"{SDAR_MASK_TOKEN_ID}, no shift). --format hf: a plain HF checkpoint, LoRA merged, edlm "
-                       "settings kept. Example: edlm export runs/q/model ./q-sdar --format sdar --threshold 0.9")
-    p.add_argument("model", help="converted/trained edlm model dir (or a LoRA adapter dir on top of one)")
-    p.add_argument("out", help="output directory")
-    p.add_argument("--format", required=True, choices=FORMATS, help="sdar (SGLang / LMDeploy) or hf")
-    p.add_argument("--threshold", type=float, default=None,
-                   help=f"sdar only: confidence threshold written to dllm.yaml and the launch commands "
-                   f"(default {DEFAULT_THRESHOLD})")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
-    p.set_defaults(func=run)
-
-
-def run(args) -> None:
-    out = export(args.model, args.out, args.format, threshold=args.threshold, force=args.force)
-    print(f"exported {args.model} -> {out} (format {args.format})")
-    if args.format == "sdar":
-        raw = json.loads((out / "config.json").read_text())
-        threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
-        for name, cmd in launch_commands(out, raw["block_size"], threshold).items():
-            print(f"{name}: {cmd}")

@@ -6,14 +6,14 @@ change exactly as a block mask says it must?), not by a list of model names.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+import sys
 from pathlib import Path
 
 import torch
 
-from edlm.config import CONFIG_KEY, DiffusionConfig
+from edlm.config import CONFIG_KEY, DEFAULT_BLOCK_SIZE, DiffusionConfig
 from edlm.errors import EdlmError
+from edlm.files import prepare_output_dir, write_dir_atomically
 from edlm.masks import block_causal_mask, to_backend_mask
 from edlm.model import DiffusionLM, load_causal_lm, read_checkpoint_config
 
@@ -42,6 +42,10 @@ def choose_mask_token(model, tokenizer, mask_token: str | None = None) -> int:
         return int(tokenizer.mask_token_id)
     name = mask_token or new_mask_token_name(model)
     if name in vocab:
+        if name not in tokenizer.get_added_vocab():  # legitimate only when no free token exists
+            print(f"edlm convert: warning: mask token {name!r} is an ordinary token of the vocabulary: every "
+                  "occurrence in text will read as a mask; name a special or reserved token, or a new one",
+                  file=sys.stderr)
         tokenizer.mask_token = name
         return int(vocab[name])
     tokenizer.add_special_tokens({"mask_token": name})
@@ -103,45 +107,21 @@ def check_mask_support(model, vocab_size: int, block_size: int = 4) -> None:
         raise EdlmError("the model ignores position_ids: it cannot be converted")
 
 
-def convert_model(model, tokenizer, block_size: int = 32, mask_token: str | None = None,
+def convert_model(model, tokenizer, block_size: int = DEFAULT_BLOCK_SIZE, mask_token: str | None = None,
                   shift: bool = False, base_model: str | None = None) -> DiffusionLM:
     """In-memory conversion of a loaded causal LM (used by `edlm convert` and `edlm train`)."""
     if block_size < 1:
         raise EdlmError(f"--block-size must be >= 1, got {block_size}")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and block_size > limit:
+        raise EdlmError(f"--block-size {block_size} exceeds the model's {limit} positions")
     mask_id = choose_mask_token(model, tokenizer, mask_token)
     check_mask_support(model, model.get_input_embeddings().weight.shape[0], block_size)
     config = DiffusionConfig(block_size=block_size, mask_token_id=mask_id, shift=shift, base_model=base_model)
     return DiffusionLM(model, tokenizer, config)
 
 
-def prepare_output_dir(out, force: bool) -> Path:
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise EdlmError(f"output path {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise EdlmError(f"output directory {out} is not empty (use --force to overwrite)")
-    return out
-
-
-def save_atomically(dlm: DiffusionLM, out: Path) -> None:
-    write_atomically(out, dlm.save_pretrained)
-
-
-def write_atomically(out: Path, write) -> None:
-    """Run write(tmp) on a temp dir beside OUT, then rename: a crash never leaves a half-written OUT."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def convert(base, out, block_size: int = 32, mask_token: str | None = None, shift: bool = False,
+def convert(base, out, block_size: int = DEFAULT_BLOCK_SIZE, mask_token: str | None = None, shift: bool = False,
             force: bool = False, attn_implementation: str = "sdpa") -> DiffusionLM:
     """`edlm convert`: load BASE, convert, write OUT as a normal HF checkpoint + our settings."""
     if block_size < 1:
@@ -154,5 +134,5 @@ def convert(base, out, block_size: int = 32, mask_token: str | None = None, shif
     model, tokenizer = load_causal_lm(base, device="cpu", dtype=torch.float32,
                                       attn_implementation=attn_implementation)
     dlm = convert_model(model, tokenizer, block_size, mask_token, shift, base_model=str(base))
-    save_atomically(dlm, out)
+    write_dir_atomically(out, dlm.save_pretrained)
     return dlm

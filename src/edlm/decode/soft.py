@@ -13,9 +13,15 @@ from __future__ import annotations
 
 import torch
 
-from edlm.decoding import apply_commit, denoise_step
-from edlm.speculative import forward_block, greedy_tokens, keep_for_next_step, kept_from_last_step
-from edlm.strategies import commit_threshold
+from edlm.decode.rules import commit_threshold
+from edlm.decode.step import (
+    apply_commit,
+    denoise_step,
+    forward_block,
+    greedy_tokens,
+    keep_for_next_step,
+    kept_from_last_step,
+)
 
 
 def soft_embeddings(dlm, block_ids: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -27,7 +33,7 @@ def soft_embeddings(dlm, block_ids: torch.Tensor, tokens: torch.Tensor, weight: 
 
 
 @torch.no_grad()
-def soft_step(dlm, batch) -> tuple[torch.Tensor, int]:
+def soft_step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
     """One forward on the soft block, then the threshold rule commits; returns (committed [B], 1)."""
     drafts = kept_from_last_step(batch)
     if drafts is None:  # the block's first forward: nothing drafted yet, and it writes pending KV

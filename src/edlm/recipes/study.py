@@ -58,10 +58,13 @@ def run_study(base: str, data: list[str], out: str, studies=tuple(STUDIES), step
     log-likelihood per token when revealed left to right, block by block (the decoder's own
     view of the answer): at small scale accuracy can sit at 0 for several variants while the
     NLL still ranks them."""
-    from edlm.bench import engine_runner, load_examples, measure
-    from edlm.model import DiffusionLM
+    from edlm.config import CONFIG_KEY
+    from edlm.model import DiffusionLM, read_checkpoint_config
+    from edlm.recipes.bench import engine_runner, load_examples, measure
     from edlm.train import TrainConfig, train
 
+    if CONFIG_KEY in read_checkpoint_config(base):
+        raise EdlmError(f"--base {base} is a converted dLM; every variant starts from the AR parent")
     unknown = [s for s in studies if s not in STUDIES]
     if unknown:
         raise EdlmError(f"unknown study {unknown[0]!r}; choose from {', '.join(STUDIES)}")
@@ -116,8 +119,8 @@ def run_study(base: str, data: list[str], out: str, studies=tuple(STUDIES), step
 def answer_nll(dlm, examples, block_size: int) -> float:
     """Mean -log p(answer token | prompt) with the answer revealed one token at a time, left to
     right, at `block_size` (lm-eval adapter's exact `ltr` estimator; block size 1 = the AR view)."""
-    from edlm.decoding import encode_prompts
-    from edlm.lm_eval_adapter import left_to_right_row, score_rows
+    from edlm.decode.scoring import left_to_right_row, score_rows
+    from edlm.decode.state import encode_prompts
 
     tok, cfg = dlm.tokenizer, dlm.config
     rows, n_tokens = [], 0
@@ -197,24 +200,3 @@ def _write_report(out_dir: Path, results: dict, setup: str, shift: bool = False)
 
 def _thr(row: dict) -> str:
     return "AR" if row["threshold"] is None else f"{row['threshold']:g}"
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("study", help="the paper's attention / masking / block-size studies at small scale",
-                       description="Train each variant from the same AR parent and compare on held-out "
-                       "reasoning problems. Example: edlm study --base models/ar --data train.jsonl --steps 300")
-    p.add_argument("--base", required=True, help="AR parent (e.g. models/ar)")
-    p.add_argument("--data", nargs="+", required=True, help="training data (e.g. the demo's train.jsonl)")
-    p.add_argument("--out", default="studies")
-    p.add_argument("--studies", nargs="+", default=list(STUDIES), help=f"subset of {list(STUDIES)}")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--limit", type=int, default=100, help="held-out problems per evaluation")
-    p.add_argument("--block-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--shift", action="store_true", help="base recipe with token shift (the demo dLM's setting)")
-    p.set_defaults(func=lambda a: print((Path(a.out) / "report.md").read_text()) if run_study(
-        a.base, a.data, a.out, a.studies, a.steps, a.limit, a.block_size, a.seq_len, a.batch_size, a.lr,
-        a.max_new_tokens, shift=a.shift) is not None else None)

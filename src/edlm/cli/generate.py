@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from edlm.cli.common import add_decode_flags, decode_flags
+from edlm.decode.options import DEFAULT_MAX_NEW_TOKENS
 from edlm.errors import EdlmError
 
 
@@ -17,21 +19,10 @@ def add_parser(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", help="file holding the prompt text")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--threshold", type=float, default=None,
-                   help="commit confidence threshold in (0, 1] (default: the model's, else 0.9)")
-    p.add_argument("--strategy", default=None,
-                   help="threshold | prefix | factor | entropy | steps | lossless | psd | soft | wino "
-                        "(default: the model's, else threshold)")
-    p.add_argument("--block-size", type=int, default=None, help="decode block size (default: the model's)")
-    p.add_argument("--factor", type=float, default=1.0, help="f of the factor strategy")
-    p.add_argument("--gamma", type=float, default=0.5, help="entropy budget of the entropy strategy")
-    p.add_argument("--tokens-per-step", type=int, default=1, help="k of the steps strategy")
-    p.add_argument("--draft-depth", type=int, default=4, help="states drafted per verification (lossless, psd)")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help=f"budget of new tokens (default {DEFAULT_MAX_NEW_TOKENS})")
+    add_decode_flags(p)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ar", action="store_true", help="MODEL is a plain AR checkpoint (block size 1 baseline)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.set_defaults(func=run)
@@ -44,14 +35,14 @@ def run(args) -> None:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise EdlmError(f"prompt file not found: {path}")
-        prompt = path.read_text()
+        try:
+            prompt = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise EdlmError(f"prompt file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     else:
         prompt = args.prompt
     dlm = DiffusionLM.from_pretrained(args.model, autoregressive=args.ar)
-    kwargs = dict(max_new_tokens=args.max_new_tokens, threshold=args.threshold, strategy=args.strategy,
-                  block_size=args.block_size, temperature=args.temperature, top_p=args.top_p, stop=args.stop,
-                  factor=args.factor, gamma=args.gamma, tokens_per_step=args.tokens_per_step, seed=args.seed,
-                  draft_depth=args.draft_depth)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, stop=args.stop, **decode_flags(args))
     if args.json:
         res = dlm.generate(prompt, **kwargs)
         print(json.dumps({"text": res.texts[0], "token_ids": res.token_ids[0],

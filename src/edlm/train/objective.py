@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from edlm.noise import sample_block_mask, sample_noise_level
+from edlm.train.noise import sample_block_mask, sample_noise_level
 
 
 @dataclass
@@ -25,6 +25,9 @@ class NoiseSettings:
     # model's own argmax draft (one extra no-grad forward) and still scored, so the model learns
     # to keep right drafts and fix wrong ones, the input the soft/re-masking decoders create.
     repair_fraction: float = 0.0
+    # Feed only the noisy blocks that hold a masked token (exact: a noisy token attends only its
+    # own noisy block). False feeds every block, the plain concat layout (benchmarks, tests).
+    skip_unmasked_blocks: bool = True
 
 
 def row_generators(seed: int, step: int, rows: torch.Tensor) -> list[torch.Generator]:
@@ -75,7 +78,7 @@ def diffusion_loss(dlm, input_ids, maskable, noise: NoiseSettings, generators):
         input_ids = torch.cat([input_ids, input_ids])
         maskable = torch.cat([maskable, maskable])
     x_t = torch.where(masked, torch.full_like(input_ids, dlm.config.mask_token_id), input_ids)
-    active = blocks_with_loss(masked, block_size)
+    active = blocks_with_loss(masked, block_size) if noise.skip_unmasked_blocks else None
     if noise.repair_fraction > 0:
         x_t = with_own_drafts(dlm, x_t, input_ids, masked, noise, generators, active)
     logits = dlm.forward_noisy(x_t, input_ids, attention=noise.attention, active=active)

@@ -1,101 +1,44 @@
-"""Faster decoders on the block engine: self-speculation (lossless, psd), re-masking (wino),
-and soft inputs (soft, in edlm.soft).
+"""Faster decoders on the block engine: self-speculation (lossless, psd) and re-masking (wino).
 
-Each is a `strategy=` of `edlm.decoding.stream`; the engine calls `speculative_step` once per
-iteration and it returns (tokens committed per row [B], model calls it made). All are greedy.
+Each is a strategy of `edlm.decode.strategies` (greedy only); its step returns (tokens committed
+per row [B], model calls it made).
 
-Verifying several candidate states of the current block costs ONE forward and no KV copy:
-the C candidate blocks are fed as one sequence of C*bs tokens, every copy with the block's own
-position ids, and a mask in which copy c sees the clean cache and itself only. With
-block-causal attention each copy's logits are exactly those of a forward of that block alone;
-its KV is cropped right after, like the current block's in `denoise_step`. A block's first
-forward is always `denoise_step` (it also writes the pending clean block into the cache).
+Verifying several candidate states of the current block costs ONE forward and no KV copy
+(`edlm.decode.step.forward_block`): the C candidate blocks are fed as one sequence of C*bs
+tokens, every copy with the block's own position ids, each seeing the clean cache and itself
+only. A block's first forward is always `denoise_step` (it also writes the pending clean block).
 
-The logits of the state an iteration ends in are kept (as tokens and confidences) and seed the
-next iteration's drafts, so after a block's first step every iteration costs one forward.
+The logits of the state a step ends in are kept (as tokens and confidences) and seed the
+next step's drafts, so after a block's first step every step costs one forward.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 
-from edlm.decoding import apply_commit, candidate_logits, denoise_step
-from edlm.errors import EdlmError
-from edlm.masks import position_block_mask
-from edlm.strategies import commit_steps, commit_threshold, pick_tokens
+from edlm.decode.rules import commit_steps, commit_threshold
+from edlm.decode.step import (
+    apply_commit,
+    candidate_logits,
+    denoise_step,
+    forward_block,
+    greedy_tokens,
+    keep_for_next_step,
+    kept_from_last_step,
+)
 
-STRATEGIES = ("lossless", "psd", "soft", "wino")
 REMASK_BELOW = 0.9  # WINO narrow-out: a drafted token whose leave-one-out confidence is lower is re-masked
 
 
-def speculative_step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
-    """The engine's hook: one iteration of batch.opts.strategy on every row of the batch."""
-    opts = batch.opts
-    if opts.temperature > 0:
-        raise EdlmError(f"strategy {opts.strategy!r} decodes greedily; use temperature 0")
-    if opts.strategy == "soft":
-        from edlm.soft import soft_step
-
-        return soft_step(dlm, batch)
-    if opts.strategy == "wino":
-        return wino_step(dlm, batch)
-    if opts.strategy == "lossless":
-        return speculate(dlm, batch, lambda conf, todo: commit_steps(conf, todo, 1))
-    return speculate(dlm, batch, lambda conf, todo: commit_threshold(conf, todo, opts.threshold))
+def lossless_step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
+    return speculate(dlm, batch, lambda conf, todo: commit_steps(conf, todo, 1))
 
 
-# ------------------------------------------------------------------ state kept between iterations
-@dataclass
-class _Kept:
-    rows: torch.Tensor  # [B] request ids (cpu), to follow rows leaving the batch
-    block_start: torch.Tensor  # [B]
-    tensors: dict
-
-
-def keep_for_next_step(batch, **tensors) -> None:
-    batch.spec_kept = _Kept(batch.rows, batch.block_start, tensors)
-
-
-def kept_from_last_step(batch) -> dict | None:
-    """What the last iteration kept, for the rows still here; None at a block's first step."""
-    kept = getattr(batch, "spec_kept", None)
-    if kept is None or batch.pending_ids.shape[1]:  # pending clean KV: a new block just opened
-        return None
-    here = torch.isin(kept.rows, batch.rows).to(batch.block_start.device)
-    if not torch.equal(kept.block_start[here], batch.block_start):
-        return None
-    return {k: v[here] for k, v in kept.tensors.items()}
-
-
-# ------------------------------------------------------------------ one forward, several blocks
-@torch.no_grad()
-def forward_block(dlm, batch, ids=None, embeds=None, copies: int = 1, see=None) -> torch.Tensor:
-    """Logits [B, copies, bs, V] of `copies` versions of the current block, in one model call.
-
-    ids [B, copies*bs] or embeds [B, copies*bs, H]; see [Q, Q] bool says which new queries see
-    which new keys (default: each copy sees only itself). Needs the pending clean KV written.
-    """
-    cfg, bs = dlm.config, batch.opts.block_size
-    assert batch.pending_ids.shape[1] == 0, "a block's first forward is denoise_step"
-    n, dev = batch.block_ids.shape[0], batch.block_ids.device
-    q_pos = (batch.block_start[:, None] + torch.arange(bs, device=dev)[None]).repeat(1, copies)  # [B, Q]
-    if see is None:
-        copy = torch.arange(copies, device=dev).repeat_interleave(bs)
-        see = copy[:, None] == copy[None, :]
-    cached = position_block_mask(q_pos, batch.cache_pos, bs, batch.cache_valid)  # [B, Q, K]
-    mask = torch.cat([cached, see.to(dev).expand(n, -1, -1)], -1)
-    out = dlm.model(input_ids=ids, inputs_embeds=embeds, attention_mask=dlm.backend_mask(mask),
-                    position_ids=q_pos, past_key_values=batch.cache, use_cache=True)
-    batch.cache.crop(-copies * bs)
-    logits = out.logits.float().view(n, copies, bs, -1)
-    if not cfg.shift:
-        return logits
-    # shift: slot j is predicted at j-1; slot 0 by the last clean position (carried by denoise_step)
-    carry = batch.carry if batch.carry is not None else torch.zeros_like(logits[:, 0, 0])
-    return torch.cat([carry[:, None, None].expand(-1, copies, -1, -1), logits[:, :, :-1]], 2)
+def psd_step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
+    threshold = batch.opts.threshold
+    return speculate(dlm, batch, lambda conf, todo: commit_threshold(conf, todo, threshold))
 
 
 def _after(dlm, state, chosen, tokens) -> SimpleNamespace:
@@ -104,11 +47,6 @@ def _after(dlm, state, chosen, tokens) -> SimpleNamespace:
                           chosen=chosen)
     apply_commit(dlm, nxt, chosen, tokens)
     return nxt
-
-
-def greedy_tokens(dlm, logits):
-    tokens, conf, _ = pick_tokens(candidate_logits(dlm, logits))
-    return tokens, conf
 
 
 # ------------------------------------------------------------------ lossless and PSD
@@ -139,7 +77,7 @@ def speculate(dlm, batch, rule) -> tuple[torch.Tensor, int]:
     states, depth = draft_chain(dlm, batch, rule, tokens, conf)
     if depth == 0:  # s_1 fills every row's block: nothing left to verify
         _move_to(batch, states[0])
-        batch.spec_kept = None
+        batch.kept = None
         return states[0].chosen.sum(-1), calls
     drafts = torch.stack([s.block_ids for s in states], 1)  # [B, depth, bs]
     v_tokens, v_conf = greedy_tokens(dlm, forward_block(dlm, batch, ids=drafts.flatten(1), copies=depth))
@@ -194,7 +132,7 @@ def leave_one_out_mask(bs: int) -> torch.Tensor:
     return torch.cat([top, torch.cat([~eye, eye], 1)])
 
 
-def wino_step(dlm, batch) -> tuple[torch.Tensor, int]:
+def wino_step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
     """WINO (wide in, narrow out): draft wide, re-mask drafts that the new context no longer supports.
 
     Each forward commits the threshold set (threshold is the wide, low bar: 0.5-0.7) and, in the
@@ -205,8 +143,6 @@ def wino_step(dlm, batch) -> tuple[torch.Tensor, int]:
     anything after them are never re-masked. Needs shift=False (the leave-one-out trick reads
     slot j's own logit).
     """
-    if dlm.config.shift:
-        raise EdlmError("strategy 'wino' needs a model trained without token shift (shift=False)")
     if kept_from_last_step(batch) is None:
         logits, loo = denoise_step(dlm, batch), None
     else:

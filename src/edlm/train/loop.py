@@ -13,107 +13,58 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from edlm.config import CONFIG_KEY, DiffusionConfig
-from edlm.data import DataFields, build_dataset
+from edlm.config import CONFIG_KEY, DEFAULT_BLOCK_SIZE, DiffusionConfig
 from edlm.errors import EdlmError
-from edlm.model import ATTENTION_VARIANTS, DiffusionLM, load_causal_lm, read_checkpoint_config
-from edlm.objective import NoiseSettings, causal_lm_loss, diffusion_loss, row_generators
-
-MASKINGS = ("position", "uniform", "reverse")
-
-
-@dataclass
-class TrainConfig:
-    model: str
-    data: list[str]
-    out: str
-    val_data: list[str] | None = None
-    val_fraction: float = 0.0
-    objective: str = "diffusion"  # "diffusion" | "ar" (plain causal-LM fine-tuning, the baseline)
-    # conversion on the fly (when MODEL is a plain AR checkpoint)
-    block_size: int = 32
-    mask_token: str | None = None
-    shift: bool = False
-    # objective (paper defaults first)
-    attention: str = "clean"
-    masking: str = "position"  # "position" | "uniform" | "reverse" (right-to-left study variant)
-    half_life: float = 0.1
-    t_per_block: bool = False
-    t_min: float = 1e-3
-    complementary: bool = False
-    repair_fraction: float = 0.0
-    # optimisation
-    seq_len: int = 512
-    batch_size: int = 8  # per process, per micro-step
-    grad_accum: int = 1
-    steps: int = 1000
-    lr: float = 1e-5
-    min_lr: float = 3e-6
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    lora_rank: int = 0
-    gradient_checkpointing: bool = False
-    attn_implementation: str = "sdpa"
-    # bookkeeping
-    save_every: int = 500
-    keep_last: int = 2
-    eval_every: int = 0
-    eval_batches: int = 8
-    log_every: int = 10
-    seed: int = 0
-    resume: bool = False
-    progress: bool = True
-    fields: DataFields = field(default_factory=DataFields)
-
-    def validate(self) -> None:
-        if self.objective not in ("diffusion", "ar"):
-            raise EdlmError(f"--objective must be diffusion or ar, got {self.objective!r}")
-        if self.attention not in ATTENTION_VARIANTS:
-            raise EdlmError(f"--attention must be one of {ATTENTION_VARIANTS}, got {self.attention!r}")
-        if self.masking not in MASKINGS:
-            raise EdlmError(f"--masking must be one of {MASKINGS}, got {self.masking!r}")
-        if self.masking != "uniform" and self.half_life <= 0:
-            raise EdlmError(f"--half-life must be > 0, got {self.half_life}")
-        for name in ("block_size", "seq_len", "batch_size", "grad_accum", "steps", "save_every", "keep_last"):
-            if getattr(self, name) < 1:
-                raise EdlmError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise EdlmError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if not 0.0 <= self.repair_fraction <= 1.0:
-            raise EdlmError(f"--repair-fraction must be in [0, 1], got {self.repair_fraction}")
-        if not 0.0 < self.t_min < 1.0:
-            raise EdlmError(f"--t-min must be in (0, 1), got {self.t_min}")
-
-    def noise(self) -> NoiseSettings:
-        return NoiseSettings(
-            half_life={"position": self.half_life, "uniform": None, "reverse": -self.half_life}[self.masking],
-            t_per_block=self.t_per_block, t_min=self.t_min,
-            complementary=self.complementary, attention=self.attention, repair_fraction=self.repair_fraction,
-        )
+from edlm.files import copy_dir_atomically, publish_dir
+from edlm.model import DiffusionLM, load_causal_lm, read_checkpoint_config
+from edlm.train.config import TrainConfig, flag
+from edlm.train.data import build_dataset
+from edlm.train.objective import NoiseSettings, causal_lm_loss, diffusion_loss, row_generators
 
 
 # ---------------------------------------------------------------- model set-up
 def load_for_training(cfg: TrainConfig, device) -> DiffusionLM:
+    """The model to train; settings the checkpoint fixes are reconciled with the flags, and
+    `cfg` is updated to what the run really uses (so trainer.json records the truth)."""
     raw = read_checkpoint_config(cfg.model)
     if cfg.objective == "ar":
+        given = [flag(n) for n in ("block_size", "mask_token", "shift") if getattr(cfg, n) is not None]
+        if given:
+            print(f"edlm train: {', '.join(given)} apply to diffusion training; --objective ar does not use them")
+            cfg.block_size = cfg.mask_token = cfg.shift = None  # trainer.json records what the run used
         model, tok = load_causal_lm(cfg.model, device, torch.float32, cfg.attn_implementation)
         return DiffusionLM(model, tok, DiffusionConfig.autoregressive(cfg.model))
     if CONFIG_KEY in raw:
         dlm = DiffusionLM.from_pretrained(cfg.model, device, torch.float32, cfg.attn_implementation)
+        reconcile_with_checkpoint(dlm, cfg)
     else:
-        from edlm.convert import convert_model
+        from edlm.train.convert import convert_model
 
         model, tok = load_causal_lm(cfg.model, device, torch.float32, cfg.attn_implementation)
-        dlm = convert_model(model, tok, cfg.block_size, cfg.mask_token, cfg.shift, base_model=cfg.model)
+        dlm = convert_model(model, tok, cfg.block_size or DEFAULT_BLOCK_SIZE, cfg.mask_token, bool(cfg.shift),
+                            base_model=cfg.model)
+    cfg.block_size, cfg.shift = dlm.config.block_size, dlm.config.shift
     if cfg.seq_len % dlm.config.block_size:
         raise EdlmError(f"--seq-len {cfg.seq_len} must be a multiple of the block size {dlm.config.block_size}")
     return dlm
+
+
+def reconcile_with_checkpoint(dlm: DiffusionLM, cfg: TrainConfig) -> None:
+    """A converted model fixes its mask token; block size and shift given on the command line are
+    applied (the saved model records them) and said, never dropped."""
+    if cfg.mask_token is not None and cfg.mask_token != dlm.tokenizer.convert_ids_to_tokens(dlm.config.mask_token_id):
+        raise EdlmError(f"{cfg.model} is already converted with mask token id {dlm.config.mask_token_id}; "
+                        "--mask-token applies when converting an AR checkpoint")
+    for name in ("block_size", "shift"):
+        value, stored = getattr(cfg, name), getattr(dlm.config, name)
+        if value is not None and value != stored:
+            print(f"edlm train: {flag(name)} {value} replaces the checkpoint's {stored}; the trained model records it")
+            setattr(dlm.config, name, value)
 
 
 def apply_lora(model, rank: int):
@@ -139,9 +90,9 @@ def lr_lambda(cfg: TrainConfig):
     floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
 
     def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
@@ -194,9 +145,7 @@ def save_checkpoint(accelerator, dlm: DiffusionLM, cfg: TrainConfig, step: int) 
         if accelerator.is_main_process:
             exportable(dlm, accelerator).save_pretrained(tmp / "model")
             (tmp / "trainer.json").write_text(json.dumps({"step": step, "config": _jsonable(cfg)}, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
+            publish_dir(tmp, final)
             for old in checkpoint_dirs(out)[: -cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
@@ -256,6 +205,9 @@ def train(cfg: TrainConfig) -> Path:
     with accelerator.main_process_first():
         train_ds = build_dataset(cfg.data, dlm.tokenizer, cfg.seq_len, cfg.fields)
         val_ds = build_dataset(cfg.val_data, dlm.tokenizer, cfg.seq_len, cfg.fields) if cfg.val_data else None
+    limit = dlm.max_positions  # checked after the data, whose mistakes are the commoner ones
+    if limit is not None and cfg.seq_len > limit:
+        raise EdlmError(f"--seq-len {cfg.seq_len} exceeds the model's {limit} positions")
     if val_ds is None and cfg.val_fraction > 0:
         split = train_ds.train_test_split(test_size=cfg.val_fraction, seed=cfg.seed, shuffle=True)
         train_ds, val_ds = split["train"], split["test"]
@@ -329,11 +281,7 @@ def train(cfg: TrainConfig) -> Path:
     bar.close()
     final = out / "model"
     if accelerator.is_main_process:
-        tmp = out / ".tmp-model"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(checkpoint_dirs(out)[-1] / "model", tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        copy_dir_atomically(checkpoint_dirs(out)[-1] / "model", final)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final

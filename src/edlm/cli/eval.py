@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from edlm.cli.common import add_decode_flags, decode_flags
 from edlm.errors import EdlmError
 
 
@@ -19,10 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=float, default=None, help="examples per task (< 1: a fraction)")
     p.add_argument("--num-fewshot", type=int, default=None, help="override the tasks' few-shot count")
     p.add_argument("--include-path", default=None, help="directory of extra (local) YAML tasks")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="decoding commit threshold in (0, 1] (default: the model's, else 0.9)")
-    p.add_argument("--strategy", default=None, help="decoding strategy (see edlm generate; default: the model's)")
-    p.add_argument("--block-size", type=int, default=None, help="decode/scoring block size (default: the model's)")
+    add_decode_flags(p, only=("strategy", "threshold", "block_size"))
     p.add_argument("--max-gen-toks", type=int, default=256, help="generation budget when a task sets none")
     p.add_argument("--estimator", default="ltr", choices=["ltr", "elbo"],
                    help="loglikelihood: ltr = exact left-to-right unmasking (default), elbo = Monte-Carlo bound")
@@ -35,7 +33,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> None:
     try:
-        from edlm.lm_eval_adapter import evaluate_tasks
+        from edlm.recipes.evaluate import evaluate_tasks
     except ImportError as exc:
         raise EdlmError(f"lm-evaluation-harness is not installed ({exc}): pip install 'edlm[eval]'") from None
 
@@ -44,8 +42,7 @@ def run(args) -> None:
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     results = evaluate_tasks(args.model, tasks, limit=limit, num_fewshot=args.num_fewshot,
-                             include_path=args.include_path, threshold=args.threshold, strategy=args.strategy,
-                             block_size=args.block_size, max_gen_toks=args.max_gen_toks,
+                             include_path=args.include_path, max_gen_toks=args.max_gen_toks, **decode_flags(args),
                              estimator=args.estimator, mc_samples=args.mc_samples, batch_size=args.batch_size,
                              autoregressive=args.ar)
     from lm_eval.utils import handle_non_serializable, make_table

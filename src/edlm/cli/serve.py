@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from edlm.errors import EdlmError
 
@@ -12,7 +13,10 @@ def add_parser(sub) -> None:
                        description="Serve MODEL (a converted edlm dir) at http://HOST:PORT/v1 with batched "
                        "block-parallel decoding. Example: edlm serve models/dlm --port 8000, then "
                        "OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='x').completions.create(...)")
-    p.add_argument("model", help="converted edlm model directory (also the model id clients pass)")
+    p.add_argument("model", help="converted edlm model directory")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="model ids clients pass as `model` (the first is listed by /v1/models; default: MODEL "
+                   "as given, and its directory name)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: local only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=64, help="most rows decoded together in one call")
@@ -40,7 +44,7 @@ def run(args) -> None:
     try:
         import uvicorn
 
-        from edlm.serve import create_app
+        from edlm.serve.app import create_app
     except ImportError as exc:
         raise EdlmError(f"edlm serve needs the serve extra ({exc.name} is missing): "
                         "pip install 'edlm[serve]'") from None
@@ -48,6 +52,7 @@ def run(args) -> None:
 
     _check_port_free(args.host, args.port)
     dlm = DiffusionLM.from_pretrained(args.model)
-    app = create_app(dlm, args.model, max_batch=args.max_batch, max_queue=args.max_queue)
+    names = args.served_model_name or [args.model, Path(args.model).name]
+    app = create_app(dlm, names[0], max_batch=args.max_batch, max_queue=args.max_queue, aliases=names[1:])
     print(f"serving {args.model} at http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

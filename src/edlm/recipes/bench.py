@@ -19,9 +19,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from edlm.config import CONFIG_KEY
+from edlm.decode.strategies import strategies_reading
 from edlm.errors import EdlmError
-
-THRESHOLD_STRATEGIES = ("threshold", "prefix", "psd", "soft", "wino")  # the ones --thresholds applies to
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Example:
     answer: str
 
     def correct(self, text: str) -> bool:
-        from edlm.reasoning import extract_answer
+        from edlm.recipes.reasoning import extract_answer
 
         if "####" in self.answer:  # built-in reasoning format: compare the final numbers
             return extract_answer(text) is not None and extract_answer(text) == extract_answer(self.answer)
@@ -38,7 +38,7 @@ class Example:
 
 
 def load_examples(task: str, limit: int) -> list[Example]:
-    from edlm import reasoning
+    from edlm.recipes import reasoning
 
     if task == "reasoning":
         return [Example(p.prompt, p.response) for p in reasoning.test_problems(min(limit, reasoning.TEST_SIZE))]
@@ -141,7 +141,7 @@ def _sync() -> None:
 
 def lm_eval_setting(model: str, task: str, limit: int, batch_size: int, name: str, **model_args) -> dict:
     """One setting through lm-eval (accuracy from the harness, speed from our engine's stats)."""
-    from edlm.lm_eval_adapter import evaluate_tasks
+    from edlm.recipes.evaluate import evaluate_tasks
 
     t0 = time.perf_counter()
     res = evaluate_tasks(model, [task], limit=limit, batch_size=batch_size, **model_args)
@@ -215,20 +215,25 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def run_bench(model: str, base: str, task: str = "reasoning", thresholds=(0.9, 0.7, 0.5), strategies=("threshold",),
               block_sizes=(None,), batch_sizes=(1,), limit: int = 50, repeats: int = 1, max_new_tokens: int = 96,
               out: str = "bench-out", hf_baselines: bool = True) -> list[dict]:
-    from edlm.model import DiffusionLM
+    from edlm.model import DiffusionLM, read_checkpoint_config
 
     if repeats < 1 or limit < 1 or any(b < 1 for b in batch_sizes):
         raise EdlmError("--repeats, --limit and --batch-sizes must be >= 1")
+    if CONFIG_KEY in read_checkpoint_config(base):
+        raise EdlmError(f"--base {base} is a converted dLM; pass the AR model it came from")
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EdlmError(f"--out {out_dir} exists and is not a directory")
     rows: list[dict] = []
     settings = [(s, t, b) for s in strategies for b in block_sizes
-                for t in (thresholds if s in THRESHOLD_STRATEGIES else [None])]
+                for t in (thresholds if s in strategies_reading("threshold") else [None])]
     if task.startswith("lm-eval:"):
         name = task.split(":", 1)[1]
         for bs in batch_sizes:
             rows.append(lm_eval_setting(base, name, limit, bs, "AR engine", autoregressive=True))
             for s, t, b in settings:
                 rows.append(lm_eval_setting(model, name, limit, bs, _label(s, t, b), strategy=s,
-                                            threshold=t or 0.9, block_size=b))
+                                            threshold=t, block_size=b))
     else:
         examples = load_examples(task, limit)
         ar = DiffusionLM.from_pretrained(base, autoregressive=True)
@@ -244,7 +249,6 @@ def run_bench(model: str, base: str, task: str = "reasoning", thresholds=(0.9, 0
                 decode = {"strategy": s, "block_size": b, **({"threshold": t} if t is not None else {})}
                 rows.append(measure(_label(s, t, b), engine_runner(dlm, max_new_tokens, **decode), examples, bs,
                                     repeats))
-    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)
     (out_dir / "results.json").write_text(json.dumps({"model": model, "base": base, "task": task, "rows": rows},
@@ -259,24 +263,3 @@ def run_bench(model: str, base: str, task: str = "reasoning", thresholds=(0.9, 0
 def _label(strategy: str, threshold, block_size) -> str:
     label = f"dLM {strategy}" + (f" {threshold:g}" if threshold is not None else "")
     return label + (f" bs{block_size}" if block_size else "")
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="accuracy vs tokens/s of a dLM against its AR base, in one run",
-                       description="Example: edlm bench models/dlm --base models/ar --task reasoning "
-                       "--thresholds 0.9 0.7 0.5 --batch-sizes 1 8 --limit 100 --out bench-out")
-    p.add_argument("model", help="converted edlm model dir")
-    p.add_argument("--base", required=True, help="the AR model it came from")
-    p.add_argument("--task", default="reasoning", help="reasoning | FILE.jsonl (prompt/answer) | lm-eval:TASK")
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5])
-    p.add_argument("--strategies", nargs="+", default=["threshold"])
-    p.add_argument("--block-sizes", type=int, nargs="+", default=[None])
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--no-hf", dest="hf_baselines", action="store_false", help="skip the HF generate baselines")
-    p.add_argument("--out", default="bench-out")
-    p.set_defaults(func=lambda a: run_bench(a.model, a.base, a.task, a.thresholds, a.strategies, a.block_sizes,
-                                            a.batch_sizes, a.limit, a.repeats, a.max_new_tokens, a.out,
-                                            a.hf_baselines))

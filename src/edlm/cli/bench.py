@@ -1,0 +1,31 @@
+"""`edlm bench`: accuracy vs tokens/s of a dLM against its AR base, in one run (edlm.recipes.bench)."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="accuracy vs tokens/s of a dLM against its AR base, in one run",
+                       description="Example: edlm bench models/dlm --base models/ar --task reasoning "
+                       "--thresholds 0.9 0.7 0.5 --batch-sizes 1 8 --limit 100 --out bench-out")
+    p.add_argument("model", help="converted edlm model dir")
+    p.add_argument("--base", required=True, help="the AR model it came from")
+    p.add_argument("--task", default="reasoning", help="reasoning | FILE.jsonl (prompt/answer) | lm-eval:TASK")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5],
+                   help="thresholds of the strategies that read one")
+    p.add_argument("--strategies", nargs="+", default=["threshold"])
+    p.add_argument("--block-sizes", type=int, nargs="+", default=[None], help="decode block sizes (default: "
+                   "the model's)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--no-hf", dest="hf_baselines", action="store_false", help="skip the HF generate baselines")
+    p.add_argument("--out", default="bench-out", help="directory for results.json, results.md, pareto.png")
+    p.set_defaults(func=run)
+
+
+def run(args) -> None:
+    from edlm.recipes.bench import run_bench
+
+    run_bench(args.model, args.base, args.task, args.thresholds, args.strategies, args.block_sizes,
+              args.batch_sizes, args.limit, args.repeats, args.max_new_tokens, args.out, args.hf_baselines)

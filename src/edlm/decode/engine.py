@@ -1,0 +1,178 @@
+"""Block-parallel decoding with an exact KV cache of finished blocks: the loop.
+
+Per block, every step feeds [pending clean tokens ; current block] through the model. Pending
+tokens are the prompt's complete blocks (first step) or the block just finished: their KV is
+written into the cache by that same forward, so writing a finished block costs no extra call
+(the fused form of "one more forward writes its clean KV"). The current block's KV is cropped
+right after, so the cache only ever holds clean, finished blocks; with block-causal attention
+this is exactly the computation of a full forward (tests check token identity).
+
+Blocks are aligned to absolute positions from 0 (SDAR / Fast-dLLM v2 / SGLang): if the prompt
+ends mid-block, its tail sits in the first block as already-decided slots. Every slot of a block
+is a candidate even where the budget ends inside it, and the output is cut to the budget (as
+SGLang decodes the whole block and cuts), so the tokens of a budget n are a prefix of the tokens
+of any larger budget. A row stops once the slots it keeps are decided: later steps could only
+fill slots it cuts, so this costs no extra calls (a strategy that revises commits decodes on).
+
+Batches are block-synchronous: every row works on its own current block, a row that finishes
+its block waits for the others, and rows that are done (EOS, stop string, budget) leave the
+batch at once. Left padding with logical position ids; pad keys are masked out. New rows join a
+running batch at a block boundary (`stream`'s `admit`; see `Batch.join`).
+
+What a step does is the strategy's (edlm.decode.strategies); which options apply is
+edlm.decode.options' decision.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from edlm.decode.options import DEFAULT_MAX_NEW_TOKENS, DecodeOptions, resolve_rows
+from edlm.decode.state import Batch, BlockEvent, GenerationResult, RowStats
+
+
+class _Outputs:
+    """Per-request token lists, text, stats and finish reason, with stop-string handling."""
+
+    def __init__(self, dlm):
+        self.dlm = dlm
+        self.budget: list[int] = []
+        self.stops: list[list[str]] = []
+        self.tokens: list[list[int]] = []
+        self.text: list[str] = []
+        self.stats: list[RowStats] = []
+        self.reason: list[str] = []
+        self.started: list[float] = []  # perf_counter when the row entered the batch
+
+    def add_rows(self, budget: list[int], stops: list[list[str]]) -> int:
+        """Open outputs for new requests; returns the first new row id."""
+        first, n = len(self.budget), len(budget)
+        self.budget += budget
+        self.stops += stops
+        self.tokens += [[] for _ in range(n)]
+        self.text += [""] * n
+        self.stats += [RowStats() for _ in range(n)]
+        self.reason += ["length"] * n
+        self.started += [time.perf_counter()] * n
+        return first
+
+    def add_block(self, row: int, new: list[int], hit_eos: bool) -> tuple[str, bool]:
+        """Append a finished block's tokens (already cut to the budget); returns (new text, row is done)."""
+        tok = self.dlm.tokenizer
+        old_text = self.text[row]
+        self.tokens[row].extend(new)
+        body = self.tokens[row][:-1] if hit_eos else self.tokens[row]
+        text = tok.decode(body, skip_special_tokens=True)
+        done = hit_eos
+        if hit_eos:
+            self.reason[row] = "stop"
+        for s in self.stops[row]:
+            cut = text.find(s, max(0, len(old_text) - len(s)))
+            if cut >= 0:
+                text, done, self.reason[row] = text[:cut], True, "stop"
+                self._trim_tokens(row, text)
+        self.text[row] = text
+        if len(self.tokens[row]) >= self.budget[row]:
+            done = True
+        self.stats[row].generated_tokens = len(self.tokens[row])
+        return text[len(old_text):], done
+
+    def _trim_tokens(self, row: int, text: str) -> None:
+        toks = self.tokens[row]
+        for n in range(len(toks) + 1):
+            if len(self.dlm.tokenizer.decode(toks[:n], skip_special_tokens=True)) >= len(text):
+                self.tokens[row] = toks[:n]
+                return
+
+
+def _finished_tokens(batch: Batch, i: int, room: int) -> tuple[list[int], bool]:
+    """Row i's generated tokens of its finished block, cut at its EOS and to `room` tokens."""
+    slots = batch.gen[i].nonzero().squeeze(1)
+    eos = int(batch.eos_slot[i])
+    slots = slots[slots <= eos][:room]
+    hit_eos = bool(slots.numel()) and int(slots[-1]) == eos
+    return batch.block_ids[i, slots].tolist(), hit_eos
+
+
+def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NEW_TOKENS, stop=None,
+           result: list | None = None, admit=None, options: DecodeOptions | None = None, **given):
+    """Yield a BlockEvent per committed block and row; append the GenerationResult to `result`.
+
+    given: decode options (block_size, strategy, threshold, temperature, top_p, factor, gamma,
+    tokens_per_step, draft_depth, seed), resolved by edlm.decode.options: unset ones follow the
+    checkpoint, then the engine. options: an already resolved DecodeOptions instead (a server).
+    admit: called at every block boundary while rows are decoding; returns None or more requests
+    for this call as (prompts, max_new_tokens, stop), in the forms the arguments take. They get
+    the next row ids and decode exactly as they would alone, under this call's options.
+    """
+    opts = options if options is not None else DecodeOptions.resolve(dlm, **given)
+    ids, budget, stops = resolve_rows(dlm, prompts, max_new_tokens, stop)
+    step = opts.spec.step
+    generator = torch.Generator(device=dlm.device).manual_seed(opts.seed) if opts.seed is not None else None
+
+    out = _Outputs(dlm)
+    out.add_rows(budget, stops)
+    batch = Batch(dlm, ids, opts, budget)
+    batch.open_blocks()
+    while batch.rows.numel():
+        committed, calls = step(dlm, batch, generator)  # calls: model calls it made (each batched)
+        rows = batch.rows.tolist()
+        for r, c in zip(rows, committed.tolist(), strict=True):
+            out.stats[r].model_calls += calls
+            h = out.stats[r].steps_histogram
+            h[c] = h.get(c, 0) + 1
+        block_done = ~batch.todo.any(-1)  # [B]
+        # a row whose budget ends in this block is done once the slots it keeps are decided: later
+        # steps could only fill slots it cuts (unless the strategy revises committed slots)
+        kept_slots = batch.gen.cumsum(-1) <= batch.room[:, None]
+        ends_here = batch.room <= batch.gen.sum(-1)
+        budget_done = ends_here & ~(batch.todo & (kept_slots | opts.spec.revises)).any(-1)
+        finishing = (block_done & (batch.eos_slot < opts.block_size)) | budget_done
+        round_over = bool((block_done | finishing).all())  # host sync: once per step, by design
+        if not (finishing.any() or round_over):
+            continue
+        keep_rows = []
+        for i, r in enumerate(rows):
+            if not (finishing[i] or round_over):
+                keep_rows.append(i)
+                continue
+            new, hit_eos = _finished_tokens(batch, i, out.budget[r] - len(out.tokens[r]))
+            text, done = out.add_block(r, new, hit_eos)
+            out.stats[r].seconds = time.perf_counter() - out.started[r]
+            if done:
+                yield BlockEvent(r, text, new, True, out.reason[r], out.stats[r], out.text[r])
+            else:
+                keep_rows.append(i)
+                yield BlockEvent(r, text, new)
+        if len(keep_rows) < len(rows):
+            batch.keep(torch.tensor(keep_rows, dtype=torch.long, device=dlm.device))
+        if round_over and batch.rows.numel():
+            batch.room = torch.tensor([out.budget[r] - len(out.tokens[r]) for r in batch.rows.tolist()],
+                                      device=dlm.device)
+            batch.next_blocks()
+            if admit is not None and (joining := admit()):
+                new_ids, new_budget, new_stops = resolve_rows(dlm, *joining)
+                batch.join(Batch(dlm, new_ids, opts, new_budget, first_row=out.add_rows(new_budget, new_stops)))
+            batch.open_blocks()
+    res = GenerationResult(out.text, out.tokens, out.stats, out.reason)
+    if result is not None:
+        result.append(res)
+
+
+def generate(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NEW_TOKENS, on_block=None,
+             **kwargs) -> GenerationResult:
+    """Decode prompts (str, list of str, or token ids) block by block.
+
+    kwargs: stop (strings), and the decode options of edlm.decode.options (block_size, strategy,
+    threshold, temperature, top_p, factor, gamma, tokens_per_step, draft_depth, seed); unset ones
+    follow the checkpoint's `decoding` config, then the engine defaults (strategies: see
+    edlm.decode.strategies). `on_block(BlockEvent)` streams each committed block's text.
+    Returns texts, token ids and per-row stats (model calls, generated tokens, TPF, seconds).
+    """
+    result: list[GenerationResult] = []
+    for event in stream(dlm, prompts, max_new_tokens, result=result, **kwargs):
+        if on_block is not None:
+            on_block(event)
+    return result[0]

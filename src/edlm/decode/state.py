@@ -1,0 +1,200 @@
+"""The decoding state of a batch: per-row tensors, results and events.
+
+Every per-row tensor has the batch's rows as its first dimension; row r of each is the same
+request. Rows leave (`keep`) the moment they are done and join (`join`) at a block boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from edlm.errors import EdlmError
+
+
+@dataclass
+class RowStats:
+    model_calls: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    steps_histogram: dict = field(default_factory=dict)  # tokens committed per step -> count
+
+    @property
+    def tpf(self) -> float:
+        return self.generated_tokens / max(1, self.model_calls)
+
+    def to_dict(self) -> dict:
+        return {"model_calls": self.model_calls, "generated_tokens": self.generated_tokens,
+                "tpf": self.tpf, "seconds": self.seconds}
+
+
+@dataclass
+class GenerationResult:
+    texts: list[str]
+    token_ids: list[list[int]]
+    stats: list[RowStats]
+    finish_reasons: list[str]
+
+
+@dataclass
+class BlockEvent:
+    row: int
+    text: str
+    token_ids: list[int]
+    done: bool = False
+    # set on a row's last event only: lets a server answer each row as soon as it is done
+    finish_reason: str | None = None  # "stop" or "length"
+    stats: RowStats | None = None
+    final_text: str | None = None  # the row's whole text (a stop string may cut into earlier blocks)
+
+
+def encode_prompts(dlm, prompts) -> list[list[int]]:
+    """Token ids of each prompt: a str, a list of str, a list of token-id lists, or a tensor."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
+    if not prompts:
+        raise EdlmError("no prompt given")
+    if all(isinstance(t, int) for t in prompts):
+        prompts = [prompts]  # one prompt as a flat list of token ids
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            if not p:
+                raise EdlmError("empty prompt")
+            ids = dlm.tokenizer(p, add_special_tokens=True)["input_ids"]
+        else:
+            ids = [int(t) for t in p]
+        if not ids:
+            raise EdlmError("empty prompt")
+        out.append(ids)
+    return out
+
+
+class Batch:
+    """Tensors of the rows still decoding, plus the KV cache of their finished blocks.
+
+    pending_*: clean tokens whose KV the next forward writes (the prompt's complete blocks, or the
+    block just finished). block_*: the current block; `todo` marks its slots still masked, `gen`
+    the generated (not prompt) slots. Every slot of a block is a candidate even when a row's
+    budget ends inside it, so a budget never changes the tokens it keeps (as in SGLang: decode the
+    whole block, then cut); only slots past the model's last position are left out.
+    `kept` is what a strategy keeps between the steps of one block (edlm.decode.step.keep_for_next_step).
+    """
+
+    PER_ROW = ("cache_pos", "cache_valid", "pending_ids", "pending_pos", "block_start", "block_ids", "todo", "gen",
+               "eos_slot", "prompt_tail", "room")  # plus rows (cpu), the cache and carry
+
+    def __init__(self, dlm, prompts: list[list[int]], opts, budgets: list[int] | None = None, first_row: int = 0):
+        from transformers import DynamicCache
+
+        self.dlm, self.opts = dlm, opts
+        bs = opts.block_size
+        dev = dlm.device
+        n = len(prompts)
+        self.rows = torch.arange(first_row, first_row + n)  # request ids
+        self.cache = DynamicCache()
+        self.cache_pos = torch.zeros(n, 0, dtype=torch.long, device=dev)
+        self.cache_valid = torch.zeros(n, 0, dtype=torch.bool, device=dev)
+        starts = [len(p) // bs * bs for p in prompts]  # prompt tokens in complete blocks
+        width = max(starts)
+        self.pending_ids = torch.zeros(n, width, dtype=torch.long, device=dev)
+        self.pending_pos = torch.full((n, width), -1, dtype=torch.long, device=dev)
+        for r, (p, s) in enumerate(zip(prompts, starts, strict=True)):
+            if s:
+                self.pending_ids[r, width - s:] = torch.tensor(p[:s], device=dev)
+                self.pending_pos[r, width - s:] = torch.arange(s, device=dev)
+        self.block_start = torch.tensor(starts, device=dev)
+        self.block_ids = torch.zeros(n, bs, dtype=torch.long, device=dev)
+        self.todo = torch.zeros(n, bs, dtype=torch.bool, device=dev)  # masked, to generate
+        self.gen = torch.zeros(n, bs, dtype=torch.bool, device=dev)  # generated (not prompt) slots
+        self.carry = None  # [n, V] logits predicting slot 0 (shift models only)
+        self.kept = None  # a strategy's state between steps of a block
+        self.eos_slot = torch.full((n,), bs, dtype=torch.long, device=dev)
+        for r, (p, s) in enumerate(zip(prompts, starts, strict=True)):
+            tail = p[s:]
+            self.block_ids[r, : len(tail)] = torch.tensor(tail, dtype=torch.long, device=dev)
+        self.prompt_tail = torch.tensor([len(p) - s for p, s in zip(prompts, starts, strict=True)], device=dev)
+        # new tokens each row may still emit (its budget left); the engine cuts a block's output to it
+        self.room = torch.tensor(budgets if budgets is not None else [bs] * n, device=dev)
+
+    def open_blocks(self) -> None:
+        """Fill every row's current block: every slot after the prompt tail is masked and todo
+        (up to the model's last position)."""
+        bs = self.opts.block_size
+        slot = torch.arange(bs, device=self.block_ids.device)[None]
+        first = self.prompt_tail[:, None]
+        self.gen = slot >= first
+        limit = self.dlm.max_positions
+        if limit is not None:
+            self.gen = self.gen & (self.block_start[:, None] + slot < limit)
+        self.todo = self.gen.clone()
+        fill = self.dlm.config.mask_token_id if self.dlm.config.mask_token_id is not None else 0
+        self.block_ids = torch.where(slot >= first, torch.full_like(self.block_ids, fill), self.block_ids)
+        self.eos_slot.fill_(bs)
+
+    def next_blocks(self) -> None:
+        """Every row's finished block becomes pending clean tokens (written by the next forward)."""
+        bs = self.opts.block_size
+        self.pending_ids = self.block_ids.clone()
+        self.pending_pos = self.block_start[:, None] + torch.arange(bs, device=self.block_ids.device)[None]
+        self.block_start = self.block_start + bs
+        self.prompt_tail = torch.zeros_like(self.prompt_tail)
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Drop finished rows everywhere (cache included): they cost nothing from now on."""
+        self.rows = self.rows[idx.cpu()]
+        self._select_cache_rows(idx)
+        for name in self.PER_ROW:
+            setattr(self, name, getattr(self, name)[idx])
+        if self.carry is not None:
+            self.carry = self.carry[idx]
+        self._drop_unseen_keys()
+
+    def _drop_unseen_keys(self) -> None:
+        """Drop cache columns no remaining row attends (the left padding that rows of other
+        lengths or joins put there), so a long-lived batch stops paying for rows that left.
+        Positions are explicit (RoPE is applied when a key is written), so this is exact."""
+        seen = self.cache_valid.any(0)
+        layers = getattr(self.cache, "layers", [])
+        if seen.all() or any(getattr(layer, "is_sliding", False) for layer in layers):
+            return
+        if self.cache.get_seq_length() != seen.numel():
+            return  # nothing cached yet
+        cols = seen.nonzero().squeeze(1)
+        for layer in layers:
+            layer.keys, layer.values = layer.keys[:, :, cols], layer.values[:, :, cols]
+        self.cache_pos, self.cache_valid = self.cache_pos[:, cols], self.cache_valid[:, cols]
+
+    def join(self, new: Batch) -> None:
+        """Append the rows of a fresh batch; only at a block boundary, when every row has pending tokens.
+
+        The new rows get the running rows' cache width of invalid keys (copies of row 0's KV,
+        masked out) and every row's pending tokens are left-padded to the widest, so each row
+        attends exactly the keys it would alone.
+        """
+        n_old, n_new, dev = self.rows.numel(), new.rows.numel(), self.block_ids.device
+        self._select_cache_rows(torch.cat([torch.arange(n_old), torch.zeros(n_new, dtype=torch.long)]).to(dev))
+        new.cache_pos = torch.full((n_new, self.cache_pos.shape[1]), -1, dtype=torch.long, device=dev)
+        new.cache_valid = new.cache_pos >= 0
+        width = max(self.pending_ids.shape[1], new.pending_ids.shape[1])
+        for b in (self, new):
+            pad = width - b.pending_ids.shape[1]
+            b.pending_ids = torch.nn.functional.pad(b.pending_ids, (pad, 0))
+            b.pending_pos = torch.nn.functional.pad(b.pending_pos, (pad, 0), value=-1)
+        self.rows = torch.cat([self.rows, new.rows])
+        for name in self.PER_ROW:
+            setattr(self, name, torch.cat([getattr(self, name), getattr(new, name)]))
+        self.carry = None  # the next forward writes pending tokens and sets it anew (shift models)
+
+    def _select_cache_rows(self, idx: torch.Tensor) -> None:
+        if self.cache.get_seq_length() == 0:
+            # nothing cached yet (every prompt shorter than a block); DynamicCache leaves empty
+            # layers at their old batch size here, which the next forward cannot extend
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache()
+        else:
+            self.cache.batch_select_indices(idx)

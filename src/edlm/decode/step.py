@@ -1,0 +1,138 @@
+"""The model calls of decoding and the commit bookkeeping every strategy shares.
+
+`denoise_step` is a block's first forward (it also writes the pending clean KV); `forward_block`
+feeds one or more versions of the current block against the clean cache (speculative
+verification, soft inputs); `apply_commit` writes chosen tokens into the block state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from edlm.decode.rules import pick_tokens
+from edlm.masks import position_block_mask
+
+
+@torch.no_grad()
+def denoise_step(dlm, batch) -> torch.Tensor:
+    """One model call: write pending clean KV, return logits [B, bs, V] for the current block."""
+    opts, cfg = batch.opts, dlm.config
+    bs = opts.block_size
+    feed_block = not (cfg.shift and bs == 1)  # an AR step needs no mask slot in its input
+    slot_pos = batch.block_start[:, None] + torch.arange(bs, device=batch.block_ids.device)[None]
+    parts_ids, parts_pos = [batch.pending_ids], [batch.pending_pos]
+    if feed_block:
+        parts_ids.append(batch.block_ids)
+        parts_pos.append(slot_pos)
+    ids, q_pos = torch.cat(parts_ids, 1), torch.cat(parts_pos, 1)
+    q_valid = q_pos >= 0
+    k_pos = torch.cat([batch.cache_pos, q_pos], 1)
+    k_valid = torch.cat([batch.cache_valid, q_valid], 1)
+    mask = position_block_mask(q_pos, k_pos, bs, k_valid)  # [B, Q, K]
+    n_pending = batch.pending_ids.shape[1]
+    keep = bs + (1 if cfg.shift and n_pending and feed_block else 0) if feed_block else 1
+    out = dlm.model(input_ids=ids, attention_mask=dlm.backend_mask(mask), position_ids=q_pos.clamp_min(0),
+                    cache=batch.cache, use_cache=True, logits_to_keep=keep)
+    logits = out.logits.float()
+    if feed_block:
+        batch.cache.crop(-bs)  # the current block is not clean yet: keep only pending KV
+    batch.cache_pos = torch.cat([batch.cache_pos, batch.pending_pos], 1)
+    batch.cache_valid = torch.cat([batch.cache_valid, batch.pending_pos >= 0], 1)
+    batch.pending_ids = batch.pending_ids[:, :0]
+    batch.pending_pos = batch.pending_pos[:, :0]
+    if not cfg.shift:
+        return logits
+    # shift: slot j is predicted at position j-1; slot 0 by the last pending (clean) position,
+    # which later steps of this block cannot change, so it is carried over.
+    if not feed_block:
+        return logits  # [B, 1, V]: the last pending position predicts the single slot
+    if keep == bs + 1:
+        batch.carry = logits[:, 0]
+        body = logits[:, 1:-1]
+    else:
+        body = logits[:, :-1]
+    carry = batch.carry if batch.carry is not None else torch.zeros_like(logits[:, 0])
+    return torch.cat([carry[:, None], body], 1)
+
+
+@torch.no_grad()
+def forward_block(dlm, batch, ids=None, embeds=None, copies: int = 1, see=None) -> torch.Tensor:
+    """Logits [B, copies, bs, V] of `copies` versions of the current block, in one model call.
+
+    ids [B, copies*bs] or embeds [B, copies*bs, H]; see [Q, Q] bool says which new queries see
+    which new keys (default: each copy sees only itself). Needs the pending clean KV written.
+    Every copy has the block's own position ids and sees the clean cache, so with block-causal
+    attention each copy's logits are exactly those of a forward of that block alone; the copies'
+    KV is cropped right after, like the current block's in `denoise_step`.
+    """
+    cfg, bs = dlm.config, batch.opts.block_size
+    assert batch.pending_ids.shape[1] == 0, "a block's first forward is denoise_step"
+    n, dev = batch.block_ids.shape[0], batch.block_ids.device
+    q_pos = (batch.block_start[:, None] + torch.arange(bs, device=dev)[None]).repeat(1, copies)  # [B, Q]
+    if see is None:
+        copy = torch.arange(copies, device=dev).repeat_interleave(bs)
+        see = copy[:, None] == copy[None, :]
+    cached = position_block_mask(q_pos, batch.cache_pos, bs, batch.cache_valid)  # [B, Q, K]
+    mask = torch.cat([cached, see.to(dev).expand(n, -1, -1)], -1)
+    out = dlm.model(input_ids=ids, inputs_embeds=embeds, attention_mask=dlm.backend_mask(mask),
+                    position_ids=q_pos, cache=batch.cache, use_cache=True)
+    batch.cache.crop(-copies * bs)
+    logits = out.logits.float().view(n, copies, bs, -1)
+    if not cfg.shift:
+        return logits
+    # shift: slot j is predicted at j-1; slot 0 by the last clean position (carried by denoise_step)
+    carry = batch.carry if batch.carry is not None else torch.zeros_like(logits[:, 0, 0])
+    return torch.cat([carry[:, None, None].expand(-1, copies, -1, -1), logits[:, :, :-1]], 2)
+
+
+def candidate_logits(dlm, logits: torch.Tensor) -> torch.Tensor:
+    """The mask token is never a candidate, nor are padded vocabulary rows beyond the tokenizer."""
+    limit = len(dlm.tokenizer) if dlm.tokenizer is not None else logits.shape[-1]
+    if limit < logits.shape[-1]:
+        logits[..., limit:] = float("-inf")
+    if dlm.config.mask_token_id is not None:
+        logits[..., dlm.config.mask_token_id] = float("-inf")
+    return logits
+
+
+def greedy_tokens(dlm, logits):
+    tokens, conf, _ = pick_tokens(candidate_logits(dlm, logits))
+    return tokens, conf
+
+
+def apply_commit(dlm, batch, chosen: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Write the chosen slots' tokens; after an EOS nothing more of the block is filled."""
+    batch.block_ids = torch.where(chosen, tokens, batch.block_ids)
+    batch.todo = batch.todo & ~chosen
+    eos = dlm.tokenizer.eos_token_id if dlm.tokenizer is not None else None
+    if eos is not None:
+        is_eos = batch.gen & ~batch.todo & (batch.block_ids == eos)
+        slot = torch.arange(is_eos.shape[1], device=is_eos.device)[None]
+        first = torch.where(is_eos, slot, torch.full_like(slot, is_eos.shape[1])).min(-1).values
+        batch.eos_slot = torch.minimum(batch.eos_slot, first)
+        batch.todo = batch.todo & (slot < batch.eos_slot[:, None])  # never fill after an EOS
+
+
+# ------------------------------------------------------------------ state kept between steps
+@dataclass
+class Kept:
+    rows: torch.Tensor  # [B] request ids (cpu), to follow rows leaving the batch
+    block_start: torch.Tensor  # [B]
+    tensors: dict
+
+
+def keep_for_next_step(batch, **tensors) -> None:
+    batch.kept = Kept(batch.rows, batch.block_start, tensors)
+
+
+def kept_from_last_step(batch) -> dict | None:
+    """What the last step kept, for the rows still here; None at a block's first step."""
+    kept = batch.kept
+    if kept is None or batch.pending_ids.shape[1]:  # pending clean KV: a new block just opened
+        return None
+    here = torch.isin(kept.rows, batch.rows).to(batch.block_start.device)
+    if not torch.equal(kept.block_start[here], batch.block_start):
+        return None
+    return {k: v[here] for k, v in kept.tensors.items()}

@@ -1,0 +1,81 @@
+"""The strategy registry: every decoding strategy, its step function and its constraints, once.
+
+A strategy's step runs one iteration on every row of a batch and returns (tokens committed per
+row [B], model calls it made). The engine looks strategies up here by name and never imports a
+strategy module itself; options are checked against `reads`, `greedy_only` and `needs_no_shift`
+in edlm.decode.options. Adding a strategy means adding one entry below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from edlm.decode import rules
+from edlm.decode.soft import soft_step
+from edlm.decode.speculative import lossless_step, psd_step, wino_step
+from edlm.decode.step import apply_commit, candidate_logits, denoise_step
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    step: Callable  # (dlm, batch, generator) -> (committed [B], model calls)
+    help: str
+    reads: tuple[str, ...] = ()  # the options it reads beyond temperature / top_p / seed
+    greedy_only: bool = False
+    needs_no_shift: bool = False
+    revises: bool = False  # may re-mask committed slots: a row's block must then be decoded to its end
+    rule: Callable | None = None  # plain strategies: (conf, entropy, todo, opts) -> commit mask
+
+
+def rule_step(rule: Callable) -> Callable:
+    """A plain denoising step: one forward, then `rule(conf, entropy, todo, opts)` commits."""
+
+    def step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
+        opts = batch.opts
+        logits = candidate_logits(dlm, denoise_step(dlm, batch))
+        tokens, conf, entropy = rules.pick_tokens(logits, opts.temperature, opts.top_p, generator)
+        chosen = rule(conf, entropy, batch.todo, opts)
+        apply_commit(dlm, batch, chosen, tokens)
+        return chosen.sum(-1), 1
+
+    return step
+
+
+def plain(name: str, rule: Callable, help: str, reads: tuple[str, ...]) -> Strategy:
+    return Strategy(name, rule_step(rule), help, reads, rule=rule)
+
+
+_ALL = [
+    plain("threshold", lambda c, h, todo, o: rules.commit_threshold(c, todo, o.threshold),
+          "Fast-dLLM: every slot whose confidence passes the threshold (at least one)", ("threshold",)),
+    plain("prefix", lambda c, h, todo, o: rules.commit_prefix(c, todo, o.threshold),
+          "left to right while slots pass the threshold (at least one)", ("threshold",)),
+    plain("factor", lambda c, h, todo, o: rules.commit_factor(c, todo, o.factor),
+          "Fast-dLLM factor rule: the top n with (n + 1)(1 - c_n) < factor", ("factor",)),
+    plain("entropy", lambda c, h, todo, o: rules.commit_entropy(c, h, todo, o.gamma),
+          "entropy-bounded sampler: lowest entropy first while sum(H) - max(H) <= gamma", ("gamma",)),
+    plain("steps", lambda c, h, todo, o: rules.commit_steps(c, todo, o.tokens_per_step),
+          "a fixed number of most confident slots per step", ("tokens_per_step",)),
+    Strategy("lossless", lossless_step, "self-speculation equal to one-token-per-step greedy decoding",
+             ("draft_depth",), greedy_only=True),
+    Strategy("psd", psd_step, "parallel speculative decoding: threshold drafts verified in one forward",
+             ("threshold", "draft_depth"), greedy_only=True),
+    Strategy("soft", soft_step, "DMax soft inputs: unsure drafts fed back as token/mask blends",
+             ("threshold",), greedy_only=True),
+    Strategy("wino", wino_step, "WINO: commit wide at the threshold, re-mask drafts the context no longer supports",
+             ("threshold",), greedy_only=True, needs_no_shift=True, revises=True),
+]
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in _ALL}
+
+
+def strategy_names() -> tuple[str, ...]:
+    return tuple(STRATEGIES)
+
+
+def strategies_reading(option: str) -> tuple[str, ...]:
+    """Names of the strategies that read `option` (e.g. the ones a threshold sweep applies to)."""
+    return tuple(s.name for s in _ALL if option in s.reads)

@@ -1,0 +1,145 @@
+"""TrainConfig: every `edlm train` setting, its default and its help text, stated once.
+
+`edlm train`'s flags are generated from these fields (edlm.cli.train), and recipes (study, the
+demo models, bench/train.py) build a TrainConfig directly: one owner for every default.
+Settings that a converted checkpoint already fixes (block size, shift, mask token) are None
+here, meaning "the checkpoint's"; when set they are reconciled with it in edlm.train.loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from edlm.config import DEFAULT_BLOCK_SIZE
+from edlm.errors import EdlmError
+from edlm.model import ATTENTION_VARIANTS
+from edlm.train.data import DataFields
+from edlm.train.objective import NoiseSettings
+
+MASKINGS = ("position", "uniform", "reverse")
+OBJECTIVES = ("diffusion", "ar")
+WARMUP_FRACTION = 0.05  # warm-up when --warmup-steps is unset: a fraction of the run, as users expect
+
+
+def _opt(default, help: str, **meta):
+    """A dataclass field with its CLI help (and choices / flag hints for the generated parser)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class TrainConfig:
+    model: str = field(metadata={"help": "converted edlm dir, or a HF AR dir (converted on the fly)",
+                                 "positional": True})
+    data: list[str] = field(metadata={"help": ".txt/.jsonl/.parquet files or one saved HF dataset dir"})
+    out: str = field(metadata={"help": "run directory: checkpoints/, metrics.jsonl, model/"})
+    val_data: list[str] | None = _opt(None, "held-out files for validation loss")
+    val_fraction: float = _opt(0.0, "hold out this fraction of --data for validation instead")
+    objective: str = _opt("diffusion", "diffusion, or ar: plain causal-LM training (baseline / AR parent)",
+                          choices=OBJECTIVES)
+    # settings a converted checkpoint fixes: None = the checkpoint's (converting: DEFAULT_BLOCK_SIZE etc.)
+    block_size: int | None = _opt(None, f"diffusion block size L' (default: the checkpoint's; converting: "
+                                  f"{DEFAULT_BLOCK_SIZE}); a different one on a converted model is applied "
+                                  "and recorded in the saved config")
+    mask_token: str | None = _opt(None, "mask token when converting on the fly (see edlm convert)")
+    shift: bool | None = _opt(None, "predict token i at position i-1 (default: the checkpoint's; converting: "
+                              "no shift)")
+    # objective (paper defaults first)
+    attention: str = _opt("clean", "clean (the paper's: noisy blocks see clean earlier blocks) | noisy | "
+                          "bidirectional (study variants)", choices=ATTENTION_VARIANTS)
+    masking: str = _opt("position", "position-dependent masking (the paper's) | uniform | reverse "
+                        "(right-to-left study variant)", choices=MASKINGS)
+    half_life: float = _opt(0.1, "lambda of position-dependent masking: beta = ln2 / (lambda * L')")
+    t_per_block: bool = _opt(False, "one noise level per block, not per sequence")
+    t_min: float = _opt(1e-3, "smallest noise level t (1/t weights explode near 0)")
+    complementary: bool = _opt(False, "also train each sample with the inverse mask")
+    repair_fraction: float = _opt(0.0, "DMax-style on-policy training: fill this fraction of masked tokens "
+                                  "with the model's own argmax draft (still scored), for --strategy soft/wino")
+    all_noisy_blocks: bool = _opt(False, "feed every noisy block, also those without a masked token (the plain "
+                                  "concat layout, same loss: for benchmarks)")
+    # optimisation
+    seq_len: int = _opt(512, "tokens per training sequence (a multiple of the block size)")
+    batch_size: int = _opt(8, "sequences per process and micro-step")
+    grad_accum: int = _opt(1, "micro-steps per optimizer step")
+    steps: int = _opt(1000, "optimizer steps of the whole run (the cosine schedule's length)")
+    lr: float = _opt(1e-5, "peak learning rate (AdamW; the paper: 1e-5)")
+    min_lr: float = _opt(3e-6, "learning rate at the end of the cosine schedule")
+    warmup_steps: int | None = _opt(None, f"linear warm-up steps (default: {WARMUP_FRACTION:.0%} of --steps)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    grad_clip: float = _opt(1.0, "gradient-norm clip (0 = off)")
+    lora_rank: int = _opt(0, "LoRA rank (0 = full training); embeddings, norms and LM head stay trainable")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory)")
+    attn_implementation: str = _opt("sdpa", "attention backend: sdpa | eager | flex_attention (CUDA)")
+    # bookkeeping
+    save_every: int = _opt(500, "steps between checkpoints")
+    keep_last: int = _opt(2, "checkpoints kept")
+    eval_every: int = _opt(0, "steps between validation losses (0 = never)")
+    eval_batches: int = _opt(8, "validation batches per evaluation")
+    log_every: int = _opt(10, "steps between metrics.jsonl lines (each logs the mean loss since the last)")
+    seed: int = _opt(0, "seed of data order, noise and init")
+    resume: bool = _opt(False, "continue from the latest intact checkpoint in --out")
+    progress: bool = _opt(True, "show a progress bar")
+    fields: DataFields = field(default_factory=DataFields, metadata={"help": "data column names"})
+
+    def validate(self) -> None:
+        """Ranges of every setting and the data paths, before any model is loaded; names the flag."""
+        for path in [*self.data, *(self.val_data or [])]:
+            if not Path(path).exists():
+                raise EdlmError(f"data file not found: {path}")
+            if Path(path).is_file() and Path(path).stat().st_size == 0:
+                raise EdlmError(f"data file is empty: {path}")
+        if self.objective not in OBJECTIVES:
+            raise EdlmError(f"--objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.attention not in ATTENTION_VARIANTS:
+            raise EdlmError(f"--attention must be one of {ATTENTION_VARIANTS}, got {self.attention!r}")
+        if self.masking not in MASKINGS:
+            raise EdlmError(f"--masking must be one of {MASKINGS}, got {self.masking!r}")
+        if self.masking != "uniform" and self.half_life <= 0:
+            raise EdlmError(f"--half-life must be > 0, got {self.half_life}")
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "save_every", "keep_last", "log_every",
+                     "eval_batches"):
+            if getattr(self, name) < 1:
+                raise EdlmError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("block_size", "warmup_steps"):
+            value = getattr(self, name)
+            if value is not None and value < (1 if name == "block_size" else 0):
+                raise EdlmError(f"{flag(name)} must be >= {1 if name == 'block_size' else 0}, got {value}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "eval_every", "lora_rank"):
+            if getattr(self, name) < 0:
+                raise EdlmError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.lr == 0:
+            raise EdlmError("--lr must be > 0")
+        if self.min_lr > self.lr:
+            raise EdlmError(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise EdlmError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.repair_fraction <= 1.0:
+            raise EdlmError(f"--repair-fraction must be in [0, 1], got {self.repair_fraction}")
+        if not 0.0 < self.t_min < 1.0:
+            raise EdlmError(f"--t-min must be in (0, 1), got {self.t_min}")
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps in effect."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return max(1, round(WARMUP_FRACTION * self.steps))
+
+    def noise(self) -> NoiseSettings:
+        return NoiseSettings(
+            half_life={"position": self.half_life, "uniform": None, "reverse": -self.half_life}[self.masking],
+            t_per_block=self.t_per_block, t_min=self.t_min,
+            complementary=self.complementary, attention=self.attention, repair_fraction=self.repair_fraction,
+            skip_unmasked_blocks=not self.all_noisy_blocks,
+        )
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def settings() -> list:
+    """The fields that become `edlm train` flags, in order (dataclass fields)."""
+    return list(fields(TrainConfig))
