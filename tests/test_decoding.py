@@ -277,3 +277,16 @@ def test_rows_leaving_drop_cache_columns_nobody_sees():
     assert 0 < short < batch.cache_valid.shape[1]  # the short row sees the long row's width as padding
     batch.keep(torch.tensor([1]))
     assert batch.cache.get_seq_length() == batch.cache_valid.shape[1] == short and batch.cache_valid.all()
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_a_budget_only_cuts_never_changes_earlier_tokens(strategy):
+    """max_new_tokens truncates, as users of AR models expect (and as SGLang decodes): the output
+    of budget n is a prefix of the output of any larger budget, for budgets ending at every slot."""
+    dlm = tiny_dlm("llama", block_size=4)
+    kw = {"strategy": strategy, **({"threshold": 0.3} if "threshold" in STRATEGIES[strategy].reads else {})}
+    full = dlm.generate(PROMPTS, max_new_tokens=9, **kw).token_ids
+    for n in range(1, 6):  # prompts of 11, 10, 2, 22 tokens: the budgets end at every slot of a block
+        batched = dlm.generate(PROMPTS, max_new_tokens=n, **kw).token_ids
+        assert batched == [f[:n] for f in full], n
+    assert dlm.generate(PROMPTS[0], max_new_tokens=2, **kw).token_ids[0] == full[0][:2]  # single row

@@ -202,6 +202,37 @@ BAD_REQUESTS = [
     ("/v1/embeddings", {"model": NAME, "input": "x" * 300}, 400, "context_length_exceeded", "input"),
     ("/v1/embeddings", {"model": NAME}, 400, "invalid_value", "input"),
     ("/v1/nothing", {}, 404, "not_found", None),
+    # one request can never take the machine: every size is bounded by the model's context
+    ("/v1/completions", {"model": NAME, "prompt": "ab", "block_size": 20000}, 400, "invalid_value", "block_size"),
+    ("/v1/completions", {"model": NAME, "prompt": "ab", "block_size": 100000}, 400, "invalid_value", "block_size"),
+    ("/v1/completions", {"model": NAME, "prompt": "a" * 200, "max_tokens": 100}, 400, "context_length_exceeded",
+     "max_tokens"),
+    ("/v1/completions", {"model": NAME, "prompt": ["a"] * 65}, 400, "invalid_value", "prompt"),
+    # strategy constraints are 400s before anything is queued, never 500s from the worker
+    ("/v1/completions", {"model": NAME, "prompt": "ab", "strategy": "psd", "temperature": 0.8}, 400,
+     "invalid_value", "temperature"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "a"}], "strategy": "lossless",
+                              "temperature": 1.0}, 400, "invalid_value", "temperature"),
+    # OpenAI fields edlm does not implement are refused by name, never silently ignored
+    ("/v1/completions", {"model": NAME, "prompt": "ab", "logprobs": 2}, 400, "invalid_value", "logprobs"),
+    ("/v1/completions", {"model": NAME, "prompt": "ab", "best_of": 3}, 400, "invalid_value", "best_of"),
+    ("/v1/completions", {"model": NAME, "prompt": "ab", "presence_penalty": 0.5}, 400, "invalid_value",
+     "presence_penalty"),
+    ("/v1/completions", {"model": NAME, "prompt": "ab", "suffix": "x"}, 400, "invalid_value", "suffix"),
+    ("/v1/completions", {"model": NAME, "prompt": "ab", "seed": "x"}, 400, "invalid_value", "seed"),
+    ("/v1/completions", {"model": NAME, "prompt": "ab", "frobnicate": 1}, 400, "invalid_value", "frobnicate"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "a"}], "logprobs": True}, 400,
+     "invalid_value", "logprobs"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "a"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "invalid_value",
+     "tools"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "a"}],
+                              "response_format": {"type": "json_object"}}, 400, "invalid_value", "response_format"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "wizard", "content": "a"}]}, 400,
+     "invalid_value", "messages"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": None}]}, 400,
+     "invalid_value", "messages"),
+    ("/v1/embeddings", {"model": NAME, "input": "a", "dimensions": 100000}, 400, "invalid_value", "dimensions"),
 ]
 
 
@@ -209,7 +240,9 @@ BAD_REQUESTS = [
 def test_bad_request_gets_openai_error_and_server_keeps_serving(server, dlm, path, body, status, code, param):
     kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
         else {"json": body}
+    t0 = time.perf_counter()
     r = httpx.post(server.url + path, **kw)
+    assert time.perf_counter() - t0 < 1.0  # refused up front, never after decoding work
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
@@ -349,3 +382,46 @@ def test_worker_groups_equal_settings_oldest_first():
         assert worker._next_batch()[0].inputs == [[8]]
 
     asyncio.run(scenario())
+
+
+def _rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_oversize_requests_cost_no_memory(server):
+    """The 21 GB request of the newcomer trial: block_size 20000 is refused before any tensor exists."""
+    before = _rss_mb()
+    for size in (20000, 100000):
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": NAME, "prompt": "Question: a",
+                                                             "max_tokens": 4, "temperature": 0, "block_size": size})
+        assert r.status_code == 400
+    assert _rss_mb() - before < 50  # MB; the bound a request may take is its rows x the model's context
+
+
+def test_greedy_only_strategies_and_openai_extras_work_without_the_client_knowing(server, dlm):
+    for strategy in ("psd", "lossless", "soft"):  # no temperature: the resolved default is greedy
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": NAME, "prompt": "ab", "max_tokens": 4,
+                                                             "strategy": strategy})
+        assert r.status_code == 200, r.text
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": NAME, "prompt": "ab", "max_tokens": 4,
+                                                         "echo": True, "seed": 3, "user": "u1"}).json()
+    assert r["choices"][0]["text"] == "ab" + greedy(dlm, "ab", 4).texts[0]
+    full = httpx.post(f"{server.url}/v1/embeddings", json={"model": NAME, "input": "a cat"}).json()
+    short = httpx.post(f"{server.url}/v1/embeddings", json={"model": NAME, "input": "a cat", "dimensions": 8}).json()
+    vec, cut = torch.tensor(full["data"][0]["embedding"]), torch.tensor(short["data"][0]["embedding"])
+    assert cut.shape == (8,)
+    torch.testing.assert_close(cut, torch.nn.functional.normalize(vec[:8], dim=0), atol=1e-5, rtol=0)
+
+
+def test_model_alias_and_wino_on_a_shift_model(tiny_ar_dir, tmp_path):
+    convert(tiny_ar_dir, tmp_path / "shifty", block_size=4, shift=True)
+    dlm = load(tmp_path / "shifty")
+    with LiveServer(dlm, aliases=("shifty",)) as srv:
+        ok = httpx.post(f"{srv.url}/v1/completions", json={"model": "shifty", "prompt": "ab", "max_tokens": 2})
+        assert ok.status_code == 200
+        bad = httpx.post(f"{srv.url}/v1/completions", json={"model": NAME, "prompt": "ab", "strategy": "wino"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "strategy"
+

@@ -50,3 +50,72 @@ def prepare_output_dir(out: str | Path, force: bool) -> Path:
     if out.is_dir() and any(out.iterdir()) and not force:
         raise EdlmError(f"output directory {out} is not empty (use --force to overwrite)")
     return out
+
+
+LOCK_NAME = ".lock"
+
+
+def take_run_lock(out: str | Path) -> Path:
+    """One job per run directory: create OUT/.lock (pid, host) atomically; returns its path.
+
+    A lock held by a live process, or by any process on another host (which cannot be checked
+    from here), is an EdlmError naming the holder; a lock left by a dead process on this host is
+    taken over with a notice."""
+    import json
+    import os
+    import socket
+    import time
+
+    lock = Path(out) / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(lock)
+            if holder is None:
+                continue  # removed (or being written) meanwhile: try again
+            pid, host = holder.get("pid"), holder.get("host")
+            if host == me["host"] and isinstance(pid, int) and not _alive(pid):
+                print(f"edlm: taking over {lock}: its holder (pid {pid} on {host}) is no longer running")
+                lock.unlink(missing_ok=True)
+                continue
+            raise EdlmError(f"{out} is in use by another job (pid {pid} on {host} since {holder.get('since')}); "
+                            f"wait for it, choose another --out, or delete {lock} if that job is gone") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return lock
+    raise EdlmError(f"could not take the lock {lock}: it keeps changing; is another job starting in {out}?")
+
+
+def release_run_lock(lock: Path) -> None:
+    """Remove OUT/.lock if this process still holds it."""
+    import os
+
+    holder = _read_lock(lock)
+    if holder is not None and holder.get("pid") == os.getpid():
+        lock.unlink(missing_ok=True)
+
+
+def _read_lock(lock: Path) -> dict | None:
+    import json
+
+    try:
+        data = json.loads(lock.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError):
+        return {"pid": None, "host": "unknown host", "since": "unknown (unreadable lock file)"}
+    return data if isinstance(data, dict) else {"pid": None, "host": "unknown host", "since": "?"}
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True

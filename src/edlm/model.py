@@ -73,6 +73,20 @@ def _sdar_as_qwen3(path) -> dict:
                                              if k not in ("model_type", "architectures", "auto_map")})}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tiktoken.model")
+
+
+def _tokenizer_problem(path, exc: BaseException) -> str:
+    """One useful line: which files are missing, else the loader's message in full (some end in ':')."""
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
+        return (f"no tokenizer files in {folder} (expected one of {', '.join(TOKENIZER_FILES[:3])}, ...); "
+                "copy them from the base model")
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def load_causal_lm(path, device=None, dtype=None, attn_implementation: str = "sdpa"):
     """Load a HF causal LM + tokenizer from a local dir with user-facing errors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,7 +99,7 @@ def load_causal_lm(path, device=None, dtype=None, attn_implementation: str = "sd
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), **sdar)
     except Exception as exc:  # noqa: BLE001 - many loader errors, one user message
-        raise EdlmError(f"cannot load a tokenizer from {path}: {first_line(exc)}") from None
+        raise EdlmError(f"cannot load a tokenizer from {path}: {_tokenizer_problem(path, exc)}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=dtype, attn_implementation=attn_implementation, **sdar

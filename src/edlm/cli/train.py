@@ -36,6 +36,15 @@ def add_parser(sub) -> None:
     for name, option in FIELD_FLAGS.items():
         p.add_argument(option, default=getattr(DataFields(), name), help=f"data column holding the {name}")
     p.set_defaults(func=run)
+    p.error = types.MethodType(_one_line_error, p)
+
+
+def _one_line_error(parser, message: str) -> typing.NoReturn:
+    """A bad flag is one line on stderr and exit 2, like every other `edlm train` input error."""
+    import sys
+
+    print(f"edlm train: error: {message} (see edlm train --help)", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _add(p, f) -> None:

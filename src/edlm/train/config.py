@@ -8,6 +8,7 @@ here, meaning "the checkpoint's"; when set they are reconciled with it in edlm.t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -79,7 +80,8 @@ class TrainConfig:
     eval_batches: int = _opt(8, "validation batches per evaluation")
     log_every: int = _opt(10, "steps between metrics.jsonl lines (each logs the mean loss since the last)")
     seed: int = _opt(0, "seed of data order, noise and init")
-    resume: bool = _opt(False, "continue from the latest intact checkpoint in --out")
+    resume: bool = _opt(False, "continue from the newest intact checkpoint in --out (a corrupt newer one is "
+                        "skipped with a warning); with none there, start from step 0 with a notice")
     progress: bool = _opt(True, "show a progress bar")
     fields: DataFields = field(default_factory=DataFields, metadata={"help": "data column names"})
 
@@ -90,6 +92,10 @@ class TrainConfig:
                 raise EdlmError(f"data file not found: {path}")
             if Path(path).is_file() and Path(path).stat().st_size == 0:
                 raise EdlmError(f"data file is empty: {path}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise EdlmError(f"{flag(f.name)} must be a finite number, got {value}")
         if self.objective not in OBJECTIVES:
             raise EdlmError(f"--objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.attention not in ATTENTION_VARIANTS:
@@ -119,6 +125,10 @@ class TrainConfig:
             raise EdlmError(f"--repair-fraction must be in [0, 1], got {self.repair_fraction}")
         if not 0.0 < self.t_min < 1.0:
             raise EdlmError(f"--t-min must be in (0, 1), got {self.t_min}")
+        if self.val_data and self.val_fraction > 0:
+            raise EdlmError("--val-data and --val-fraction are alternatives: give one")
+        if self.eval_every and not (self.val_data or self.val_fraction > 0):
+            raise EdlmError("--eval-every needs held-out data: --val-data FILES or --val-fraction F")
 
     @property
     def warmup(self) -> int:

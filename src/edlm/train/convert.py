@@ -6,13 +6,14 @@ change exactly as a block mask says it must?), not by a list of model names.
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
 import torch
 
 from edlm.config import CONFIG_KEY, DEFAULT_BLOCK_SIZE, DiffusionConfig
-from edlm.errors import EdlmError
+from edlm.errors import EdlmError, first_line
 from edlm.files import prepare_output_dir, write_dir_atomically
 from edlm.masks import block_causal_mask, to_backend_mask
 from edlm.model import DiffusionLM, load_causal_lm, read_checkpoint_config
@@ -121,18 +122,95 @@ def convert_model(model, tokenizer, block_size: int = DEFAULT_BLOCK_SIZE, mask_t
     return DiffusionLM(model, tokenizer, config)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_gguf(base, gguf_file: str | None = None) -> tuple[Path, str] | None:
+    """(directory, file name) when BASE names a GGUF checkpoint, else None (a HF dir or hub id).
+
+    BASE may be a `.gguf` file, or a directory plus `gguf_file` (a name inside it, as transformers'
+    `from_pretrained(dir, gguf_file=...)`).
+    """
+    base = Path(base)
+    if gguf_file is not None:
+        if base.suffix == ".gguf":
+            raise EdlmError(f"--gguf-file names a file inside a directory; BASE {base} is already a .gguf file")
+        if not base.is_dir():
+            raise EdlmError(f"model directory not found: {base}")
+        if not (base / gguf_file).is_file():
+            found = sorted(p.name for p in base.glob("*.gguf"))
+            raise EdlmError(f"GGUF file not found: {base / gguf_file}"
+                            + (f" (GGUF files there: {', '.join(found)})" if found else ""))
+        return base, gguf_file
+    if base.suffix == ".gguf":
+        if not base.is_file():
+            raise EdlmError(f"GGUF file not found: {base}")
+        return base.parent, base.name
+    if base.is_dir() and not (base / "config.json").is_file():
+        found = sorted(p.name for p in base.glob("*.gguf"))
+        if found:
+            raise EdlmError(f"{base} holds GGUF files, not a HF checkpoint: pass one with --gguf-file "
+                            f"({', '.join(found)})")
+    return None
+
+
+def load_gguf_causal_lm(directory: Path, gguf_file: str, attn_implementation: str = "sdpa"):
+    """A GGUF causal LM + tokenizer, dequantised to fp32 by transformers, as a plain HF model.
+
+    transformers loads GGUF weights dequantised but marks the model as GGUF-quantised, and
+    `save_pretrained` refuses such a model. The same weights loaded into a model built from the
+    config without `quantization_config` save as a normal safetensors checkpoint, bit-identical.
+    """
+    try:
+        import gguf  # noqa: F401 - transformers needs it to read the file
+    except ImportError:
+        raise EdlmError("reading a GGUF checkpoint needs the gguf package: pip install gguf") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = directory / gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
+    except Exception as exc:  # noqa: BLE001 - many loader errors, one user message
+        raise EdlmError(f"cannot load a tokenizer from {where}: {first_line(exc)}") from None
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001
+        raise EdlmError(f"cannot load a causal LM from {where}: {first_line(exc)}") from None
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn_implementation)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise EdlmError(f"{where}: weights do not match the architecture (missing {sorted(missing)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]})")
+    model.generation_config = loaded.generation_config
+    return model.eval(), tokenizer
+
+
 def convert(base, out, block_size: int = DEFAULT_BLOCK_SIZE, mask_token: str | None = None, shift: bool = False,
-            force: bool = False, attn_implementation: str = "sdpa") -> DiffusionLM:
-    """`edlm convert`: load BASE, convert, write OUT as a normal HF checkpoint + our settings."""
+            force: bool = False, attn_implementation: str = "sdpa", gguf_file: str | None = None,
+            dtype: str = "float32") -> DiffusionLM:
+    """`edlm convert`: load BASE (a HF dir or a GGUF file), convert, write OUT as a normal HF
+    checkpoint + our settings, in `dtype` (the conversion itself runs in fp32)."""
     if block_size < 1:
         raise EdlmError(f"--block-size must be >= 1, got {block_size}")
+    if dtype not in DTYPES:
+        raise EdlmError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = prepare_output_dir(out, force)
-    if Path(base).is_dir():
-        raw = read_checkpoint_config(base)
-        if CONFIG_KEY in raw:
-            raise EdlmError(f"{base} is already a converted edlm model")
-    model, tokenizer = load_causal_lm(base, device="cpu", dtype=torch.float32,
-                                      attn_implementation=attn_implementation)
+    found = resolve_gguf(base, gguf_file)
+    if found is not None:
+        model, tokenizer = load_gguf_causal_lm(*found, attn_implementation=attn_implementation)
+    else:
+        if Path(base).is_dir():
+            raw = read_checkpoint_config(base)
+            if CONFIG_KEY in raw:
+                raise EdlmError(f"{base} is already a converted edlm model")
+        model, tokenizer = load_causal_lm(base, device="cpu", dtype=torch.float32,
+                                          attn_implementation=attn_implementation)
     dlm = convert_model(model, tokenizer, block_size, mask_token, shift, base_model=str(base))
+    if DTYPES[dtype] != torch.float32:
+        dlm.model.to(DTYPES[dtype])
     write_dir_atomically(out, dlm.save_pretrained)
     return dlm

