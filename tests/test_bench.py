@@ -37,3 +37,16 @@ def test_bench_cli_errors(tiny_ar_dir, tmp_path, capsys):
     assert "prompt" in capsys.readouterr().err
     assert main(["bench", str(tiny_ar_dir), "--base", str(tiny_ar_dir), "--task", "nope"]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+def test_aup_on_a_hand_computed_curve():
+    from math import exp
+
+    from edlm.recipes.bench import aup
+
+    # (TPF, accuracy %): the last two fall more than 5 points under the first and are dropped
+    points = [(4.0, 80.0), (1.0, 90.0), (2.0, 88.0), (5.0, 70.0)]
+    w90, w88 = exp(-3 * (1 - 90 / 92)), exp(-3 * (1 - 88 / 92))
+    assert abs(aup(points, 92.0) - (1 * 90 + 0.5 * (2 - 1) * (88 * w88 + 90 * w90))) < 1e-9
+    assert aup([(1.0, 92.0)], 92.0) == 92.0  # an AR model scores its accuracy
+    assert aup([(1.0, 90.0), (3.0, 90.0)], 90.0) == 90 + 0.5 * 2 * 180  # W = 1 at y_max: the area

@@ -19,6 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--verified", action="store_true", help="also the dLM drafting for its AR parent (output = "
+                   "the parent's greedy text; TPF = tokens per verification step)")
     p.add_argument("--no-hf", dest="hf_baselines", action="store_false", help="skip the HF generate baselines")
     p.add_argument("--out", default="bench-out", help="directory for results.json, results.md, pareto.png")
     p.set_defaults(func=run)
@@ -28,4 +30,5 @@ def run(args) -> None:
     from edlm.recipes.bench import run_bench
 
     run_bench(args.model, args.base, args.task, args.thresholds, args.strategies, args.block_sizes,
-              args.batch_sizes, args.limit, args.repeats, args.max_new_tokens, args.out, args.hf_baselines)
+              args.batch_sizes, args.limit, args.repeats, args.max_new_tokens, args.out, args.hf_baselines,
+              args.verified)

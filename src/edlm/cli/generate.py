@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
     add_decode_flags(p)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ar", action="store_true", help="MODEL is a plain AR checkpoint (block size 1 baseline)")
+    p.add_argument("--verifier", default=None, help="AR_DIR: MODEL drafts blocks, this AR parent verifies them "
+                   "(output identical to the parent's greedy decode; decode flags other than --block-size do not "
+                   "apply)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.set_defaults(func=run)
 
@@ -43,18 +46,34 @@ def run(args) -> None:
         prompt = args.prompt
     dlm = DiffusionLM.from_pretrained(args.model, autoregressive=args.ar)
     kwargs = dict(max_new_tokens=args.max_new_tokens, stop=args.stop, **decode_flags(args))
+    if args.verifier is not None:
+        from edlm.decode.verify import generate_verified
+
+        ignored = [k for k, v in kwargs.items() if v is not None and k not in ("max_new_tokens", "stop", "block_size")]
+        if ignored or args.ar:
+            raise EdlmError(f"--verifier decodes the parent greedily: drop {', '.join(ignored) or '--ar'}")
+        ar = DiffusionLM.from_pretrained(args.verifier, autoregressive=True)
+        res = generate_verified(dlm, ar, prompt, args.max_new_tokens, args.stop, block_size=args.block_size)
+        _print(res, args.json)
+        return
     if args.json:
-        res = dlm.generate(prompt, **kwargs)
-        print(json.dumps({"text": res.texts[0], "token_ids": res.token_ids[0],
-                          "finish_reason": res.finish_reasons[0], **res.stats[0].to_dict()}))
+        _print(dlm.generate(prompt, **kwargs), True)
         return
 
     def show(event):
         sys.stdout.write(event.text)
         sys.stdout.flush()
 
-    res = dlm.generate(prompt, on_block=show, **kwargs)
+    _print(dlm.generate(prompt, on_block=show, **kwargs), False, streamed=True)
+
+
+def _print(res, as_json: bool, streamed: bool = False) -> None:
+    """The completion (unless streamed already) and a stats line, or one JSON object."""
     s = res.stats[0]
-    print()
+    if as_json:
+        print(json.dumps({"text": res.texts[0], "token_ids": res.token_ids[0],
+                          "finish_reason": res.finish_reasons[0], **s.to_dict()}))
+        return
+    print(("" if streamed else res.texts[0]))
     print(f"[{s.generated_tokens} tokens, {s.model_calls} model calls, TPF {s.tpf:.2f}, "
           f"{s.generated_tokens / max(s.seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)

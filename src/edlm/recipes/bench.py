@@ -13,6 +13,7 @@ deterministic). Outputs: results.json, results.md, pareto.png in --out, and the 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from collections import Counter
@@ -67,6 +68,21 @@ def load_examples(task: str, limit: int) -> list[Example]:
 def engine_runner(dlm, max_new_tokens: int, **decode):
     def run(prompts):
         res = dlm.generate(prompts, max_new_tokens=max_new_tokens, **decode)
+        hist = Counter()
+        for s in res.stats:
+            hist.update(s.steps_histogram)
+        return (res.texts, sum(s.generated_tokens for s in res.stats), sum(s.model_calls for s in res.stats),
+                hist)
+
+    return run
+
+
+def verified_runner(dlm, ar, max_new_tokens: int):
+    """The dLM drafts, the AR parent verifies (edlm.decode.verify); calls = verification steps."""
+    from edlm.decode.verify import generate_verified
+
+    def run(prompts):
+        res = generate_verified(dlm, ar, prompts, max_new_tokens)
         hist = Counter()
         for s in res.stats:
             hist.update(s.steps_histogram)
@@ -170,7 +186,44 @@ def markdown(rows: list[dict]) -> str:
         lat = f"{r['latency_s']:.3f}" if r["latency_s"] is not None else "-"
         lines.append(f"| {r['name']} | {r['batch_size']} | {100 * r['accuracy']:.1f}% | {tpf} | "
                      f"{r['tokens_per_s']:.1f} | {speed} | {lat} |")
-    return "\n".join(lines)
+    lines += ["", *aup_lines(rows)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def aup(points: list[tuple[float, float]], y_max: float) -> float:
+    """d3LLM's Accuracy Under Parallelism of (TPF, accuracy %) points: a hardware-independent score.
+
+    Sorted by TPF; points more than 5 accuracy points under the lowest-TPF one are dropped;
+    AUP = rho_1 y_1 + 1/2 sum_i (rho_i - rho_{i-1}) (y_i W(y_i) + y_{i-1} W(y_{i-1})),
+    W(y) = min(exp(-3 (1 - y / y_max)), 1), y_max the best accuracy on the task (the AR parent's
+    when it is best). An AR model (one point at TPF 1) scores its accuracy.
+    """
+    pts = sorted(points)
+    pts = [p for p in pts if p[1] >= pts[0][1] - 5]
+
+    def w(y):
+        return min(math.exp(-3 * (1 - y / y_max)), 1.0) if y_max > 0 else 0.0
+
+    total = pts[0][0] * pts[0][1]
+    for (r0, y0), (r1, y1) in zip(pts, pts[1:], strict=False):
+        total += 0.5 * (r1 - r0) * (y1 * w(y1) + y0 * w(y0))
+    return total
+
+
+def aup_lines(rows: list[dict]) -> list[str]:
+    """One AUP line per batch size over the dLM rows of each strategy (y_max: the best row's accuracy)."""
+    out = []
+    for bs in sorted({r["batch_size"] for r in rows}):
+        sub = [r for r in rows if r["batch_size"] == bs and r["tpf"]]
+        y_max = 100 * max((r["accuracy"] for r in sub), default=0.0)
+        groups: dict[str, list] = {}
+        for r in sub:
+            if not r["name"].startswith("AR"):
+                groups.setdefault(" ".join(r["name"].split()[:2]), []).append((r["tpf"], 100 * r["accuracy"]))
+        if groups:
+            out.append(f"AUP (batch {bs}, y_max {y_max:.1f}%): " +
+                       ", ".join(f"{name} {aup(pts, y_max):.1f}" for name, pts in groups.items()))
+    return out
 
 
 def histograms(rows: list[dict]) -> list[str]:
@@ -214,7 +267,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 # ------------------------------------------------------------------ recipe + CLI
 def run_bench(model: str, base: str, task: str = "reasoning", thresholds=(0.9, 0.7, 0.5), strategies=("threshold",),
               block_sizes=(None,), batch_sizes=(1,), limit: int = 50, repeats: int = 1, max_new_tokens: int = 96,
-              out: str = "bench-out", hf_baselines: bool = True) -> list[dict]:
+              out: str = "bench-out", hf_baselines: bool = True, verified: bool = False) -> list[dict]:
     from edlm.model import DiffusionLM, read_checkpoint_config
 
     if repeats < 1 or limit < 1 or any(b < 1 for b in batch_sizes):
@@ -245,6 +298,9 @@ def run_bench(model: str, base: str, task: str = "reasoning", thresholds=(0.9, 0
                 if bs == 1:
                     rows.append(measure("AR HF prompt-lookup", hf_runner(ar, max_new_tokens, prompt_lookup=10),
                                         examples, bs, repeats))
+            if verified:
+                rows.append(measure("dLM drafts, AR verifies", verified_runner(dlm, ar, max_new_tokens), examples,
+                                    bs, repeats))
             for s, t, b in settings:
                 decode = {"strategy": s, "block_size": b, **({"threshold": t} if t is not None else {})}
                 rows.append(measure(_label(s, t, b), engine_runner(dlm, max_new_tokens, **decode), examples, bs,
