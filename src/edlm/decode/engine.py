@@ -14,10 +14,13 @@ SGLang decodes the whole block and cuts), so the tokens of a budget n are a pref
 of any larger budget. A row stops once the slots it keeps are decided: later steps could only
 fill slots it cuts, so this costs no extra calls (a strategy that revises commits decodes on).
 
-Batches are block-synchronous: every row works on its own current block, a row that finishes
-its block waits for the others, and rows that are done (EOS, stop string, budget) leave the
-batch at once. Left padding with logical position ids; pad keys are masked out. New rows join a
-running batch at a block boundary (`stream`'s `admit`; see `Batch.join`).
+Rows move at their own pace: every row works on its own current block, and a row that finishes
+its block feeds it as pending clean tokens in the next forward and opens its next block, while
+the other rows go on with theirs (positions, cache validity and masks are per row, so each row
+attends exactly what it would alone). Speculative strategies, which keep drafts across a block's
+steps, move rows on together at block boundaries. Rows that are done (EOS, stop string, budget)
+leave the batch at once. Left padding with logical position ids; pad keys are masked out. New
+rows join a running call at its next step (`stream`'s `admit`; see `Batch.join`).
 
 What a step does is the strategy's (edlm.decode.strategies); which options apply is
 edlm.decode.options' decision.
@@ -103,7 +106,8 @@ def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NE
     given: decode options (block_size, strategy, threshold, temperature, top_p, factor, gamma,
     tokens_per_step, draft_depth, seed), resolved by edlm.decode.options: unset ones follow the
     checkpoint, then the engine. options: an already resolved DecodeOptions instead (a server).
-    admit: called at every block boundary while rows are decoding; returns None or more requests
+    admit: called after every step (speculative strategies: every block boundary) while rows are
+    decoding; returns None or more requests
     for this call as (prompts, max_new_tokens, stop), in the forms the arguments take. They get
     the next row ids and decode exactly as they would alone, under this call's options.
     """
@@ -116,6 +120,7 @@ def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NE
     out.add_rows(budget, stops)
     batch = Batch(dlm, ids, opts, budget)
     batch.open_blocks()
+    own_pace = opts.spec.rule is not None  # plain steps: every row moves to its next block on its own
     while batch.rows.numel():
         committed, calls = step(dlm, batch, generator)  # calls: model calls it made (each batched)
         rows = batch.rows.tolist()
@@ -130,13 +135,18 @@ def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NE
         ends_here = batch.room <= batch.gen.sum(-1)
         budget_done = ends_here & ~(batch.todo & (kept_slots | opts.spec.revises)).any(-1)
         finishing = (block_done & (batch.eos_slot < opts.block_size)) | budget_done
-        round_over = bool((block_done | finishing).all())  # host sync: once per step, by design
-        if not (finishing.any() or round_over):
+        if own_pace:
+            moving = block_done | finishing
+        else:  # speculative strategies keep state across a block's steps: rows move on together
+            moving = block_done | finishing if bool((block_done | finishing).all()) else finishing
+        moving_rows = moving.tolist()  # host sync: once per step, by design
+        if not any(moving_rows):
             continue
-        keep_rows = []
+        keep_rows, advance = [], []
         for i, r in enumerate(rows):
-            if not (finishing[i] or round_over):
+            if not moving_rows[i]:
                 keep_rows.append(i)
+                advance.append(False)
                 continue
             new, hit_eos = _finished_tokens(batch, i, out.budget[r] - len(out.tokens[r]))
             text, done = out.add_block(r, new, hit_eos)
@@ -145,17 +155,23 @@ def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NE
                 yield BlockEvent(r, text, new, True, out.reason[r], out.stats[r], out.text[r])
             else:
                 keep_rows.append(i)
+                advance.append(True)
                 yield BlockEvent(r, text, new)
         if len(keep_rows) < len(rows):
             batch.keep(torch.tensor(keep_rows, dtype=torch.long, device=dlm.device))
-        if round_over and batch.rows.numel():
-            batch.room = torch.tensor([out.budget[r] - len(out.tokens[r]) for r in batch.rows.tolist()],
-                                      device=dlm.device)
-            batch.next_blocks()
-            if admit is not None and (joining := admit()):
-                new_ids, new_budget, new_stops = resolve_rows(dlm, *joining)
-                batch.join(Batch(dlm, new_ids, opts, new_budget, first_row=out.add_rows(new_budget, new_stops)))
-            batch.open_blocks()
+        if not batch.rows.numel():
+            break
+        if any(advance):
+            moved = torch.tensor(advance, device=dlm.device)
+            room = [out.budget[r] - len(out.tokens[r]) for r in batch.rows.tolist()]
+            batch.room = torch.where(moved, torch.tensor(room, device=dlm.device), batch.room)
+            batch.next_blocks(moved)
+            batch.open_blocks(moved)
+        if admit is not None and (own_pace or all(advance)) and (joining := admit()):
+            new_ids, new_budget, new_stops = resolve_rows(dlm, *joining)
+            fresh = Batch(dlm, new_ids, opts, new_budget, first_row=out.add_rows(new_budget, new_stops))
+            fresh.open_blocks()
+            batch.join(fresh)
     res = GenerationResult(out.text, out.tokens, out.stats, out.reason)
     if result is not None:
         result.append(res)

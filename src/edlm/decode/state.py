@@ -120,28 +120,33 @@ class Batch:
         # new tokens each row may still emit (its budget left); the engine cuts a block's output to it
         self.room = torch.tensor(budgets if budgets is not None else [bs] * n, device=dev)
 
-    def open_blocks(self) -> None:
-        """Fill every row's current block: every slot after the prompt tail is masked and todo
-        (up to the model's last position)."""
+    def open_blocks(self, rows: torch.Tensor | None = None) -> None:
+        """Open the current block of `rows` ([B] bool, default all): every slot after the prompt
+        tail is masked and todo (up to the model's last position)."""
         bs = self.opts.block_size
+        sel = torch.ones_like(self.eos_slot, dtype=torch.bool) if rows is None else rows
         slot = torch.arange(bs, device=self.block_ids.device)[None]
         first = self.prompt_tail[:, None]
-        self.gen = slot >= first
+        gen = slot >= first
         limit = self.dlm.max_positions
         if limit is not None:
-            self.gen = self.gen & (self.block_start[:, None] + slot < limit)
-        self.todo = self.gen.clone()
+            gen = gen & (self.block_start[:, None] + slot < limit)
         fill = self.dlm.config.mask_token_id if self.dlm.config.mask_token_id is not None else 0
-        self.block_ids = torch.where(slot >= first, torch.full_like(self.block_ids, fill), self.block_ids)
-        self.eos_slot.fill_(bs)
+        opened = torch.where(slot >= first, torch.full_like(self.block_ids, fill), self.block_ids)
+        self.gen = torch.where(sel[:, None], gen, self.gen)
+        self.todo = torch.where(sel[:, None], gen, self.todo)
+        self.block_ids = torch.where(sel[:, None], opened, self.block_ids)
+        self.eos_slot = torch.where(sel, torch.full_like(self.eos_slot, bs), self.eos_slot)
 
-    def next_blocks(self) -> None:
-        """Every row's finished block becomes pending clean tokens (written by the next forward)."""
+    def next_blocks(self, rows: torch.Tensor) -> None:
+        """The finished blocks of `rows` ([B] bool) become pending clean tokens (written by the next
+        forward); the other rows get masked padding there and go on with their current block."""
         bs = self.opts.block_size
-        self.pending_ids = self.block_ids.clone()
-        self.pending_pos = self.block_start[:, None] + torch.arange(bs, device=self.block_ids.device)[None]
-        self.block_start = self.block_start + bs
-        self.prompt_tail = torch.zeros_like(self.prompt_tail)
+        pos = self.block_start[:, None] + torch.arange(bs, device=self.block_ids.device)[None]
+        self.pending_ids = torch.where(rows[:, None], self.block_ids, 0)
+        self.pending_pos = torch.where(rows[:, None], pos, -1)
+        self.block_start = torch.where(rows, self.block_start + bs, self.block_start)
+        self.prompt_tail = torch.where(rows, 0, self.prompt_tail)
 
     def keep(self, idx: torch.Tensor) -> None:
         """Drop finished rows everywhere (cache included): they cost nothing from now on."""
@@ -169,11 +174,12 @@ class Batch:
         self.cache_pos, self.cache_valid = self.cache_pos[:, cols], self.cache_valid[:, cols]
 
     def join(self, new: Batch) -> None:
-        """Append the rows of a fresh batch; only at a block boundary, when every row has pending tokens.
+        """Append the rows of a fresh batch (blocks opened) between two steps of a running call.
 
         The new rows get the running rows' cache width of invalid keys (copies of row 0's KV,
         masked out) and every row's pending tokens are left-padded to the widest, so each row
-        attends exactly the keys it would alone.
+        attends exactly the keys it would alone. Shift models: the running rows keep the logits
+        that predict their block's first slot (carry); the new rows' come with their pending blocks.
         """
         n_old, n_new, dev = self.rows.numel(), new.rows.numel(), self.block_ids.device
         self._select_cache_rows(torch.cat([torch.arange(n_old), torch.zeros(n_new, dtype=torch.long)]).to(dev))
@@ -187,7 +193,8 @@ class Batch:
         self.rows = torch.cat([self.rows, new.rows])
         for name in self.PER_ROW:
             setattr(self, name, torch.cat([getattr(self, name), getattr(new, name)]))
-        self.carry = None  # the next forward writes pending tokens and sets it anew (shift models)
+        if self.carry is not None:
+            self.carry = torch.cat([self.carry, self.carry.new_zeros(n_new, self.carry.shape[1])])
 
     def _select_cache_rows(self, idx: torch.Tensor) -> None:
         if self.cache.get_seq_length() == 0:

@@ -32,6 +32,7 @@ def denoise_step(dlm, batch) -> torch.Tensor:
     k_valid = torch.cat([batch.cache_valid, q_valid], 1)
     mask = position_block_mask(q_pos, k_pos, bs, k_valid)  # [B, Q, K]
     n_pending = batch.pending_ids.shape[1]
+    has_pending = batch.pending_pos[:, -1] >= 0 if n_pending else None  # [B]: rows writing a finished block
     keep = bs + (1 if cfg.shift and n_pending and feed_block else 0) if feed_block else 1
     out = dlm.model(input_ids=ids, attention_mask=dlm.backend_mask(mask), position_ids=q_pos.clamp_min(0),
                     cache=batch.cache, use_cache=True, logits_to_keep=keep)
@@ -48,8 +49,9 @@ def denoise_step(dlm, batch) -> torch.Tensor:
     # which later steps of this block cannot change, so it is carried over.
     if not feed_block:
         return logits  # [B, 1, V]: the last pending position predicts the single slot
-    if keep == bs + 1:
-        batch.carry = logits[:, 0]
+    if keep == bs + 1:  # rows without a pending block keep the carry of their current block
+        fresh = logits[:, 0]
+        batch.carry = fresh if batch.carry is None else torch.where(has_pending[:, None], fresh, batch.carry)
         body = logits[:, 1:-1]
     else:
         body = logits[:, :-1]
