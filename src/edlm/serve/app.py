@@ -12,7 +12,7 @@ set to anything but their no-op value, and unknown fields are refused too.
 
 All model work goes through one `BatchingWorker` thread (edlm.batching): concurrent requests with
 the same settings are decoded as one batch, a request that arrives while one runs joins it at the
-next block boundary, and a full queue answers 429. Streaming sends one server-sent event per committed block.
+next step (speculative strategies: block boundary), and a full queue answers 429. Streaming sends one server-sent event per committed block.
 
 Every bad request gets an OpenAI-style error body {"error": {message, type, param, code}} with a
 4xx status, checked before it is queued, so one bad request never fails a batch.

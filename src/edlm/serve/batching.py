@@ -5,7 +5,7 @@ waiting request plus every other waiting request with the same decode settings (
 rows) and runs them as ONE engine call (`DiffusionLM.stream` on the list of prompts): one forward
 per step for all of them, so concurrent requests cost little more than one.
 
-While a call runs, requests that arrive join it at the next block boundary (the engine's `admit`
+While a call runs, requests that arrive join it at its next step (the engine's `admit`
 hook): the waiting requests at the head of the queue, as long as they have the call's settings
 and fit in max_batch rows. The first one that does not (other settings, an embedding, too many
 rows) stops joining, so it waits only until the running rows finish, never behind an endless
@@ -149,7 +149,7 @@ class BatchingWorker:
             return batch
 
     def _joining(self, first: Job) -> list[Job]:
-        """Jobs from the head of the queue that join the running call of `first` (block boundary)."""
+        """Jobs from the head of the queue that join the running call of `first` (between two steps)."""
         with self._cv:
             self._drop_cancelled()
             joining, rows = [], self.stats["running"]
@@ -198,7 +198,7 @@ class BatchingWorker:
                     [b for job in new for b in job.budgets],
                     [list(job.stop) for job in new for _ in job.inputs])
 
-        def admit():  # called by the engine at each block boundary
+        def admit():  # called by the engine between steps
             joining = self._joining(jobs[0])
             if not joining:
                 return None
