@@ -425,3 +425,13 @@ def test_model_alias_and_wino_on_a_shift_model(tiny_ar_dir, tmp_path):
         bad = httpx.post(f"{srv.url}/v1/completions", json={"model": NAME, "prompt": "ab", "strategy": "wino"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "strategy"
 
+
+
+def test_serving_with_the_ar_parent_as_verifier(tiny_ar_dir, dlm_dir):
+    """`edlm serve DLM --verifier AR`: answers are the parent's greedy text; decode options are refused."""
+    ar = DiffusionLM.from_pretrained(tiny_ar_dir, autoregressive=True, device="cpu", dtype=torch.float32)
+    with LiveServer(load(dlm_dir), verifier=ar) as srv:
+        r = httpx.post(f"{srv.url}/v1/completions", json={"model": NAME, "prompt": "ab", "max_tokens": 6})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == ar.generate("ab", max_new_tokens=6).texts[0]
+        bad = httpx.post(f"{srv.url}/v1/completions", json={"model": NAME, "prompt": "ab", "threshold": 0.5})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "threshold"

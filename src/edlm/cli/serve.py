@@ -17,6 +17,8 @@ def add_parser(sub) -> None:
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="model ids clients pass as `model` (the first is listed by /v1/models; default: MODEL "
                    "as given, and its directory name)")
+    p.add_argument("--verifier", default=None, help="AR_DIR: MODEL drafts, this AR parent verifies (answers are "
+                   "the parent's greedy text; decode options in requests are refused)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: local only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=64, help="most rows decoded together in one call")
@@ -53,6 +55,8 @@ def run(args) -> None:
     _check_port_free(args.host, args.port)
     dlm = DiffusionLM.from_pretrained(args.model)
     names = args.served_model_name or [args.model, Path(args.model).name]
-    app = create_app(dlm, names[0], max_batch=args.max_batch, max_queue=args.max_queue, aliases=names[1:])
+    verifier = DiffusionLM.from_pretrained(args.verifier, autoregressive=True) if args.verifier else None
+    app = create_app(dlm, names[0], max_batch=args.max_batch, max_queue=args.max_queue, aliases=names[1:],
+                     verifier=verifier)
     print(f"serving {args.model} at http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

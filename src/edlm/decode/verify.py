@@ -18,7 +18,7 @@ import time
 import torch
 
 from edlm.decode.options import DEFAULT_MAX_NEW_TOKENS, resolve_rows
-from edlm.decode.state import GenerationResult, RowStats
+from edlm.decode.state import BlockEvent, GenerationResult, RowStats
 from edlm.decode.step import candidate_logits
 from edlm.errors import EdlmError
 from edlm.masks import position_block_mask
@@ -89,9 +89,11 @@ class _Verifier:
         self.cached += self._fed - drop
 
 
-def generate_verified(drafter, verifier, prompts, max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS, stop=None,
-                      block_size: int | None = None, on_block=None) -> GenerationResult:
-    """Greedy decoding of `verifier` (the AR parent), drafted by `drafter` (its dLM).
+def stream_verified(drafter, verifier, prompts, max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS, stop=None,
+                    block_size: int | None = None, result: list | None = None):
+    """Greedy decoding of `verifier` (the AR parent), drafted by `drafter` (its dLM): one BlockEvent
+    per row when it is done (the engine's event shape, so a server can use either); the
+    GenerationResult is appended to `result`.
 
     stats: model_calls counts verification steps (one AR forward each; the dLM's draft forward
     per step comes on top), so tpf = tokens per verification step.
@@ -101,7 +103,7 @@ def generate_verified(drafter, verifier, prompts, max_new_tokens: int | None = D
     bs = block_size or drafter.config.block_size
     eos = verifier.tokenizer.eos_token_id
     texts, tokens, stats, reasons = [], [], [], []
-    for prompt, budget, row_stops in zip(ids, budgets, stops, strict=True):
+    for row, (prompt, budget, row_stops) in enumerate(zip(ids, budgets, stops, strict=True)):
         t0, st = time.perf_counter(), RowStats()
         d, v, seq, new, reason = _Drafter(drafter, bs), _Verifier(verifier), list(prompt), [], "length"
         while len(new) < budget:
@@ -133,4 +135,15 @@ def generate_verified(drafter, verifier, prompts, max_new_tokens: int | None = D
                 new = new[:-1]
         st.generated_tokens, st.seconds = len(new), time.perf_counter() - t0
         texts.append(text), tokens.append(new), stats.append(st), reasons.append(reason)
-    return GenerationResult(texts, tokens, stats, reasons)
+        yield BlockEvent(row, text, new, True, reason, st, text)
+    if result is not None:
+        result.append(GenerationResult(texts, tokens, stats, reasons))
+
+
+def generate_verified(drafter, verifier, prompts, max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS, stop=None,
+                      block_size: int | None = None) -> GenerationResult:
+    """All rows of `stream_verified` at once."""
+    result: list[GenerationResult] = []
+    for _ in stream_verified(drafter, verifier, prompts, max_new_tokens, stop, block_size, result):
+        pass
+    return result[0]

@@ -173,9 +173,18 @@ def _check_length(dlm, ids: list[int], param: str) -> list[int]:
     return ids
 
 
-def _job(dlm, body: _DecodeBody, ids: list[list[int]], max_tokens: int | None, param: str) -> Job:
+def _job(dlm, body: _DecodeBody, ids: list[list[int]], max_tokens: int | None, param: str,
+         verified: bool = False) -> Job:
     """Resolve and check everything before queueing: a bad request never reaches (or fails) a batch."""
     body.refuse_unsupported(type(body).UNSUPPORTED)
+    if verified:  # the AR parent's greedy text: decode options have nothing to act on
+        for name in ("threshold", "block_size", "strategy", "seed", "top_p"):
+            if getattr(body, name) is not None:
+                raise ApiError(400, f"{name} does not apply: this server decodes its AR verifier's greedy text",
+                               param=name, code="invalid_value")
+        if body.temperature:
+            raise ApiError(400, "this server decodes its AR verifier's greedy text: use temperature 0",
+                           param="temperature", code="invalid_value")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(s for s in body.stop or () if s)
     try:
         options = DecodeOptions.resolve(dlm, block_size=body.block_size, threshold=body.threshold,
@@ -265,12 +274,12 @@ def _streaming_response(job: Job, meta: dict, choice, n_prompt: int, include_usa
 
 
 # ------------------------------------------------------------------ the app
-def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256, aliases=()) -> FastAPI:
+def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256, aliases=(), verifier=None) -> FastAPI:
     """The server for one loaded DiffusionLM; clients pass `model_name` (listed by /v1/models) or
     one of `aliases` as `model`. One request holds at most max_batch prompts, each within the
     model's context: that bounds the memory one request can take."""
     served = {model_name, *aliases}
-    worker = BatchingWorker(dlm, max_batch=max_batch, max_queue=max_queue)
+    worker = BatchingWorker(dlm, max_batch=max_batch, max_queue=max_queue, verifier=verifier)
     created = int(time.time())
 
     @asynccontextmanager
@@ -336,7 +345,7 @@ def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256, 
                            param="prompt", code="invalid_value")
         ids = [_check_length(dlm, dlm.tokenizer(p, add_special_tokens=True)["input_ids"], "prompt")
                for p in prompts]
-        job = submit(_job(dlm, body, ids, body.max_tokens or COMPLETION_MAX_TOKENS, "prompt"))
+        job = submit(_job(dlm, body, ids, body.max_tokens or COMPLETION_MAX_TOKENS, "prompt", verifier is not None))
         n_prompt = sum(len(i) for i in ids)
         echo = prompts if body.echo else [""] * len(prompts)  # echo: the prompt comes before the completion
         if body.stream:
@@ -365,7 +374,7 @@ def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256, 
                            code="invalid_value") from None
         _check_length(dlm, ids, "messages")
         max_tokens = body.max_completion_tokens or body.max_tokens
-        job = submit(_job(dlm, body, [ids], max_tokens, "messages"))
+        job = submit(_job(dlm, body, [ids], max_tokens, "messages", verifier is not None))
         if body.stream:
             meta = head("chat.completion.chunk", "chatcmpl")
 

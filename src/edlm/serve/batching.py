@@ -83,8 +83,9 @@ class Job:
 
 
 class BatchingWorker:
-    def __init__(self, dlm, max_batch: int = 64, max_queue: int = 256):
+    def __init__(self, dlm, max_batch: int = 64, max_queue: int = 256, verifier=None):
         self.dlm = dlm
+        self.verifier = verifier  # an AR parent: the dLM drafts, it verifies (edlm.decode.verify)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self._waiting: deque[Job] = deque()
@@ -208,7 +209,13 @@ class BatchingWorker:
             return engine_rows(joining)
 
         prompts, budgets, stops = engine_rows(jobs)
-        events = self.dlm.stream(prompts, max_new_tokens=budgets, stop=stops, admit=admit, options=jobs[0].options)
+        if self.verifier is not None:
+            from edlm.decode.verify import stream_verified
+
+            events = stream_verified(self.dlm, self.verifier, prompts, budgets, stops)
+        else:
+            events = self.dlm.stream(prompts, max_new_tokens=budgets, stop=stops, admit=admit,
+                                     options=jobs[0].options)
         try:
             for event in events:
                 job, row = owners[event.row]
