@@ -137,8 +137,10 @@ def test_elbo_is_exact_for_one_token_and_reproducible(dirs):
     assert a == b and a[0][0] < 0
 
 
-@pytest.mark.parametrize("which,args", [("dlm", {"threshold": 0.5}), ("ar", {"autoregressive": True})])
+@pytest.mark.parametrize("which,args", [("dlm", {"threshold": 0.5}), ("ar", {"autoregressive": True}),
+                                        ("dlm_shift", {"verifier": "AR"})])
 def test_simple_evaluate_on_local_tasks(dirs, which, args):
+    args = {k: str(dirs["ar"]) if v == "AR" else v for k, v in args.items()}
     model_args = {"pretrained": str(dirs[which]), "batch_size": 2, "device": "cpu", **args}
     res = simple_evaluate(model="edlm", model_args=model_args,
                           tasks=["edlm_tiny_gen", "edlm_tiny_mc"], limit=3,
@@ -182,3 +184,14 @@ def test_eval_cli_user_errors(dirs, tmp_path, capsys):
 def test_eval_cli_unknown_task(dirs, capsys):
     assert main(["eval", str(dirs["dlm"]), "--tasks", "edlm_no_such_task", "--include-path", str(dirs["tasks"])]) == 2
     assert "unknown task(s): edlm_no_such_task" in capsys.readouterr().err
+
+
+def test_verified_generation_is_the_parents_greedy_text(dirs):
+    from lm_eval.api.instance import Instance
+
+    lm = EdlmLM(pretrained=str(dirs["dlm_shift"]), verifier=str(dirs["ar"]), device="cpu")
+    ar = EdlmLM(pretrained=str(dirs["ar"]), autoregressive=True, device="cpu")
+    reqs = [Instance("generate_until", {}, (q, {"until": ["\n"], "max_gen_toks": 6}), i)
+            for i, q in enumerate(["1+2=", "Colour 3:"])]
+    assert lm.generate_until(reqs, disable_tqdm=True) == ar.generate_until(reqs, disable_tqdm=True)
+

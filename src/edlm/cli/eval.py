@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
                    help="loglikelihood: ltr = exact left-to-right unmasking (default), elbo = Monte-Carlo bound")
     p.add_argument("--mc-samples", type=int, default=32, help="samples of the elbo estimator")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--verifier", default=None, help="AR_DIR: generate_until returns this AR parent's greedy text, "
+                   "drafted by MODEL (loglikelihood stays MODEL's)")
     p.add_argument("--ar", action="store_true", help="MODEL is a plain AR checkpoint (block size 1 baseline)")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
     p.set_defaults(func=run)
@@ -44,6 +46,7 @@ def run(args) -> None:
     results = evaluate_tasks(args.model, tasks, limit=limit, num_fewshot=args.num_fewshot,
                              include_path=args.include_path, max_gen_toks=args.max_gen_toks, **decode_flags(args),
                              estimator=args.estimator, mc_samples=args.mc_samples, batch_size=args.batch_size,
+                             verifier=args.verifier,
                              autoregressive=args.ar)
     from lm_eval.utils import handle_non_serializable, make_table
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from edlm.decode.options import DecodeOptions
 from edlm.decode.scoring import ESTIMATORS, ScoringRow, left_to_right_row, masked_elbo_row, score_rows
+from edlm.decode.verify import generate_verified
 from edlm.errors import EdlmError
 from edlm.model import DiffusionLM
 
@@ -61,7 +62,7 @@ class EdlmLM(TemplateLM):
     def __init__(self, pretrained: str, threshold: float | None = None, strategy: str | None = None,
                  block_size: int | None = None, max_gen_toks: int = 256, autoregressive: bool = False,
                  estimator: str = "ltr", mc_samples: int = 32, batch_size=None, device=None, dtype=None,
-                 seed: int = 0, max_batch_size=None):
+                 seed: int = 0, max_batch_size=None, verifier: str | None = None):
         super().__init__()
         if estimator not in ESTIMATORS:
             raise EdlmError(f"unknown estimator {estimator!r}; choose from {', '.join(ESTIMATORS)}")
@@ -84,6 +85,9 @@ class EdlmLM(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         self.estimator, self.mc_samples, self.seed = estimator, int(mc_samples), int(seed)
         self.batch_size = _batch_size(batch_size)
+        # verifier: an AR parent dir; generate_until returns its greedy text, drafted by this dLM
+        self.verifier = None if verifier is None else DiffusionLM.from_pretrained(
+            str(verifier), device=device, dtype=_dtype(dtype), autoregressive=True)
         self.pretrained, self.autoregressive = str(pretrained), bool(autoregressive)
         self.stats = {"generated_tokens": 0, "model_calls": 0}
         self._device = self.dlm.device
@@ -192,8 +196,11 @@ class EdlmLM(TemplateLM):
             idx.sort(key=lambda i: -len(prompts[i]))
             for s in range(0, len(idx), self.batch_size):
                 chunk = idx[s : s + self.batch_size]
-                res = self.dlm.generate([prompts[i] for i in chunk], max_new_tokens=budget, stop=list(until),
-                                        temperature=temperature, seed=self.seed, **self.decode)
+                if self.verifier is not None:  # the parent's greedy text; sampling would need another rule
+                    res = generate_verified(self.dlm, self.verifier, [prompts[i] for i in chunk], budget, list(until))
+                else:
+                    res = self.dlm.generate([prompts[i] for i in chunk], max_new_tokens=budget, stop=list(until),
+                                            temperature=temperature, seed=self.seed, **self.decode)
                 for i, text, st in zip(chunk, res.texts, res.stats, strict=True):
                     for stop in until:  # the engine cuts at stop strings; this also covers a split token
                         text = text.split(stop)[0]
