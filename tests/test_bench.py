@@ -26,6 +26,11 @@ def test_bench_one_run_all_settings(tiny_ar_dir, tmp_path, capsys):
         assert sum(k * v for k, v in hist.items()) == by[key]["generated_tokens"] and min(hist) >= 1
     out = tmp_path / "out"
     assert "Tokens committed per model call" in (out / "results.md").read_text()
+    for key in (("AR engine", 1), ("dLM threshold 0.9", 1), ("dLM threshold 0.9", 2)):  # forward vs the rest
+        prof = by[key]["profile"]
+        assert prof["forward_ms"] > 0 and prof["rest_ms"] > 0
+        # model_calls counts each row's calls; a batched forward serves every row of the batch
+        assert prof["forwards"] == by[key]["model_calls"] if key[1] == 1 else prof["forwards"] <= by[key]["model_calls"]
     assert (out / "pareto.png").stat().st_size > 0 and "dLM threshold 0.3" in (out / "results.md").read_text()
     assert len(json.loads((out / "results.json").read_text())["rows"]) == 9
 

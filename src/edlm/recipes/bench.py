@@ -119,16 +119,40 @@ def hf_runner(ar, max_new_tokens: int, prompt_lookup: int | None = None):
     return run
 
 
+class ForwardClock:
+    """Time spent inside the models' forward passes (hooks on the top modules), to split a decode
+    call into model forward and everything else (masks, candidate filtering, bookkeeping)."""
+
+    def __init__(self, *models):
+        self.seconds, self.calls, self._t0 = 0.0, 0, 0.0
+        for m in models:
+            m.register_forward_pre_hook(self._start)
+            m.register_forward_hook(self._stop)
+
+    def _start(self, *_):
+        _sync()
+        self._t0 = time.perf_counter()
+
+    def _stop(self, *_):
+        _sync()
+        self.seconds += time.perf_counter() - self._t0
+        self.calls += 1
+
+
 def measure(name: str, run, examples: list[Example], batch_size: int = 1, repeats: int = 1,
-            progress: bool = True) -> dict:
+            progress: bool = True, clock: ForwardClock | None = None) -> dict:
     """One setting: untimed warm-up, `repeats` timed passes (median tokens/s, generated tokens
-    only), accuracy / TPF / commit histogram from the first pass (greedy decoding is deterministic)."""
+    only), accuracy / TPF / commit histogram from the first pass (greedy decoding is deterministic).
+    With a clock, the first pass also splits its wall time into model forwards and the rest."""
     from tqdm.auto import tqdm
 
     prompts = [e.prompt for e in examples]
     run(prompts[:batch_size])  # warm-up, untimed: first calls pay for lazy init and allocator growth
     rates, latencies, correct, tokens, calls, hist = [], [], 0, 0, 0, Counter()
+    profile = {}
     for rep in range(repeats):
+        if clock is not None and rep == 0:
+            clock.seconds, clock.calls = 0.0, 0
         t0, n_tok = time.perf_counter(), 0
         for s in tqdm(range(0, len(prompts), batch_size), desc=f"{name} [{rep + 1}/{repeats}]", leave=False,
                       disable=not progress, dynamic_ncols=True):
@@ -142,10 +166,22 @@ def measure(name: str, run, examples: list[Example], batch_size: int = 1, repeat
                 hist.update(h)
         _sync()
         rates.append(n_tok / (time.perf_counter() - t0))
+        if clock is not None and rep == 0 and clock.calls:
+            wall = time.perf_counter() - t0
+            profile = {"forwards": clock.calls, "forward_ms": 1e3 * clock.seconds / clock.calls,
+                       "rest_ms": 1e3 * (wall - clock.seconds) / clock.calls}
     return {"name": name, "batch_size": batch_size, "accuracy": correct / len(examples),
             "tpf": tokens / calls if calls else None, "tokens_per_s": statistics.median(rates),
             "latency_s": statistics.median(latencies), "generated_tokens": tokens, "model_calls": calls,
-            "commit_histogram": dict(sorted(hist.items()))}
+            "commit_histogram": dict(sorted(hist.items())), **({"profile": profile} if profile else {})}
+
+
+def profile_lines(rows: list[dict]) -> list[str]:
+    """Markdown lines: the time of one forward and of everything else, per forward, per setting."""
+    lines = ["Time per forward, model vs the rest (ms; first pass):", ""]
+    return lines + [f"- {r['name']} (batch {r['batch_size']}): {r['profile']['forward_ms']:.2f} forward + "
+                    f"{r['profile']['rest_ms']:.2f} rest ({r['profile']['forwards']} forwards)"
+                    for r in rows if r.get("profile")]
 
 
 def _sync() -> None:
@@ -291,8 +327,9 @@ def run_bench(model: str, base: str, task: str = "reasoning", thresholds=(0.9, 0
         examples = load_examples(task, limit)
         ar = DiffusionLM.from_pretrained(base, autoregressive=True)
         dlm = DiffusionLM.from_pretrained(model)
+        clock = ForwardClock(ar.model, dlm.model)
         for bs in batch_sizes:
-            rows.append(measure("AR engine", engine_runner(ar, max_new_tokens), examples, bs, repeats))
+            rows.append(measure("AR engine", engine_runner(ar, max_new_tokens), examples, bs, repeats, clock=clock))
             if hf_baselines:
                 rows.append(measure("AR HF generate", hf_runner(ar, max_new_tokens), examples, bs, repeats))
                 if bs == 1:
@@ -300,16 +337,16 @@ def run_bench(model: str, base: str, task: str = "reasoning", thresholds=(0.9, 0
                                         examples, bs, repeats))
             if verified:
                 rows.append(measure("dLM drafts, AR verifies", verified_runner(dlm, ar, max_new_tokens), examples,
-                                    bs, repeats))
+                                    bs, repeats, clock=clock))
             for s, t, b in settings:
                 decode = {"strategy": s, "block_size": b, **({"threshold": t} if t is not None else {})}
                 rows.append(measure(_label(s, t, b), engine_runner(dlm, max_new_tokens, **decode), examples, bs,
-                                    repeats))
+                                    repeats, clock=clock))
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)
     (out_dir / "results.json").write_text(json.dumps({"model": model, "base": base, "task": task, "rows": rows},
                                                      indent=1))
-    (out_dir / "results.md").write_text("\n".join([table, "", *histograms(rows)]) + "\n")
+    (out_dir / "results.md").write_text("\n".join([table, "", *histograms(rows), "", *profile_lines(rows)]) + "\n")
     plot(rows, out_dir / "pareto.png", Path(model).name)
     print(table)
     print(f"wrote {out_dir}/results.json, results.md, pareto.png")
