@@ -66,23 +66,21 @@ def load_examples(task: str, limit: int) -> list[Example]:
 # A runner decodes a list of prompts: run(prompts) -> (texts, generated tokens, model calls,
 # {tokens committed in one step: number of steps}); HF runners know neither calls nor steps.
 def engine_runner(dlm, max_new_tokens: int, **decode):
-    def run(prompts):
-        res = dlm.generate(prompts, max_new_tokens=max_new_tokens, **decode)
-        hist = Counter()
-        for s in res.stats:
-            hist.update(s.steps_histogram)
-        return (res.texts, sum(s.generated_tokens for s in res.stats), sum(s.model_calls for s in res.stats),
-                hist)
-
-    return run
+    return _result_runner(lambda prompts: dlm.generate(prompts, max_new_tokens=max_new_tokens, **decode))
 
 
 def verified_runner(dlm, ar, max_new_tokens: int):
     """The dLM drafts, the AR parent verifies (edlm.decode.verify); calls = verification steps."""
     from edlm.decode.verify import generate_verified
 
+    return _result_runner(lambda prompts: generate_verified(dlm, ar, prompts, max_new_tokens))
+
+
+def _result_runner(decode):
+    """A runner from a function prompts -> GenerationResult."""
+
     def run(prompts):
-        res = generate_verified(dlm, ar, prompts, max_new_tokens)
+        res = decode(prompts)
         hist = Counter()
         for s in res.stats:
             hist.update(s.steps_histogram)

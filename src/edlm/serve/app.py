@@ -173,6 +173,17 @@ def _check_length(dlm, ids: list[int], param: str) -> list[int]:
     return ids
 
 
+def _listed(value: str | list[str], param: str, most: int) -> list[str]:
+    """A request's text or texts as a list: never empty, at most `most` (a request's size is bounded)."""
+    items = [value] if isinstance(value, str) else value
+    if not items:
+        raise ApiError(400, f"{param} is empty", param=param, code="invalid_value")
+    if len(items) > most:
+        raise ApiError(400, f"{len(items)} items in {param}; this server takes at most {most} per request",
+                       param=param, code="invalid_value")
+    return items
+
+
 def _job(dlm, body: _DecodeBody, ids: list[list[int]], max_tokens: int | None, param: str,
          verified: bool = False) -> Job:
     """Resolve and check everything before queueing: a bad request never reaches (or fails) a batch."""
@@ -337,12 +348,7 @@ def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256, 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts:
-            raise ApiError(400, "prompt is empty", param="prompt", code="invalid_value")
-        if len(prompts) > max_batch:
-            raise ApiError(400, f"{len(prompts)} prompts in one request; this server takes at most {max_batch}",
-                           param="prompt", code="invalid_value")
+        prompts = _listed(body.prompt, "prompt", max_batch)
         ids = [_check_length(dlm, dlm.tokenizer(p, add_special_tokens=True)["input_ids"], "prompt")
                for p in prompts]
         job = submit(_job(dlm, body, ids, body.max_tokens or COMPLETION_MAX_TOKENS, "prompt", verifier is not None))
@@ -397,12 +403,7 @@ def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256, 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request):
         check_model(body.model)
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        if not texts:
-            raise ApiError(400, "input is empty", param="input", code="invalid_value")
-        if len(texts) > max_batch * 16:
-            raise ApiError(400, f"{len(texts)} inputs in one request; this server takes at most {max_batch * 16}",
-                           param="input", code="invalid_value")
+        texts = _listed(body.input, "input", max_batch * 16)  # embedding rows are cheap: one forward each
         width = dlm.inner_model.config.hidden_size
         if body.dimensions is not None and body.dimensions > width:
             raise ApiError(400, f"dimensions {body.dimensions} exceeds the model's {width}", param="dimensions",
