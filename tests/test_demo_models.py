@@ -50,7 +50,8 @@ def test_demo_command_writes_table_json_and_plot(tmp_path, capsys):
                  "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())
     prefix = "dLM prefix 0.9" + (" (default)" if DLM_DEFAULT == {"strategy": "prefix", "threshold": 0.9} else "")
-    assert [r["name"] for r in rows] == ["AR (KV cache)", "dLM threshold 0.9", prefix]
+    assert [r["name"] for r in rows] == ["AR (KV cache)", "dLM drafts, AR verifies", "dLM threshold 0.9", prefix]
+    assert rows[1]["accuracy"] == rows[0]["accuracy"]  # the verified row decodes the parent's own text
     assert "speed-up" in capsys.readouterr().out and (out / "pareto.png").stat().st_size > 0
     assert main(["demo", "--limit", "0"]) == 2
     assert "--limit" in capsys.readouterr().err

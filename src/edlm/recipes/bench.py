@@ -244,6 +244,14 @@ def aup(points: list[tuple[float, float]], y_max: float) -> float:
     return total
 
 
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
 def aup_lines(rows: list[dict]) -> list[str]:
     """One AUP line per batch size over the dLM rows of each strategy (y_max: the best row's accuracy)."""
     out = []
@@ -252,8 +260,9 @@ def aup_lines(rows: list[dict]) -> list[str]:
         y_max = 100 * max((r["accuracy"] for r in sub), default=0.0)
         groups: dict[str, list] = {}
         for r in sub:
-            if not r["name"].startswith("AR"):
-                groups.setdefault(" ".join(r["name"].split()[:2]), []).append((r["tpf"], 100 * r["accuracy"]))
+            if not r["name"].startswith("AR"):  # one curve per strategy: the name without its threshold
+                words = [w for w in r["name"].replace("(default)", "").split() if not _is_number(w)]
+                groups.setdefault(" ".join(words), []).append((r["tpf"], 100 * r["accuracy"]))
         if groups:
             out.append(f"AUP (batch {bs}, y_max {y_max:.1f}%): " +
                        ", ".join(f"{name} {aup(pts, y_max):.1f}" for name, pts in groups.items()))

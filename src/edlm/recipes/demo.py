@@ -35,7 +35,7 @@ def run_demo(models=None, limit: int = 100, thresholds=THRESHOLDS, strategies=ST
     from edlm.decode.options import DecodeOptions
     from edlm.model import DiffusionLM
     from edlm.recipes import reasoning
-    from edlm.recipes.bench import engine_runner, load_examples, markdown, measure, plot
+    from edlm.recipes.bench import engine_runner, load_examples, markdown, measure, plot, verified_runner
 
     models = find_demo_models(models)
     if not 1 <= limit <= reasoning.TEST_SIZE:
@@ -51,7 +51,9 @@ def run_demo(models=None, limit: int = 100, thresholds=THRESHOLDS, strategies=ST
     print(f"edlm demo: {len(examples)} held-out problems, batch 1, {torch.get_num_threads()} threads, "
           f"dLM block size {dlm.config.block_size}")
     default = DecodeOptions.resolve(dlm)  # what `edlm generate models/dlm` uses with no flags
-    rows = [measure("AR (KV cache)", engine_runner(ar, MAX_NEW_TOKENS), examples)]
+    rows = [measure("AR (KV cache)", engine_runner(ar, MAX_NEW_TOKENS), examples),
+            # the parent's own text, drafted a block at a time by the dLM (edlm.decode.verify)
+            measure("dLM drafts, AR verifies", verified_runner(dlm, ar, MAX_NEW_TOKENS), examples)]
     for strategy in strategies:
         for t in thresholds:
             name = f"dLM {strategy} {t:g}"
