@@ -49,7 +49,7 @@ def reference_decode(dlm, prompt, max_new, bs, **opts):
             slot_logits = slot_logits.clone()
             slot_logits[:, mask_id] = float("-inf")
             slot_logits[:, len(tok):] = float("-inf")
-            tokens, conf, ent = pick_tokens(slot_logits[None])
+            tokens, conf, ent = pick_tokens(slot_logits[None], 0.0, 1.0)
             rule_opts = {k: v for k, v in opts.items() if k != "strategy"}
             chosen = commit(opts.get("strategy", "threshold"), conf, ent, todo[None], **rule_opts)[0]
             for j in torch.nonzero(chosen).flatten().tolist():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from edlm.recipes.bench import THRESHOLD_SWEEP
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="accuracy vs tokens/s of a dLM against its AR base, in one run",
@@ -10,8 +12,8 @@ def add_parser(sub) -> None:
     p.add_argument("model", help="converted edlm model dir")
     p.add_argument("--base", required=True, help="the AR model it came from")
     p.add_argument("--task", default="reasoning", help="reasoning | FILE.jsonl (prompt/answer) | lm-eval:TASK")
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5],
-                   help="thresholds of the strategies that read one")
+    p.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLD_SWEEP),
+                   help=f"thresholds of the strategies that read one (default {' '.join(map(str, THRESHOLD_SWEEP))})")
     p.add_argument("--strategies", nargs="+", default=["threshold"])
     p.add_argument("--block-sizes", type=int, nargs="+", default=[None], help="decode block sizes (default: "
                    "the model's)")

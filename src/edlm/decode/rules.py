@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 
-def pick_tokens(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-                generator: torch.Generator | None = None):
+def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None):
     """logits [B, S, V] (already with forbidden ids at -inf) -> tokens, confidence, entropy [B, S]."""
     logits = logits.float()
     if temperature > 0:

@@ -100,7 +100,7 @@ def candidate_logits(dlm, logits: torch.Tensor) -> torch.Tensor:
 
 
 def greedy_tokens(dlm, logits):
-    tokens, conf, _ = pick_tokens(candidate_logits(dlm, logits))
+    tokens, conf, _ = pick_tokens(candidate_logits(dlm, logits), temperature=0.0, top_p=1.0)
     return tokens, conf
 
 

@@ -308,7 +308,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 # ------------------------------------------------------------------ recipe + CLI
-def run_bench(model: str, base: str, task: str = "reasoning", thresholds=(0.9, 0.7, 0.5), strategies=("threshold",),
+THRESHOLD_SWEEP = (0.9, 0.7, 0.5)
+
+
+def run_bench(model: str, base: str, task: str = "reasoning", thresholds=THRESHOLD_SWEEP, strategies=("threshold",),
               block_sizes=(None,), batch_sizes=(1,), limit: int = 50, repeats: int = 1, max_new_tokens: int = 96,
               out: str = "bench-out", hf_baselines: bool = True, verified: bool = False) -> list[dict]:
     from edlm.model import DiffusionLM, read_checkpoint_config
