@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from edlm.decode.options import DecodeOptionError, DecodeOptions, resolve_rows
 from edlm.errors import EdlmError, first_line
 from edlm.serve.batching import BatchingWorker, Job, QueueFull, RowResult
+from edlm.train.data import chat_prompt
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -155,12 +156,9 @@ class EmbeddingRequest(_Body):
 
 # ------------------------------------------------------------------ prompts
 def render_chat(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a chat: the tokenizer's chat template, else plain "role: content" lines."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has its specials
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
+    """Token ids of a chat, rendered as training renders `messages` data (edlm.train.data.chat_prompt)."""
+    templated = bool(getattr(tokenizer, "chat_template", None))  # a template writes its own specials
+    return tokenizer(chat_prompt(tokenizer, messages), add_special_tokens=not templated)["input_ids"]
 
 
 def _check_length(dlm, ids: list[int], param: str) -> list[int]:

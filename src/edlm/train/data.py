@@ -9,6 +9,7 @@ compute is spent on padding.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,10 +49,17 @@ def load_raw(files: list[str]):
         raise EdlmError(f"data files must all be one of {sorted(LOADERS)}, got {[p.name for p in paths]}")
     kind = kinds.pop()
     kwargs = {"sample_by": "paragraph"} if kind == "text" else {}
+    log = logging.getLogger("datasets")  # its loaders log a failure before raising: we say it once, better
+    level = log.level
+    log.setLevel(logging.CRITICAL)
     try:
         ds = datasets.load_dataset(kind, data_files=[str(p) for p in paths], split="train", **kwargs)
     except Exception as exc:  # noqa: BLE001
-        raise EdlmError(f"cannot read data files: {diagnose(paths, kind) or _deepest(exc)}") from None
+        found = diagnose(paths, kind)
+        raise EdlmError(f"cannot read data files: {found}" if found else
+                        f"cannot read {', '.join(map(str, paths))}: {_deepest(exc)}") from None
+    finally:
+        log.setLevel(level)
     if len(ds) == 0:
         raise EdlmError(f"data is empty: {', '.join(map(str, paths))}")
     return ds

@@ -9,6 +9,7 @@ Checkpoints are written to a temp dir and renamed: a crash mid-save leaves the l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -142,7 +143,9 @@ def save_checkpoint(accelerator, dlm: DiffusionLM, cfg: TrainConfig, step: int) 
     try:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            # state/ too: accelerate creates it on the main process only, with no barrier before the
+            # other processes write their files into it (seen as a race under DeepSpeed)
+            (tmp / "state").mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp / "state"))
         save_model(accelerator, dlm, tmp / "model")
@@ -257,13 +260,32 @@ class _NoSharedTensorNotice(logging.Filter):
     model with tied embeddings: expected (the tie is restored on load), so not shown."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Removed shared tensor")
+        return "Removed shared tensor" not in record.getMessage()
 
 
 def _silence_shared_tensor_notice() -> None:
     log = logging.getLogger("accelerate.utils.other")
     if not any(isinstance(f, _NoSharedTensorNotice) for f in log.filters):
         log.addFilter(_NoSharedTensorNotice())
+
+
+@contextlib.contextmanager
+def _full_weights_on_load(accelerator):
+    """ZeRO-3: load the full model in every process (it is partitioned at prepare). accelerate makes
+    transformers' from_pretrained build ZeRO-3 models under zero.Init (it registers the DeepSpeed config
+    whatever zero3_init_flag says), where every parameter is an empty partition: converting on the
+    fly and checking the mask token's embedding row cannot work on those."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def _jsonable(cfg: TrainConfig) -> dict:
@@ -338,7 +360,8 @@ def _train(cfg: TrainConfig, accelerator, out: Path) -> Path:
     device = accelerator.device
     torch.manual_seed(cfg.seed)
 
-    dlm = load_for_training(cfg, device)
+    with _full_weights_on_load(accelerator):
+        dlm = load_for_training(cfg, device)
     with accelerator.main_process_first():
         train_ds = build_dataset(cfg.data, dlm.tokenizer, cfg.seq_len, cfg.fields)
         val_ds = build_dataset(cfg.val_data, dlm.tokenizer, cfg.seq_len, cfg.fields) if cfg.val_data else None
