@@ -104,3 +104,14 @@ def test_feeding_only_active_noisy_blocks_is_exact(arch, impl, shift):
     assert torch.allclose(part[tok], full[tok], atol=1e-6)  # eager softmaxes in float32
     if not shift:
         assert not part[~tok].any()
+
+
+def test_loading_in_python_shows_no_progress_bar(tmp_path, capfd):
+    from edlm import DiffusionLM
+    from edlm.testing import make_tiny_causal_lm, make_tiny_tokenizer
+    from edlm.train.convert import convert_model
+
+    convert_model(make_tiny_causal_lm("llama"), make_tiny_tokenizer(), block_size=4).save_pretrained(tmp_path)
+    capfd.readouterr()
+    DiffusionLM.from_pretrained(tmp_path)
+    assert "Loading weights" not in capfd.readouterr().err

@@ -100,6 +100,10 @@ def load_causal_lm(path, device=None, dtype=None, attn_implementation: str = "sd
         tokenizer = AutoTokenizer.from_pretrained(str(path), **sdar)
     except Exception as exc:  # noqa: BLE001 - many loader errors, one user message
         raise EdlmError(f"cannot load a tokenizer from {path}: {_tokenizer_problem(path, exc)}") from None
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise in a library call
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=dtype, attn_implementation=attn_implementation, **sdar
@@ -108,6 +112,9 @@ def load_causal_lm(path, device=None, dtype=None, attn_implementation: str = "sd
         raise EdlmError(f"{path} is not a causal language model: {first_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001
         raise EdlmError(f"cannot load a causal LM from {path}: {first_line(exc)}") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     return model.to(device).eval(), tokenizer
 
 
