@@ -53,7 +53,8 @@ def smollm2_path() -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def _threads():
+    # one thread by default: on shared cores, two intra-op threads ran ~10x slower per token
     old = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("EDLM_REAL_THREADS", old)))
+    torch.set_num_threads(int(os.environ.get("EDLM_REAL_THREADS", "1")))
     yield
     torch.set_num_threads(old)
