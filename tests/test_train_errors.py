@@ -13,7 +13,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from safetensors.torch import load_file
+from test_train import losses, weights
+from test_train import small as train_small
 
 from edlm.cli import main
 from edlm.errors import EdlmError
@@ -28,18 +29,8 @@ FAST = ["--block-size", "4", "--seq-len", "32", "--batch-size", "4", "--steps", 
 
 
 def small(out, model, data, **kw):
-    base = dict(model=str(model), data=[str(data)], out=str(out), block_size=4, seq_len=32, batch_size=4,
-                steps=3, lr=3e-3, min_lr=3e-4, warmup_steps=1, save_every=1000, progress=False, log_every=1)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def losses(out):
-    return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def weights(model_dir):
-    return load_file(str(Path(model_dir) / "model.safetensors"))
+    """test_train's tiny run, 3 steps long."""
+    return train_small(out, model, data, **{"steps": 3, "warmup_steps": 1, **kw})
 
 
 def snapshot(root: Path) -> dict:
