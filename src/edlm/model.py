@@ -148,13 +148,15 @@ class DiffusionLM:
                             "embedding rows")
         return cls(model, tokenizer, config)
 
-    def save_pretrained(self, out) -> None:
+    def save_pretrained(self, out, state_dict: dict | None = None) -> None:
+        """A normal HF checkpoint dir plus our settings; `state_dict` overrides the weights
+        (a sharded trainer's gathered full state)."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         model = self.inner_model
         if self.config.diffusion:
             model.config.update({CONFIG_KEY: self.config.to_dict()})
-        model.save_pretrained(str(out), safe_serialization=True)
+        model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
         self.tokenizer.save_pretrained(str(out))
 
     def merged(self) -> "DiffusionLM":

@@ -33,61 +33,7 @@ import time
 import torch
 
 from edlm.decode.options import DEFAULT_MAX_NEW_TOKENS, DecodeOptions, resolve_rows
-from edlm.decode.state import Batch, BlockEvent, GenerationResult, RowStats
-
-
-class _Outputs:
-    """Per-request token lists, text, stats and finish reason, with stop-string handling."""
-
-    def __init__(self, dlm):
-        self.dlm = dlm
-        self.budget: list[int] = []
-        self.stops: list[list[str]] = []
-        self.tokens: list[list[int]] = []
-        self.text: list[str] = []
-        self.stats: list[RowStats] = []
-        self.reason: list[str] = []
-        self.started: list[float] = []  # perf_counter when the row entered the batch
-
-    def add_rows(self, budget: list[int], stops: list[list[str]]) -> int:
-        """Open outputs for new requests; returns the first new row id."""
-        first, n = len(self.budget), len(budget)
-        self.budget += budget
-        self.stops += stops
-        self.tokens += [[] for _ in range(n)]
-        self.text += [""] * n
-        self.stats += [RowStats() for _ in range(n)]
-        self.reason += ["length"] * n
-        self.started += [time.perf_counter()] * n
-        return first
-
-    def add_block(self, row: int, new: list[int], hit_eos: bool) -> tuple[str, bool]:
-        """Append a finished block's tokens (already cut to the budget); returns (new text, row is done)."""
-        tok = self.dlm.tokenizer
-        old_text = self.text[row]
-        self.tokens[row].extend(new)
-        body = self.tokens[row][:-1] if hit_eos else self.tokens[row]
-        text = tok.decode(body, skip_special_tokens=True)
-        done = hit_eos
-        if hit_eos:
-            self.reason[row] = "stop"
-        for s in self.stops[row]:
-            cut = text.find(s, max(0, len(old_text) - len(s)))
-            if cut >= 0:
-                text, done, self.reason[row] = text[:cut], True, "stop"
-                self._trim_tokens(row, text)
-        self.text[row] = text
-        if len(self.tokens[row]) >= self.budget[row]:
-            done = True
-        self.stats[row].generated_tokens = len(self.tokens[row])
-        return text[len(old_text):], done
-
-    def _trim_tokens(self, row: int, text: str) -> None:
-        toks = self.tokens[row]
-        for n in range(len(toks) + 1):
-            if len(self.dlm.tokenizer.decode(toks[:n], skip_special_tokens=True)) >= len(text):
-                self.tokens[row] = toks[:n]
-                return
+from edlm.decode.state import Batch, BlockEvent, GenerationResult, Outputs
 
 
 def _finished_tokens(batch: Batch, i: int, room: int) -> tuple[list[int], bool]:
@@ -116,7 +62,7 @@ def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NE
     step = opts.spec.step
     generator = torch.Generator(device=dlm.device).manual_seed(opts.seed) if opts.seed is not None else None
 
-    out = _Outputs(dlm)
+    out = Outputs(dlm)
     out.add_rows(budget, stops)
     batch = Batch(dlm, ids, opts, budget)
     batch.open_blocks()
@@ -125,9 +71,7 @@ def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NE
         committed, calls = step(dlm, batch, generator)  # calls: model calls it made (each batched)
         rows = batch.rows.tolist()
         for r, c in zip(rows, committed.tolist(), strict=True):
-            out.stats[r].model_calls += calls
-            h = out.stats[r].steps_histogram
-            h[c] = h.get(c, 0) + 1
+            out.stats[r].add_step(c, calls)
         block_done = ~batch.todo.any(-1)  # [B]
         # a row whose budget ends in this block is done once the slots it keeps are decided: later
         # steps could only fill slots it cuts (unless the strategy revises committed slots)

@@ -1,11 +1,12 @@
 """The decoding state of a batch: per-row tensors, results and events.
 
 Every per-row tensor has the batch's rows as its first dimension; row r of each is the same
-request. Rows leave (`keep`) the moment they are done and join (`join`) at a block boundary.
+request. Rows leave (`keep`) the moment they are done and join (`join`) between two steps.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,11 @@ class RowStats:
         return {"model_calls": self.model_calls, "generated_tokens": self.generated_tokens,
                 "tpf": self.tpf, "seconds": self.seconds}
 
+    def add_step(self, committed: int, calls: int) -> None:
+        """One step of this row: `committed` tokens for `calls` model calls."""
+        self.model_calls += calls
+        self.steps_histogram[committed] = self.steps_histogram.get(committed, 0) + 1
+
 
 @dataclass
 class GenerationResult:
@@ -47,6 +53,61 @@ class BlockEvent:
     finish_reason: str | None = None  # "stop" or "length"
     stats: RowStats | None = None
     final_text: str | None = None  # the row's whole text (a stop string may cut into earlier blocks)
+
+
+class Outputs:
+    """Per-request token lists, text, stats and finish reason, with stop-string handling (the
+    engine and the verified drafter both end rows through it)."""
+
+    def __init__(self, dlm):
+        self.dlm = dlm
+        self.budget: list[int] = []
+        self.stops: list[list[str]] = []
+        self.tokens: list[list[int]] = []
+        self.text: list[str] = []
+        self.stats: list[RowStats] = []
+        self.reason: list[str] = []
+        self.started: list[float] = []  # perf_counter when the row entered the batch
+
+    def add_rows(self, budget: list[int], stops: list[list[str]]) -> int:
+        """Open outputs for new requests; returns the first new row id."""
+        first, n = len(self.budget), len(budget)
+        self.budget += budget
+        self.stops += stops
+        self.tokens += [[] for _ in range(n)]
+        self.text += [""] * n
+        self.stats += [RowStats() for _ in range(n)]
+        self.reason += ["length"] * n
+        self.started += [time.perf_counter()] * n
+        return first
+
+    def add_block(self, row: int, new: list[int], hit_eos: bool) -> tuple[str, bool]:
+        """Append a finished block's tokens (already cut to the budget); returns (new text, row is done)."""
+        tok = self.dlm.tokenizer
+        old_text = self.text[row]
+        self.tokens[row].extend(new)
+        body = self.tokens[row][:-1] if hit_eos else self.tokens[row]
+        text = tok.decode(body, skip_special_tokens=True)
+        done = hit_eos
+        if hit_eos:
+            self.reason[row] = "stop"
+        for s in self.stops[row]:
+            cut = text.find(s, max(0, len(old_text) - len(s)))
+            if cut >= 0:
+                text, done, self.reason[row] = text[:cut], True, "stop"
+                self._trim_tokens(row, text)
+        self.text[row] = text
+        if len(self.tokens[row]) >= self.budget[row]:
+            done = True
+        self.stats[row].generated_tokens = len(self.tokens[row])
+        return text[len(old_text):], done
+
+    def _trim_tokens(self, row: int, text: str) -> None:
+        toks = self.tokens[row]
+        for n in range(len(toks) + 1):
+            if len(self.dlm.tokenizer.decode(toks[:n], skip_special_tokens=True)) >= len(text):
+                self.tokens[row] = toks[:n]
+                return
 
 
 def encode_prompts(dlm, prompts) -> list[list[int]]:

@@ -18,7 +18,7 @@ import time
 import torch
 
 from edlm.decode.options import DEFAULT_MAX_NEW_TOKENS, resolve_rows
-from edlm.decode.state import BlockEvent, GenerationResult, RowStats
+from edlm.decode.state import BlockEvent, GenerationResult, Outputs
 from edlm.decode.step import candidate_logits
 from edlm.errors import EdlmError
 from edlm.masks import position_block_mask
@@ -102,42 +102,30 @@ def stream_verified(drafter, verifier, prompts, max_new_tokens: int | None = DEF
     ids, budgets, stops = resolve_rows(verifier, prompts, max_new_tokens, stop)
     bs = block_size or drafter.config.block_size
     eos = verifier.tokenizer.eos_token_id
-    texts, tokens, stats, reasons = [], [], [], []
-    for row, (prompt, budget, row_stops) in enumerate(zip(ids, budgets, stops, strict=True)):
-        t0, st = time.perf_counter(), RowStats()
-        d, v, seq, new, reason = _Drafter(drafter, bs), _Verifier(verifier), list(prompt), [], "length"
-        while len(new) < budget:
+    out = Outputs(verifier)  # EOS, stop strings and budget end a row as in the engine
+    out.add_rows(budgets, stops)
+    for row, prompt in enumerate(ids):
+        out.started[row] = time.perf_counter()  # rows are decoded one after another
+        d, v, seq, done = _Drafter(drafter, bs), _Verifier(verifier), list(prompt), False
+        while not done:
             drafts = d.draft(seq)
             greedy = v.greedy_after(seq, drafts)
             n = 0
             while n < len(drafts) and drafts[n] == greedy[n]:
                 n += 1
-            step = (drafts[:n] + [greedy[n]])[: budget - len(new)]
+            step = (drafts[:n] + [greedy[n]])[: out.budget[row] - len(out.tokens[row])]
             v.keep(n, len(drafts))
-            if eos in step:
-                step, reason = step[: step.index(eos) + 1], "stop"
+            hit_eos = eos in step
+            if hit_eos:
+                step = step[: step.index(eos) + 1]
             seq += step
-            new += step
-            st.model_calls += 1
-            st.steps_histogram[len(step)] = st.steps_histogram.get(len(step), 0) + 1
-            if reason == "stop":
-                break
-            text = verifier.tokenizer.decode(new, skip_special_tokens=True)
-            if any(s in text for s in row_stops):
-                reason = "stop"
-                break
-        tok = verifier.tokenizer
-        text = tok.decode(new[:-1] if new and new[-1] == eos else new, skip_special_tokens=True)
-        cut = min((text.find(s) for s in row_stops if s in text), default=-1)
-        if cut >= 0:  # as the engine: the text ends before the stop string, the tokens where it ends
-            text = text[:cut]
-            while new and len(tok.decode(new[:-1], skip_special_tokens=True)) >= len(text):
-                new = new[:-1]
-        st.generated_tokens, st.seconds = len(new), time.perf_counter() - t0
-        texts.append(text), tokens.append(new), stats.append(st), reasons.append(reason)
-        yield BlockEvent(row, text, new, True, reason, st, text)
+            out.stats[row].add_step(len(step), 1)
+            _, done = out.add_block(row, step, hit_eos)
+        stats = out.stats[row]
+        stats.seconds = time.perf_counter() - out.started[row]
+        yield BlockEvent(row, out.text[row], out.tokens[row], True, out.reason[row], stats, out.text[row])
     if result is not None:
-        result.append(GenerationResult(texts, tokens, stats, reasons))
+        result.append(GenerationResult(out.text, out.tokens, out.stats, out.reason))
 
 
 def generate_verified(drafter, verifier, prompts, max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS, stop=None,

@@ -178,12 +178,7 @@ def save_model(accelerator, dlm: DiffusionLM, out: Path) -> None:
         return
     state = accelerator.get_state_dict(dlm.model)
     if accelerator.is_main_process:
-        plain = DiffusionLM(accelerator.unwrap_model(dlm.model), dlm.tokenizer, dlm.config)
-        model = plain.inner_model
-        if plain.config.diffusion:
-            model.config.update({CONFIG_KEY: plain.config.to_dict()})
-        model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
-        dlm.tokenizer.save_pretrained(str(out))
+        DiffusionLM(accelerator.unwrap_model(dlm.model), dlm.tokenizer, dlm.config).save_pretrained(out, state)
 
 
 def checkpoint_problem(ckpt: Path) -> str | None:
