@@ -149,6 +149,7 @@ REFUSALS = {
     "non-qwen3": (lambda q, llama, root: llama, "needs a Qwen3 base"),
     "mask-id": (lambda q, llama, root: _variant(q, root, {"mask_token_id": 5}), "mask token id 151669"),
     "shift": (lambda q, llama, root: _variant(q, root, {"shift": True}), "--shift"),
+    "causal-clean": (lambda q, llama, root: _variant(q, root, {"causal_clean": True}), "--causal-clean"),
     "noisy-layout": (lambda q, llama, root: _trained(q, root, "noisy", final=True), "--attention noisy"),
     "bidirectional-layout": (lambda q, llama, root: _trained(q, root, "bidirectional", final=False),
                              "--attention bidirectional"),

@@ -87,3 +87,56 @@ def test_block_copies_with_one_copy_per_block_is_the_training_layout(seq_len, bl
     padded = block_copies_mask(torch.cat([pos, torch.zeros(1, 1, dtype=torch.long)], 1),
                                torch.cat([group, torch.full((1, 1), -2)], 1), block_size)[0]
     assert not padded[-1].any() and not padded[:, -1].any()  # padding attends to and is seen by nothing
+
+
+def test_causal_clean_mask_truth_table():
+    """clean_context_mask(causal_clean=True) against a loop over every (query, key) pair of the
+    concat(x_t, x_0) layout: the clean half is an AR model, the noisy half is unchanged."""
+    seq_len, bs = 10, 4
+    got = clean_context_mask(seq_len, bs, causal_clean=True)
+    for q in range(2 * seq_len):
+        for k in range(2 * seq_len):
+            qc, kc = q >= seq_len, k >= seq_len  # clean halves
+            qi, ki = q % seq_len, k % seq_len
+            if qc:
+                want = kc and ki <= qi
+            elif kc:
+                want = ki // bs < qi // bs
+            else:
+                want = ki // bs == qi // bs
+            assert bool(got[q, k]) == want, (q, k)
+    block = clean_context_mask(seq_len, bs)
+    assert torch.equal(got[:seq_len], block[:seq_len])  # noisy queries see exactly what they did
+    assert got[seq_len + 4, seq_len + 5] == 0 and block[seq_len + 4, seq_len + 5] == 1
+
+
+def test_block_copies_mask_causal_clean_matches_the_concat_layout():
+    seq_len, bs = 8, 4
+    pos = torch.cat([torch.arange(seq_len), torch.arange(seq_len)])[None]
+    group = torch.cat([torch.arange(seq_len) // bs, torch.full((seq_len,), -1)])[None]
+    got = block_copies_mask(pos, group, bs, causal_clean=True)[0]
+    assert torch.equal(got, clean_context_mask(seq_len, bs, causal_clean=True))
+
+
+def test_draft_blocks_mask_truth_table():
+    """Clean tokens (start -1) are token-causal; a draft block sees clean tokens before its start
+    and its own block, never another block, never a pad key."""
+    from edlm.masks import draft_blocks_mask
+
+    pos = torch.tensor([[5, 6, 7, 8, 7, 8, 9, 8, 9, 10, 99]])
+    start = torch.tensor([[-1, -1, -1, -1, 7, 7, 7, 8, 8, 8, -1]])
+    valid = torch.tensor([[True] * 10 + [False]])
+    cache_pos = torch.arange(5)[None]
+    k_pos, k_start = torch.cat([cache_pos, pos], 1), torch.cat([torch.full((1, 5), -1), start], 1)
+    k_valid = torch.cat([torch.ones(1, 5, dtype=torch.bool), valid], 1)
+    got = draft_blocks_mask(pos, start, k_pos, k_start, k_valid)[0]
+    for q in range(pos.shape[1]):
+        for k in range(k_pos.shape[1]):
+            qp, qs, kp, ks = int(pos[0, q]), int(start[0, q]), int(k_pos[0, k]), int(k_start[0, k])
+            if not k_valid[0, k]:
+                want = False
+            elif qs < 0:
+                want = ks < 0 and kp <= qp
+            else:
+                want = (ks < 0 and kp < qs) or ks == qs
+            assert bool(got[q, k]) == want, (q, k)

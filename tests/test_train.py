@@ -249,3 +249,42 @@ def test_loss_feeds_only_blocks_with_masks_and_is_unchanged(corpus):
     assert fed[-1] == 64
     assert torch.allclose(loss, full_loss, rtol=1e-10)
     assert all(torch.allclose(g, h, atol=1e-10) for g, h in zip(grads, full_grads, strict=True))
+
+
+@pytest.mark.parametrize(("arch", "shift"), [("llama", True), ("qwen3", False)])
+def test_ar_loss_on_the_causal_clean_stream_is_the_causal_lm_loss(corpus, arch, shift):
+    """With the diffusion term off, the clean stream's AR loss is exactly the plain causal LM loss of
+    the same model on the same tokens (SFT data: prompts unscored), whichever noisy blocks are fed."""
+    from edlm.train.objective import causal_lm_loss, next_token_loss
+
+    model = make_tiny_causal_lm(arch, dtype=torch.float64)
+    dlm = convert_model(model, make_tiny_tokenizer(), block_size=4, shift=shift)
+    dlm.config.causal_clean = True
+    batch = build_dataset([str(corpus / "sft.jsonl")], dlm.tokenizer, seq_len=32)[:6]
+    ids, maskable = batch["input_ids"], batch["maskable"]
+    plain, _ = causal_lm_loss(model, ids, maskable)
+    x_t = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.5,
+                      dlm.config.mask_token_id, ids)
+    active = torch.rand(6, 8, generator=torch.Generator().manual_seed(1)) < 0.5
+    for act in (None, active):
+        _, clean = dlm.forward_noisy(x_t, ids, active=act, with_clean=True)
+        assert torch.allclose(next_token_loss(clean, ids, maskable), plain, rtol=1e-6)  # both reduce in fp32
+    # the joint loss adds exactly a * L_AR to the diffusion loss
+    gens = lambda: row_generators(0, 0, torch.arange(6))  # noqa: E731
+    diff, _ = diffusion_loss(dlm, ids, maskable, NoiseSettings(), gens())
+    joint, _ = diffusion_loss(dlm, ids, maskable, NoiseSettings(ar_weight=0.5), gens())
+    assert torch.allclose(joint - diff, 0.5 * plain, rtol=1e-6)
+    dlm.config.causal_clean = False  # block-causal clean tokens see the token they would predict
+    _, leaky = dlm.forward_noisy(x_t, ids, with_clean=True)
+    assert not torch.allclose(next_token_loss(leaky, ids, maskable), plain, rtol=1e-4)
+
+
+def test_ar_loss_weight_trains_a_causal_clean_model_with_full_mask_blocks(tiny_ar_dir, corpus, tmp_path):
+    final = train(small(tmp_path / "r", tiny_ar_dir, corpus / "train.txt", steps=30, ar_loss_weight=1.0,
+                        masking="full"))
+    ls = losses(tmp_path / "r")
+    assert sum(ls[-5:]) / 5 < 0.8 * sum(ls[:5]) / 5
+    dlm = DiffusionLM.from_pretrained(final)
+    assert dlm.config.causal_clean is True
+    res = dlm.generate(["the fox", "a"], max_new_tokens=6, strategy="verified")
+    assert all(s.generated_tokens == 6 or r == "stop" for s, r in zip(res.stats, res.finish_reasons, strict=True))

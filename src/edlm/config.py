@@ -21,6 +21,10 @@ class DiffusionConfig:
     # shift=True: the logit at i-1 predicts token i (Fast-dLLM v2 / Dream, and every AR model).
     # The paper's best setting is no shift: the logit at i predicts token i.
     shift: bool = False
+    # True: the clean stream of training attends token-causally (not block-causally), so it is an
+    # AR model (trained with --ar-loss-weight) and decoding writes finished blocks' KV causally;
+    # the `verified` strategy then checks the model's drafts against its own AR argmax.
+    causal_clean: bool = False
     # False for a plain AR model driven through the same engine (block size 1, shift, no mask).
     diffusion: bool = True
     base_model: str | None = None
@@ -46,7 +50,7 @@ class DiffusionConfig:
         if self.mask_token_id is not None and (isinstance(self.mask_token_id, bool)
                                                or not isinstance(self.mask_token_id, int) or self.mask_token_id < 0):
             raise EdlmError(f"config.json: edlm.mask_token_id must be a token id, got {self.mask_token_id!r}")
-        for name in ("shift", "diffusion"):
+        for name in ("shift", "diffusion", "causal_clean"):
             if not isinstance(getattr(self, name), bool):
                 raise EdlmError(f"config.json: edlm.{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.decoding, dict):

@@ -35,49 +35,83 @@ def bidirectional_mask(seq_len: int, device=None) -> torch.Tensor:
     return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
 
 
-def clean_context_mask(seq_len: int, block_size: int, device=None) -> torch.Tensor:
+def clean_context_mask(seq_len: int, block_size: int, device=None, causal_clean: bool = False) -> torch.Tensor:
     """[2L, 2L] mask for concat(x_t, x_0) (BD3-LM layout, paper Sec. 3).
 
-    noisy->noisy: same block only; noisy->clean: strictly earlier blocks;
-    clean->clean: block-causal; clean->noisy: never.
+    noisy->noisy: same block only; noisy->clean: strictly earlier blocks; clean->noisy: never;
+    clean->clean: block-causal (the paper's), or token-causal with causal_clean: then the clean
+    stream *is* an AR model (TiDAR): its logits give an AR loss at no extra forward, and its KV
+    is exactly an AR prefix cache, so the model can verify its own drafts.
     """
     b = block_index(seq_len, block_size, device)
     same = b[:, None] == b[None, :]
     earlier = b[None, :] < b[:, None]
-    causal = b[None, :] <= b[:, None]
+    if causal_clean:
+        pos = torch.arange(seq_len, device=device)
+        causal = pos[None, :] <= pos[:, None]
+    else:
+        causal = b[None, :] <= b[:, None]
     top = torch.cat([same, earlier], dim=1)
     bottom = torch.cat([torch.zeros_like(same), causal], dim=1)
     return torch.cat([top, bottom], dim=0)
 
 
-def block_copies_mask(pos: torch.Tensor, group: torch.Tensor, block_size: int) -> torch.Tensor:
+def block_copies_mask(pos: torch.Tensor, group: torch.Tensor, block_size: int,
+                      causal_clean: bool = False) -> torch.Tensor:
     """[B, T, T] bool (True = attend) for rows of a clean stream plus noisy block copies
     (likelihood scoring: several noisy versions of one block are scored in one forward).
 
     clean_context_mask's rule with positions and groups given per token (group -1 = clean,
     >= 0 = a copy, -2 = padding):
-    clean -> clean block-causal; copy -> clean strictly earlier blocks; copy -> its own copy only.
+    clean -> clean block-causal (token-causal with causal_clean); copy -> clean strictly earlier
+    blocks; copy -> its own copy only.
     """
     blk = torch.div(pos, block_size, rounding_mode="floor")
     q_blk, k_blk = blk[:, :, None], blk[:, None, :]
     q_grp, k_grp = group[:, :, None], group[:, None, :]
     k_clean = k_grp == -1
-    clean_query = (q_grp == -1) & k_clean & (k_blk <= q_blk)
+    clean_seen = (pos[:, None, :] <= pos[:, :, None]) if causal_clean else (k_blk <= q_blk)
+    clean_query = (q_grp == -1) & k_clean & clean_seen
     copy_query = (q_grp >= 0) & ((k_clean & (k_blk < q_blk)) | (k_grp == q_grp))
     return clean_query | copy_query  # pad groups (-2) match nothing; to_backend_mask opens pad rows
 
 
 def position_block_mask(
-    q_pos: torch.Tensor, k_pos: torch.Tensor, block_size: int, k_valid: torch.Tensor | None = None
+    q_pos: torch.Tensor, k_pos: torch.Tensor, block_size: int, k_valid: torch.Tensor | None = None,
+    causal_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[B, Q, K] block-causal mask from logical positions (decoding with a padded KV cache).
 
     q_pos [B, Q], k_pos [B, K] are logical positions; k_valid [B, K] marks real (non-pad) keys.
+    causal_q [B, Q] marks clean queries of a causal-clean model: they see keys at positions <= their
+    own (token-causal), as in training, so their KV is an exact AR prefix cache.
     """
     allowed = (k_pos[:, None, :] // block_size) <= (q_pos[:, :, None] // block_size)
+    if causal_q is not None:
+        causal = k_pos[:, None, :] <= q_pos[:, :, None]
+        allowed = torch.where(causal_q[:, :, None], causal, allowed)
     if k_valid is not None:
         allowed = allowed & k_valid[:, None, :]
     return allowed
+
+
+def draft_blocks_mask(
+    q_pos: torch.Tensor, q_start: torch.Tensor, k_pos: torch.Tensor, k_start: torch.Tensor,
+    k_valid: torch.Tensor,
+) -> torch.Tensor:
+    """[B, Q, K] for AR-verified drafting in one forward (TiDAR-style, edlm.decode.selfverify).
+
+    Every token is clean (start -1: AR verification, token-causal) or in a draft block of masks
+    that starts at `start` (not block-aligned: it follows a possible accepted prefix). A clean
+    query sees clean keys at positions <= its own; a draft-block query sees clean keys before its
+    block's start and its own block's keys (which share its start). The rule of
+    clean_context_mask(causal_clean=True) with the block placed where the prefix ends.
+    """
+    qs, ks = q_start[:, :, None], k_start[:, None, :]
+    k_clean = ks < 0
+    clean_q = (qs < 0) & k_clean & (k_pos[:, None, :] <= q_pos[:, :, None])
+    draft_q = (qs >= 0) & ((k_clean & (k_pos[:, None, :] < qs)) | (ks == qs))
+    return (clean_q | draft_q) & k_valid[:, None, :]
 
 
 def to_backend_mask(

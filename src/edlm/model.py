@@ -203,7 +203,8 @@ class DiffusionLM:
         block_size: int | None = None,
         shift: bool | None = None,
         active: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        with_clean: bool = False,
+    ):
         """Logits [B, L, V] that predict x_0 at every position of the noisy sequence x_t.
 
         attention="clean" (the paper's method): input concat(x_t, x_0) [B, 2L], the same position
@@ -215,9 +216,14 @@ class DiffusionLM:
         active [B, n_blocks] (clean only): the noisy blocks that carry loss. The others are left
         out of the input, which is exact (a noisy token attends only its own noisy block) and
         saves their compute: on SFT data prompt-only blocks are a large share. Their logits are 0.
+        with_clean (clean attention only): also return the clean stream's logits [B, L, V] (position
+        i predicts token i+1: under config.causal_clean an AR model's, for the AR loss).
         """
         block_size = block_size or self.config.block_size
         shift = self.config.shift if shift is None else shift
+        causal = self.config.causal_clean
+        if with_clean and attention != "clean":
+            raise EdlmError("clean-stream logits exist only with attention='clean'")
         batch, seq_len = x_t.shape
         device = x_t.device
         pos = torch.arange(seq_len, device=device)
@@ -231,14 +237,14 @@ class DiffusionLM:
             position_ids = torch.cat([noisy_at, pos[None].expand(batch, -1)], dim=1)
             group = torch.cat([torch.where(fed, noisy_at // block_size, -2),
                                torch.full_like(x_0, -1)], dim=1)  # a copy per block; -1 clean, -2 pad
-            mask = block_copies_mask(position_ids, group, block_size)
-            keep = torch.arange(width + seq_len if shift else width, device=device)
+            mask = block_copies_mask(position_ids, group, block_size, causal_clean=causal)
+            keep = torch.arange(width + seq_len if shift or with_clean else width, device=device)
         elif attention == "clean":
             ids = torch.cat([x_t, x_0], dim=1)
             position_ids = torch.cat([pos, pos])[None].expand(batch, -1)
-            mask = clean_context_mask(seq_len, block_size, device)
+            mask = clean_context_mask(seq_len, block_size, device, causal_clean=causal)
             keep = pos
-            if shift:
+            if shift or with_clean:
                 keep = torch.cat([pos, seq_len + pos])  # clean logits feed block starts
         elif attention in ("noisy", "bidirectional"):
             ids = x_t
@@ -264,17 +270,17 @@ class DiffusionLM:
             fed_logits = torch.where(fed[..., None], logits[:, :width], 0)
             noisy = noisy.scatter(1, noisy_at[..., None].expand(-1, -1, logits.shape[-1]), fed_logits)
             logits = torch.cat([noisy, logits[:, width:]], dim=1)
-        if not shift:
-            return logits
+        clean = logits[:, seq_len:] if attention == "clean" and (shift or with_clean) else None
         noisy = logits[:, :seq_len]
+        if not shift:
+            return (noisy, clean) if with_clean else noisy
         shifted = torch.empty_like(noisy)
         shifted[:, 1:] = noisy[:, :-1]
         shifted[:, 0] = noisy[:, 0]  # position 0 has no predecessor; never scored under shift
         if attention == "clean":
-            clean = logits[:, seq_len:]
             starts = torch.arange(block_size, seq_len, block_size, device=device)
             shifted[:, starts] = clean[:, starts - 1]
-        return shifted
+        return (shifted, clean) if with_clean else shifted
 
     # ---- inference ----
     def generate(self, prompts, **kwargs):

@@ -30,8 +30,11 @@ def denoise_step(dlm, batch) -> torch.Tensor:
     q_valid = q_pos >= 0
     k_pos = torch.cat([batch.cache_pos, q_pos], 1)
     k_valid = torch.cat([batch.cache_valid, q_valid], 1)
-    mask = position_block_mask(q_pos, k_pos, bs, k_valid)  # [B, Q, K]
     n_pending = batch.pending_ids.shape[1]
+    causal_q = None
+    if cfg.causal_clean:  # pending tokens are clean: token-causal, as the clean stream was trained
+        causal_q = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1) < n_pending
+    mask = position_block_mask(q_pos, k_pos, bs, k_valid, causal_q)  # [B, Q, K]
     has_pending = batch.pending_pos[:, -1] >= 0 if n_pending else None  # [B]: rows writing a finished block
     keep = bs + (1 if cfg.shift and n_pending and feed_block else 0) if feed_block else 1
     out = dlm.model(input_ids=ids, attention_mask=dlm.backend_mask(mask), position_ids=q_pos.clamp_min(0),

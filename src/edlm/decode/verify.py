@@ -51,7 +51,8 @@ class _Drafter:
         end = min(start + bs, dlm.max_positions or start + bs)
         ids = seq[self.cached:p] + [dlm.config.mask_token_id] * (end - p)
         pos = torch.arange(self.cached, end, device=dlm.device)[None]
-        mask = position_block_mask(pos, torch.arange(end, device=dlm.device)[None], bs)
+        clean = pos < start if dlm.config.causal_clean else None  # fed finished blocks: clean stream
+        mask = position_block_mask(pos, torch.arange(end, device=dlm.device)[None], bs, causal_q=clean)
         out = dlm.model(input_ids=torch.tensor([ids], device=dlm.device), attention_mask=dlm.backend_mask(mask),
                         position_ids=pos, cache=self.cache, use_cache=True)
         self.cache.crop(-(end - start))  # keep only the clean pending blocks

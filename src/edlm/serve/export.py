@@ -149,6 +149,9 @@ def check_sdar_servable(dlm, layout: dict | None = None) -> None:
     if dlm.config.shift:
         raise EdlmError("--format sdar needs a no-shift model (SDAR predicts token i at position i), "
                         "this one was converted with --shift: use --format hf")
+    if dlm.config.causal_clean:
+        raise EdlmError("--format sdar needs a block-causal clean stream (SGLang writes finished blocks' KV "
+                        "block-causally), this model was trained with --causal-clean: use --format hf")
     attention = (layout or {}).get("attention", "clean")
     if attention != "clean":
         raise EdlmError(f"--format sdar needs SDAR's training layout (noisy blocks see clean earlier blocks, "

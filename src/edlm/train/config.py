@@ -18,7 +18,7 @@ from edlm.model import ATTENTION_VARIANTS
 from edlm.train.data import DataFields
 from edlm.train.objective import NoiseSettings
 
-MASKINGS = ("position", "uniform", "reverse")
+MASKINGS = ("position", "uniform", "reverse", "full")
 OBJECTIVES = ("diffusion", "ar")
 WARMUP_FRACTION = 0.05  # warm-up when --warmup-steps is unset: a fraction of the run, as users expect
 
@@ -47,11 +47,16 @@ class TrainConfig:
     mask_token: str | None = _opt(None, "mask token when converting on the fly (see edlm convert)")
     shift: bool | None = _opt(None, "predict token i at position i-1 (default: the checkpoint's; converting: "
                               "no shift)")
+    causal_clean: bool | None = _opt(None, "clean stream token-causal, i.e. an AR model the `verified` strategy "
+                                     "checks drafts with (default: the checkpoint's; on with --ar-loss-weight > 0)")
     # objective (paper defaults first)
     attention: str = _opt("clean", "clean (the paper's: noisy blocks see clean earlier blocks) | noisy | "
                           "bidirectional (study variants)", choices=ATTENTION_VARIANTS)
     masking: str = _opt("position", "position-dependent masking (the paper's) | uniform | reverse "
-                        "(right-to-left study variant)", choices=MASKINGS)
+                        "(right-to-left study variant) | full (TiDAR: every block all masks, for drafting)",
+                        choices=MASKINGS)
+    ar_loss_weight: float = _opt(0.0, "weight a of the clean stream's AR next-token loss: a * L_AR + L_diffusion "
+                                 "(turns on --causal-clean)")
     half_life: float = _opt(0.1, "lambda of position-dependent masking: beta = ln2 / (lambda * L')")
     t_per_block: bool = _opt(False, "one noise level per block, not per sequence")
     t_min: float = _opt(1e-3, "smallest noise level t (1/t weights explode near 0)")
@@ -102,7 +107,7 @@ class TrainConfig:
             raise EdlmError(f"--attention must be one of {ATTENTION_VARIANTS}, got {self.attention!r}")
         if self.masking not in MASKINGS:
             raise EdlmError(f"--masking must be one of {MASKINGS}, got {self.masking!r}")
-        if self.masking != "uniform" and self.half_life <= 0:
+        if self.masking in ("position", "reverse") and self.half_life <= 0:
             raise EdlmError(f"--half-life must be > 0, got {self.half_life}")
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "save_every", "keep_last", "log_every",
                      "eval_batches"):
@@ -112,7 +117,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < (1 if name == "block_size" else 0):
                 raise EdlmError(f"{flag(name)} must be >= {1 if name == 'block_size' else 0}, got {value}")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "eval_every", "lora_rank"):
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "eval_every", "lora_rank", "ar_loss_weight"):
             if getattr(self, name) < 0:
                 raise EdlmError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.lr == 0:
@@ -125,6 +130,12 @@ class TrainConfig:
             raise EdlmError(f"--repair-fraction must be in [0, 1], got {self.repair_fraction}")
         if not 0.0 < self.t_min < 1.0:
             raise EdlmError(f"--t-min must be in (0, 1), got {self.t_min}")
+        if self.ar_loss_weight > 0 and self.causal_clean is False:
+            raise EdlmError("--ar-loss-weight needs --causal-clean: a block-causal clean stream sees the tokens "
+                            "it would predict")
+        if (self.ar_loss_weight > 0 or self.causal_clean) and (self.attention != "clean"
+                                                                or self.objective != "diffusion"):
+            raise EdlmError("--ar-loss-weight and --causal-clean apply to diffusion training with --attention clean")
         if self.val_data and self.val_fraction > 0:
             raise EdlmError("--val-data and --val-fraction are alternatives: give one")
         if self.eval_every and not (self.val_data or self.val_fraction > 0):
@@ -139,10 +150,11 @@ class TrainConfig:
 
     def noise(self) -> NoiseSettings:
         return NoiseSettings(
-            half_life={"position": self.half_life, "uniform": None, "reverse": -self.half_life}[self.masking],
+            half_life={"position": self.half_life, "reverse": -self.half_life}.get(self.masking),
             t_per_block=self.t_per_block, t_min=self.t_min,
             complementary=self.complementary, attention=self.attention, repair_fraction=self.repair_fraction,
-            skip_unmasked_blocks=not self.all_noisy_blocks,
+            skip_unmasked_blocks=not self.all_noisy_blocks, full_mask=self.masking == "full",
+            ar_weight=self.ar_loss_weight,
         )
 
 

@@ -52,7 +52,12 @@ def load_for_training(cfg: TrainConfig, device) -> DiffusionLM:
         model, tok = load_causal_lm(cfg.model, device, torch.float32, cfg.attn_implementation)
         dlm = convert_model(model, tok, cfg.block_size or DEFAULT_BLOCK_SIZE, cfg.mask_token, bool(cfg.shift),
                             base_model=cfg.model)
-    cfg.block_size, cfg.shift = dlm.config.block_size, dlm.config.shift
+        dlm.config.causal_clean = bool(cfg.causal_clean)
+    if cfg.ar_loss_weight > 0 and not dlm.config.causal_clean:
+        print("edlm train: --ar-loss-weight turns on --causal-clean (the clean stream becomes an AR model); "
+              "the trained model records it")
+        dlm.config.causal_clean = True
+    cfg.block_size, cfg.shift, cfg.causal_clean = dlm.config.block_size, dlm.config.shift, dlm.config.causal_clean
     if cfg.seq_len % dlm.config.block_size:
         raise EdlmError(f"--seq-len {cfg.seq_len} must be a multiple of the block size {dlm.config.block_size}")
     return dlm
@@ -64,7 +69,7 @@ def reconcile_with_checkpoint(dlm: DiffusionLM, cfg: TrainConfig) -> None:
     if cfg.mask_token is not None and cfg.mask_token != dlm.tokenizer.convert_ids_to_tokens(dlm.config.mask_token_id):
         raise EdlmError(f"{cfg.model} is already converted with mask token id {dlm.config.mask_token_id}; "
                         "--mask-token applies when converting an AR checkpoint")
-    for name in ("block_size", "shift"):
+    for name in ("block_size", "shift", "causal_clean"):
         value, stored = getattr(cfg, name), getattr(dlm.config, name)
         if value is not None and value != stored:
             print(f"edlm train: {flag(name)} {value} replaces the checkpoint's {stored}; the trained model records it")

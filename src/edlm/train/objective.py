@@ -28,6 +28,14 @@ class NoiseSettings:
     # Feed only the noisy blocks that hold a masked token (exact: a noisy token attends only its
     # own noisy block). False feeds every block, the plain concat layout (benchmarks, tests).
     skip_unmasked_blocks: bool = True
+    # TiDAR's full-mask drafting blocks: every maskable token of every block is masked (t = 1), a
+    # dense loss on predicting whole blocks from the clean earlier context, which is what drafting
+    # for verification asks of the model (edlm.decode.selfverify).
+    full_mask: bool = False
+    # weight `a` of the AR next-token loss on the clean stream (needs config.causal_clean):
+    # L = a * L_AR(clean) + L_diffusion(noisy), from the same forward (MARS/TiDAR: keeping an AR
+    # loss keeps the parent's accuracy, and trains the verifier the `verified` strategy uses).
+    ar_weight: float = 0.0
 
 
 def row_generators(seed: int, step: int, rows: torch.Tensor) -> list[torch.Generator]:
@@ -39,6 +47,8 @@ def row_generators(seed: int, step: int, rows: torch.Tensor) -> list[torch.Gener
 
 def sample_masks(input_ids, maskable, block_size: int, noise: NoiseSettings, generators) -> torch.Tensor:
     """[B, L] bool masked positions, each row drawn from its own generator."""
+    if noise.full_mask:
+        return maskable.bool().clone()
     seq_len = input_ids.shape[1]
     n_blocks = -(-seq_len // block_size)
     out = []
@@ -65,9 +75,11 @@ def inverse_time_weights(masked: torch.Tensor, maskable: torch.Tensor, block_siz
 
 def diffusion_loss(dlm, input_ids, maskable, noise: NoiseSettings, generators):
     """Eq. 1: E_t E_x_t [ (1/t) * sum_masked -log p(x_0[i] | x_t, clean earlier blocks) ],
-    normalised by the number of maskable tokens."""
+    normalised by the number of maskable tokens; plus `noise.ar_weight` times the clean stream's
+    next-token loss (causal-clean models), normalised as `causal_lm_loss` is."""
     block_size = dlm.config.block_size
     maskable = maskable.bool()
+    clean_ids, clean_maskable = input_ids, maskable
     if dlm.config.shift:
         maskable = maskable.clone()
         maskable[:, 0] = False  # nothing predicts position 0 under shift
@@ -81,11 +93,25 @@ def diffusion_loss(dlm, input_ids, maskable, noise: NoiseSettings, generators):
     active = blocks_with_loss(masked, block_size) if noise.skip_unmasked_blocks else None
     if noise.repair_fraction > 0:
         x_t = with_own_drafts(dlm, x_t, input_ids, masked, noise, generators, active)
-    logits = dlm.forward_noisy(x_t, input_ids, attention=noise.attention, active=active)
+    with_ar = noise.ar_weight > 0
+    logits = dlm.forward_noisy(x_t, input_ids, attention=noise.attention, active=active, with_clean=with_ar)
+    if with_ar:
+        logits, clean = logits
     weights = inverse_time_weights(masked, maskable, block_size)
     ce = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")
     n_tokens = maskable.sum().clamp_min(1)
-    return (ce * weights[masked]).sum() / n_tokens, int(masked.sum())
+    loss = (ce * weights[masked]).sum() / n_tokens
+    if with_ar:
+        n = clean_ids.shape[0]  # complementary halves share one clean stream: score it once
+        loss = loss + noise.ar_weight * next_token_loss(clean[:n], clean_ids, clean_maskable)
+    return loss, int(masked.sum())
+
+
+def next_token_loss(logits, input_ids, maskable):
+    """Mean cross-entropy of logit i against token i+1 over the maskable targets (HF's causal LM loss)."""
+    target = input_ids[:, 1:]
+    scored = maskable[:, 1:].bool()
+    return F.cross_entropy(logits[:, :-1][scored].float(), target[scored])
 
 
 def blocks_with_loss(masked: torch.Tensor, block_size: int) -> torch.Tensor:
