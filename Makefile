@@ -45,7 +45,7 @@ models: $(VENV)/.core
 
 # dLM vs its AR parent on the demo models, batch 1 and 8, one run (README: Benchmarks).
 bench: $(VENV)/.core
-	$(VENV)/bin/edlm bench models/dlm --base models/ar --verified --strategies prefix threshold --thresholds 1.0 0.95 0.9 0.7 \
+	$(VENV)/bin/edlm bench models/dlm --base models/ar --verified --strategies verified prefix threshold --thresholds 1.0 0.95 0.9 0.7 \
 		--batch-sizes 1 8 --limit 100 --out bench/results/decode-cpu
 
 # The paper's ablations on the demo data, from the shipped AR parent (see README: study).

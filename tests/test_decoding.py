@@ -43,7 +43,10 @@ def reference_decode(dlm, prompt, max_new, bs, **opts):
         while todo.any():
             ids = torch.tensor([seq[:start] + block])
             n = ids.shape[1]
-            logits = dlm.model(input_ids=ids, attention_mask=dlm.backend_mask(block_causal_mask(n, bs)),
+            mask = block_causal_mask(n, bs)
+            if dlm.config.causal_clean:  # finished blocks are the clean stream: token-causal
+                mask[:start] = torch.ones(n, n, dtype=torch.bool).tril()[:start]
+            logits = dlm.model(input_ids=ids, attention_mask=dlm.backend_mask(mask),
                                position_ids=torch.arange(n)[None]).logits[0].float()
             slot_logits = logits[start - 1 : start + bs - 1] if dlm.config.shift else logits[start:]
             slot_logits = slot_logits.clone()
@@ -78,6 +81,21 @@ def test_cached_equals_uncached_reference(arch, threshold):
     for prompt in PROMPTS:  # lengths 11, 10, 2, 22: aligned and not aligned to blocks of 4
         got = dlm.generate(prompt, max_new_tokens=10, threshold=threshold).token_ids[0]
         assert got == reference_decode(dlm, prompt, 10, 4, threshold=threshold), prompt
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_causal_clean_model_writes_finished_blocks_causally(shift):
+    """A --causal-clean model's finished blocks are written token-causally (as its clean stream was
+    trained), which changes what later blocks see: the cache still equals a full recompute."""
+    dlm = tiny_dlm("qwen3", block_size=4, shift=shift)
+    prompts = [p for p in PROMPTS if len(p) >= 4 or not shift]  # the reference needs a clean token under shift
+    block_causal = [dlm.generate(p, max_new_tokens=10, threshold=0.5).token_ids[0] for p in prompts]
+    dlm.config.causal_clean = True
+    for prompt in prompts:
+        got = dlm.generate(prompt, max_new_tokens=10, threshold=0.5).token_ids[0]
+        assert got == reference_decode(dlm, prompt, 10, 4, threshold=0.5), prompt
+    assert any(dlm.generate(p, max_new_tokens=10, threshold=0.5).token_ids[0] != o
+               for p, o in zip(prompts, block_causal, strict=True))  # the mask really changed
 
 
 def test_cached_equals_reference_with_shift_and_other_block_size():
@@ -284,6 +302,7 @@ def test_a_budget_only_cuts_never_changes_earlier_tokens(strategy):
     """max_new_tokens truncates, as users of AR models expect (and as SGLang decodes): the output
     of budget n is a prefix of the output of any larger budget, for budgets ending at every slot."""
     dlm = tiny_dlm("llama", block_size=4)
+    dlm.config.causal_clean = STRATEGIES[strategy].needs_ar_stream
     kw = {"strategy": strategy, **({"threshold": 0.3} if "threshold" in STRATEGIES[strategy].reads else {})}
     full = dlm.generate(PROMPTS, max_new_tokens=9, **kw).token_ids
     for n in range(1, 6):  # prompts of 11, 10, 2, 22 tokens: the budgets end at every slot of a block

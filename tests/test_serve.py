@@ -213,6 +213,8 @@ BAD_REQUESTS = [
      "invalid_value", "temperature"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "a"}], "strategy": "lossless",
                               "temperature": 1.0}, 400, "invalid_value", "temperature"),
+    # a no-shift model trained without --ar-loss-weight has no AR stream to verify with
+    ("/v1/completions", {"model": NAME, "prompt": "ab", "strategy": "verified"}, 400, "invalid_value", "strategy"),
     # OpenAI fields edlm does not implement are refused by name, never silently ignored
     ("/v1/completions", {"model": NAME, "prompt": "ab", "logprobs": 2}, 400, "invalid_value", "logprobs"),
     ("/v1/completions", {"model": NAME, "prompt": "ab", "best_of": 3}, 400, "invalid_value", "best_of"),
@@ -424,6 +426,12 @@ def test_model_alias_and_wino_on_a_shift_model(tiny_ar_dir, tmp_path):
         assert ok.status_code == 200
         bad = httpx.post(f"{srv.url}/v1/completions", json={"model": NAME, "prompt": "ab", "strategy": "wino"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "strategy"
+        # one-model verified drafting, batched with a second prompt, equals the Python API
+        both = httpx.post(f"{srv.url}/v1/completions", json={"model": "shifty", "prompt": ["ab", "hello"],
+                                                              "max_tokens": 7, "strategy": "verified"})
+        assert both.status_code == 200, both.text
+        want = dlm.generate(["ab", "hello"], max_new_tokens=7, strategy="verified").texts
+        assert [c["text"] for c in sorted(both.json()["choices"], key=lambda c: c["index"])] == want
 
 
 

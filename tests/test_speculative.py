@@ -157,7 +157,7 @@ def test_leave_one_out_logits_equal_masking_each_slot():
 @pytest.mark.parametrize("kwargs,msg", [
     ({"strategy": "lossless", "temperature": 0.7}, "temperature 0"),
     ({"strategy": "psd", "draft_depth": 0}, "draft_depth"),
-    ({"strategy": "nope"}, "lossless, psd, soft, wino"),
+    ({"strategy": "nope"}, "lossless, psd, soft, verified, wino"),
 ])
 def test_bad_options(kwargs, msg):
     with pytest.raises(EdlmError, match=msg):

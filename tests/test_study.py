@@ -68,3 +68,22 @@ def test_answer_nll_at_block_size_1_is_the_ar_loss(tiny_ar_dir):
         total -= logp[torch.arange(len(answer)), torch.tensor(answer)].sum().item()
         n += len(answer)
     assert abs(answer_nll(ar, examples, 1) - total / n) < 1e-4
+
+
+def test_parity_study_decodes_three_ways_and_reports_speed(tiny_ar_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Question: {i}+1?\nAnswer:", "response": f" {i + 1}"})
+                              for i in range(200)))
+    res = run_study(str(tiny_ar_dir), [str(data)], str(tmp_path / "s"), studies=("parity",), steps=2, limit=2,
+                    block_size=4, seq_len=32, batch_size=2, max_new_tokens=4, progress=False, shift=True)
+    rows = res["parity"]
+    assert len(rows) == 1 + 6 * 4
+    assert {r["decode"] for r in rows} == {"AR", "threshold", "verified", "parent verifies"}
+    assert all(r["speedup"] > 0 and r["tpf"] > 0 for r in rows)
+    runs = {d.name for d in (tmp_path / "s" / "runs").iterdir()}
+    assert {"ar_loss_weight=1.0-causal_clean=True-masking=full", "ar_loss_weight=1.0-block_size=16-causal_clean=True",
+            "default", "causal_clean=True"} <= runs
+    cfg = json.loads((tmp_path / "s" / "runs" / "causal_clean=True" / "model" / "config.json").read_text())
+    assert cfg["edlm"]["causal_clean"] is True
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert "TiDAR" in report and "AUP" in report and "the AR loss" in report

@@ -59,6 +59,10 @@ def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NE
     """
     opts = options if options is not None else DecodeOptions.resolve(dlm, **given)
     ids, budget, stops = resolve_rows(dlm, prompts, max_new_tokens, stop)
+    if opts.spec.loop is not None:  # a strategy that is not block by block (`verified`)
+        yield from opts.spec.loop(dlm, ids, budget, stops, opts, result, admit,
+                                  resolve=lambda *joining: resolve_rows(dlm, *joining))
+        return
     step = opts.spec.step
     generator = torch.Generator(device=dlm.device).manual_seed(opts.seed) if opts.seed is not None else None
 

@@ -96,6 +96,9 @@ class DecodeOptions:
         if spec.needs_no_shift and dlm.config.shift:
             raise DecodeOptionError("strategy", f"strategy {spec.name!r} needs a model trained without token "
                                     "shift; this one predicts token i at position i-1")
+        if spec.needs_ar_stream and not (dlm.config.causal_clean or dlm.config.shift):
+            raise DecodeOptionError("strategy", f"strategy {spec.name!r} verifies with the model's clean stream as an "
+                                    "AR model: train it with --ar-loss-weight (or use a --shift model)")
         if "draft_depth" in spec.reads and limit is not None and self.draft_depth * self.block_size > limit:
             raise DecodeOptionError("draft_depth", f"draft_depth {self.draft_depth} x block size {self.block_size} "
                                     f"tokens in one forward exceed the model's {limit} positions")

@@ -134,7 +134,58 @@ def encode_prompts(dlm, prompts) -> list[list[int]]:
     return out
 
 
-class Batch:
+class CacheRows:
+    """A KV cache shared by a batch's rows, with each key's logical position and validity per row
+    ([B, K]): rows of different lengths, rows that left and joins leave masked-out columns."""
+
+    def init_cache(self, n: int, device) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache()
+        self.cache_pos = torch.zeros(n, 0, dtype=torch.long, device=device)
+        self.cache_valid = torch.zeros(n, 0, dtype=torch.bool, device=device)
+
+    def select_cache_rows(self, idx: torch.Tensor) -> None:
+        if self.cache.get_seq_length() == 0:
+            # nothing cached yet (every prompt shorter than a block); DynamicCache leaves empty
+            # layers at their old batch size here, which the next forward cannot extend
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache()
+        else:
+            self.cache.batch_select_indices(idx)
+        self.cache_pos, self.cache_valid = self.cache_pos[idx], self.cache_valid[idx]
+
+    def add_cache_rows(self, n_new: int) -> None:
+        """Rows for `n_new` joining requests: copies of row 0's KV, all masked out."""
+        n_old, dev = self.cache_pos.shape[0], self.cache_pos.device
+        if n_old == 0:
+            self.init_cache(n_new, dev)
+            return
+        idx = torch.cat([torch.arange(n_old), torch.zeros(n_new, dtype=torch.long)]).to(dev)
+        self.select_cache_rows(idx)
+        self.cache_valid = self.cache_valid.clone()
+        self.cache_valid[n_old:] = False
+        self.cache_pos = self.cache_pos.clone()
+        self.cache_pos[n_old:] = -1
+
+    def drop_unseen_keys(self) -> None:
+        """Drop cache columns no remaining row attends (the left padding that rows of other
+        lengths or joins put there), so a long-lived batch stops paying for rows that left.
+        Positions are explicit (RoPE is applied when a key is written), so this is exact."""
+        seen = self.cache_valid.any(0)
+        layers = getattr(self.cache, "layers", [])
+        if seen.all() or any(getattr(layer, "is_sliding", False) for layer in layers):
+            return
+        if self.cache.get_seq_length() != seen.numel():
+            return  # nothing cached yet
+        cols = seen.nonzero().squeeze(1)
+        for layer in layers:
+            layer.keys, layer.values = layer.keys[:, :, cols], layer.values[:, :, cols]
+        self.cache_pos, self.cache_valid = self.cache_pos[:, cols], self.cache_valid[:, cols]
+
+
+class Batch(CacheRows):
     """Tensors of the rows still decoding, plus the KV cache of their finished blocks.
 
     pending_*: clean tokens whose KV the next forward writes (the prompt's complete blocks, or the
@@ -145,20 +196,16 @@ class Batch:
     `kept` is what a strategy keeps between the steps of one block (edlm.decode.step.keep_for_next_step).
     """
 
-    PER_ROW = ("cache_pos", "cache_valid", "pending_ids", "pending_pos", "block_start", "block_ids", "todo", "gen",
+    PER_ROW = ("pending_ids", "pending_pos", "block_start", "block_ids", "todo", "gen",
                "eos_slot", "prompt_tail", "room")  # plus rows (cpu), the cache and carry
 
     def __init__(self, dlm, prompts: list[list[int]], opts, budgets: list[int] | None = None, first_row: int = 0):
-        from transformers import DynamicCache
-
         self.dlm, self.opts = dlm, opts
         bs = opts.block_size
         dev = dlm.device
         n = len(prompts)
         self.rows = torch.arange(first_row, first_row + n)  # request ids
-        self.cache = DynamicCache()
-        self.cache_pos = torch.zeros(n, 0, dtype=torch.long, device=dev)
-        self.cache_valid = torch.zeros(n, 0, dtype=torch.bool, device=dev)
+        self.init_cache(n, dev)
         starts = [len(p) // bs * bs for p in prompts]  # prompt tokens in complete blocks
         width = max(starts)
         self.pending_ids = torch.zeros(n, width, dtype=torch.long, device=dev)
@@ -212,27 +259,12 @@ class Batch:
     def keep(self, idx: torch.Tensor) -> None:
         """Drop finished rows everywhere (cache included): they cost nothing from now on."""
         self.rows = self.rows[idx.cpu()]
-        self._select_cache_rows(idx)
+        self.select_cache_rows(idx)
         for name in self.PER_ROW:
             setattr(self, name, getattr(self, name)[idx])
         if self.carry is not None:
             self.carry = self.carry[idx]
-        self._drop_unseen_keys()
-
-    def _drop_unseen_keys(self) -> None:
-        """Drop cache columns no remaining row attends (the left padding that rows of other
-        lengths or joins put there), so a long-lived batch stops paying for rows that left.
-        Positions are explicit (RoPE is applied when a key is written), so this is exact."""
-        seen = self.cache_valid.any(0)
-        layers = getattr(self.cache, "layers", [])
-        if seen.all() or any(getattr(layer, "is_sliding", False) for layer in layers):
-            return
-        if self.cache.get_seq_length() != seen.numel():
-            return  # nothing cached yet
-        cols = seen.nonzero().squeeze(1)
-        for layer in layers:
-            layer.keys, layer.values = layer.keys[:, :, cols], layer.values[:, :, cols]
-        self.cache_pos, self.cache_valid = self.cache_pos[:, cols], self.cache_valid[:, cols]
+        self.drop_unseen_keys()
 
     def join(self, new: Batch) -> None:
         """Append the rows of a fresh batch (blocks opened) between two steps of a running call.
@@ -242,10 +274,8 @@ class Batch:
         attends exactly the keys it would alone. Shift models: the running rows keep the logits
         that predict their block's first slot (carry); the new rows' come with their pending blocks.
         """
-        n_old, n_new, dev = self.rows.numel(), new.rows.numel(), self.block_ids.device
-        self._select_cache_rows(torch.cat([torch.arange(n_old), torch.zeros(n_new, dtype=torch.long)]).to(dev))
-        new.cache_pos = torch.full((n_new, self.cache_pos.shape[1]), -1, dtype=torch.long, device=dev)
-        new.cache_valid = new.cache_pos >= 0
+        n_new = new.rows.numel()
+        self.add_cache_rows(n_new)
         width = max(self.pending_ids.shape[1], new.pending_ids.shape[1])
         for b in (self, new):
             pad = width - b.pending_ids.shape[1]
@@ -256,13 +286,3 @@ class Batch:
             setattr(self, name, torch.cat([getattr(self, name), getattr(new, name)]))
         if self.carry is not None:
             self.carry = torch.cat([self.carry, self.carry.new_zeros(n_new, self.carry.shape[1])])
-
-    def _select_cache_rows(self, idx: torch.Tensor) -> None:
-        if self.cache.get_seq_length() == 0:
-            # nothing cached yet (every prompt shorter than a block); DynamicCache leaves empty
-            # layers at their old batch size here, which the next forward cannot extend
-            from transformers import DynamicCache
-
-            self.cache = DynamicCache()
-        else:
-            self.cache.batch_select_indices(idx)

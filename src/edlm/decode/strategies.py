@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from edlm.decode import rules
+from edlm.decode.selfverify import stream_self_verified
 from edlm.decode.soft import soft_step
 from edlm.decode.speculative import lossless_step, psd_step, wino_step
 from edlm.decode.step import apply_commit, candidate_logits, denoise_step
@@ -22,13 +23,16 @@ from edlm.decode.step import apply_commit, candidate_logits, denoise_step
 @dataclass(frozen=True)
 class Strategy:
     name: str
-    step: Callable  # (dlm, batch, generator) -> (committed [B], model calls)
+    step: Callable | None  # (dlm, batch, generator) -> (committed [B], model calls)
     help: str
     reads: tuple[str, ...] = ()  # the options it reads beyond temperature / top_p / seed
     greedy_only: bool = False
     needs_no_shift: bool = False
     revises: bool = False  # may re-mask committed slots: a row's block must then be decoded to its end
     rule: Callable | None = None  # plain strategies: (conf, entropy, todo, opts) -> commit mask
+    # a strategy that is not block by block runs its own loop over the resolved rows instead of `step`
+    loop: Callable | None = None  # (dlm, ids, budgets, stops, opts, result, admit, resolve) -> events
+    needs_ar_stream: bool = False  # verifies with the clean stream as an AR model (causal-clean or shift)
 
 
 def rule_step(rule: Callable) -> Callable:
@@ -66,6 +70,9 @@ _ALL = [
              ("threshold", "draft_depth"), greedy_only=True),
     Strategy("soft", soft_step, "DMax soft inputs: unsure drafts fed back as token/mask blends",
              ("threshold",), greedy_only=True),
+    Strategy("verified", None, "one model drafts by diffusion and verifies with its own AR stream in one forward "
+             "(TiDAR): token-identical to its greedy AR decode", greedy_only=True, loop=stream_self_verified,
+             needs_ar_stream=True),
     Strategy("wino", wino_step, "WINO: commit wide at the threshold, re-mask drafts the context no longer supports",
              ("threshold",), greedy_only=True, needs_no_shift=True, revises=True),
 ]

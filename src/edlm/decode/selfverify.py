@@ -1,0 +1,163 @@
+"""`verified`: one model drafts by diffusion and verifies autoregressively, in one forward per step.
+
+The TiDAR idea (arXiv 2511.08923) on an edlm model: the clean stream, token-causal (a
+`--causal-clean` model, trained with an AR loss), is the model's own AR decoder, and its mask
+blocks are its drafter. Each forward feeds, per row:
+
+  [accepted tokens not cached yet ; drafts d_1..d_k]   clean, token-causal: AR logits
+  [mask block M_0] ... [mask block M_k]                  M_j starts at p + j, sees the clean tokens
+                                                         before it (the prefix and d_1..d_j)
+
+where p is the accepted length. The AR logits verify the drafts greedily: the longest prefix equal
+to the AR argmax is kept, plus the AR's own next token (so every step commits >= 1 token and the
+output is token for token the model's greedy AR decode). The next drafts come from M_n, the block
+that assumed exactly the n accepted drafts, so no second pass is needed: TiDAR's structured masks,
+all acceptance lengths at once, k + 1 = block_size mask blocks per forward. M_j's first slot sits
+where the AR's own token goes, so it drafts the block_size - 1 tokens after it.
+
+Draft blocks are placed right after the prefix, not on the block grid: with RoPE only relative
+positions matter, and a block seeing "every clean token before my start" is what training's
+"clean earlier blocks" rule is, moved. Only accepted tokens' KV is kept (the mask blocks and
+rejected drafts are cropped, or masked out when the rows of a batch reject different numbers).
+Greedy only. Rows leave when done; joins take part from the next step.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from edlm.decode.state import BlockEvent, CacheRows, GenerationResult, Outputs
+from edlm.decode.step import candidate_logits
+from edlm.masks import draft_blocks_mask
+
+
+class _Rows(CacheRows):
+    """Per row: the accepted tokens (`seq`), how many of them have KV in the cache (`fed`), and
+    the drafts that follow them. Row r of every list and cache row r are the same request."""
+
+    def __init__(self, dlm):
+        self.dlm = dlm
+        self.init_cache(0, dlm.device)
+        self.ids: list[int] = []  # request ids
+        self.seq: list[list[int]] = []
+        self.fed: list[int] = []
+        self.drafts: list[list[int]] = []
+
+    def add(self, first_row: int, prompts: list[list[int]]) -> None:
+        self.add_cache_rows(len(prompts))
+        self.ids += range(first_row, first_row + len(prompts))
+        self.seq += [list(p) for p in prompts]
+        self.fed += [0] * len(prompts)
+        self.drafts += [[] for _ in prompts]
+
+    def keep(self, idx: list[int]) -> None:
+        self.select_cache_rows(torch.tensor(idx, dtype=torch.long, device=self.cache_pos.device))
+        for name in ("ids", "seq", "fed", "drafts"):
+            setattr(self, name, [getattr(self, name)[i] for i in idx])
+        self.drop_unseen_keys()
+
+
+@torch.no_grad()
+def verified_step(dlm, rows: _Rows, bs: int) -> list[tuple[list[int], int]]:
+    """One forward for every row; returns per row (tokens accepted, drafts accepted)."""
+    dev, n = dlm.device, len(rows.seq)
+    limit = dlm.max_positions or 1 << 30
+    new = [s[f:] for s, f in zip(rows.seq, rows.fed, strict=True)]
+    w = max(len(x) for x in new)
+    d = max(len(x) for x in rows.drafts)
+    width = w + d + (d + 1) * bs
+    ids = torch.full((n, width), dlm.config.mask_token_id, dtype=torch.long)
+    pos = torch.full((n, width), -1, dtype=torch.long)
+    start = torch.full((n, width), -1, dtype=torch.long)  # -1: clean; else the draft block's start
+    slot = torch.arange(bs)
+    for r in range(n):  # clean: accepted (left-padded to w) then drafts; then the d + 1 mask blocks
+        p, k = len(rows.seq[r]), len(rows.drafts[r])
+        ids[r, w - len(new[r]):w] = torch.tensor(new[r])
+        pos[r, w - len(new[r]):w] = torch.arange(rows.fed[r], p)
+        ids[r, w:w + k] = torch.tensor(rows.drafts[r], dtype=torch.long)
+        pos[r, w:w + k] = torch.arange(p, p + k)
+        for j in range(k + 1):
+            at = w + d + j * bs
+            pos[r, at:at + bs] = torch.where(p + j + slot < limit, p + j + slot, -1)
+            start[r, at:at + bs] = p + j
+    ids, pos, start = ids.to(dev), pos.to(dev), start.to(dev)
+    valid = pos >= 0
+    k_pos = torch.cat([rows.cache_pos, pos], 1)
+    k_start = torch.cat([torch.full_like(rows.cache_pos, -1), start], 1)
+    mask = draft_blocks_mask(pos, start, k_pos, k_start, torch.cat([rows.cache_valid, valid], 1))
+    keep = 1 + d + (d + 1) * bs  # from the last accepted token on
+    out = dlm.model(input_ids=ids, attention_mask=dlm.backend_mask(mask), position_ids=pos.clamp_min(0),
+                    cache=rows.cache, use_cache=True, logits_to_keep=keep)
+    logits = candidate_logits(dlm, out.logits.float())
+    ar = logits[:, : d + 1].argmax(-1).tolist()  # ar[r][j]: the AR's token at position p + j
+    blocks = logits[:, d + 1:].argmax(-1).view(n, d + 1, bs).tolist()
+    lead = 0 if dlm.config.shift else 1  # slot i predicts p + j + i + 1 (shift) or p + j + i
+    results, kept_drafts = [], []
+    for r in range(n):
+        drafts, greedy = rows.drafts[r], ar[r]
+        m = 0
+        while m < len(drafts) and drafts[m] == greedy[m]:
+            m += 1
+        p = len(rows.seq[r])
+        results.append((drafts[:m] + [greedy[m]], m))
+        kept_drafts.append(m)
+        room = max(0, limit - (p + m + 1))
+        rows.drafts[r] = blocks[r][m][lead:lead + bs - 1][:room]
+        rows.fed[r] = p + m  # the accepted drafts' KV stays; the AR's own token is fed next step
+    _keep_accepted_kv(rows, pos[:, :w + d], w, d, kept_drafts, (d + 1) * bs)
+    return results
+
+
+def _keep_accepted_kv(rows: _Rows, clean_pos: torch.Tensor, w: int, d: int, kept: list[int], blocks: int) -> None:
+    """Crop the mask blocks' KV, and the rejected drafts' where every row rejected them; mask out
+    the rest (rows of a batch accept different numbers)."""
+    rows.cache.crop(-blocks)
+    common = d - max(kept) if kept else 0
+    if common:
+        rows.cache.crop(-common)
+    clean_pos = clean_pos[:, : w + d - common]
+    slot = torch.arange(clean_pos.shape[1], device=clean_pos.device)[None]
+    accepted = torch.tensor(kept, device=clean_pos.device)[:, None]
+    valid = (clean_pos >= 0) & (slot < w + accepted)
+    rows.cache_pos = torch.cat([rows.cache_pos, clean_pos], 1)
+    rows.cache_valid = torch.cat([rows.cache_valid, valid], 1)
+
+
+def stream_self_verified(dlm, ids: list[list[int]], budgets: list[int], stops: list[list[str]], opts,
+                         result: list | None = None, admit=None, resolve=None):
+    """The `verified` strategy's loop (edlm.decode.engine.stream hands it the resolved rows).
+
+    Yields a BlockEvent per row and step with the tokens that step accepted; `admit` is called
+    after every step and its requests (resolved by `resolve`) join from the next one.
+    """
+    out = Outputs(dlm)
+    rows = _Rows(dlm)
+    rows.add(out.add_rows(budgets, stops), ids)
+    eos = dlm.tokenizer.eos_token_id
+    while rows.seq:
+        steps = verified_step(dlm, rows, opts.block_size)
+        stay = []
+        for i, (step, _) in enumerate(steps):
+            r = rows.ids[i]
+            step = step[: out.budget[r] - len(out.tokens[r])]
+            hit_eos = eos is not None and eos in step
+            if hit_eos:
+                step = step[: step.index(eos) + 1]
+            rows.seq[i] += step
+            out.stats[r].add_step(len(step), 1)
+            text, done = out.add_block(r, step, hit_eos)
+            out.stats[r].seconds = time.perf_counter() - out.started[r]
+            if done:
+                yield BlockEvent(r, text, step, True, out.reason[r], out.stats[r], out.text[r])
+            else:
+                stay.append(i)
+                yield BlockEvent(r, text, step)
+        if len(stay) < len(rows.seq):
+            rows.keep(stay)
+        if admit is not None and (joining := admit()):
+            new_ids, new_budgets, new_stops = resolve(*joining)
+            rows.add(out.add_rows(new_budgets, new_stops), new_ids)
+    if result is not None:
+        result.append(GenerationResult(out.text, out.tokens, out.stats, out.reason))

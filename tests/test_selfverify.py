@@ -1,0 +1,118 @@
+"""`verified`: one model drafts and verifies with its own AR stream; token-identical to its greedy AR decode."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from edlm import DiffusionLM
+from edlm.decode.options import DecodeOptionError
+from edlm.decode.step import candidate_logits
+from edlm.testing import make_tiny_causal_lm, make_tiny_tokenizer
+from edlm.train.convert import convert_model
+
+PROMPTS = ["The cat sat", "Hello, wor", "ab", "Once upon a time there"]  # 11, 10, 2, 22 tokens
+DEMO_DLM = Path(__file__).resolve().parents[1] / "models" / "dlm"
+
+
+def causal_dlm(arch, shift, block_size=4, seed=0):
+    dlm = convert_model(make_tiny_causal_lm(arch, dtype=torch.float64, seed=seed), make_tiny_tokenizer(),
+                        block_size=block_size, shift=shift)
+    dlm.config.causal_clean = True
+    return dlm
+
+
+@torch.no_grad()
+def greedy_ar(dlm, prompt: str, max_new: int) -> list[int]:
+    """The model's own greedy AR decode, independently: a full causal forward per token (the HF
+    model's own mask), the mask token never a candidate, stopping at EOS."""
+    seq = dlm.tokenizer(prompt)["input_ids"]
+    out = []
+    while len(out) < max_new:
+        logits = dlm.model(input_ids=torch.tensor([seq])).logits[0, -1].float()
+        tok = int(candidate_logits(dlm, logits[None])[0].argmax())
+        out.append(tok)
+        seq.append(tok)
+        if tok == dlm.tokenizer.eos_token_id:
+            break
+    return out
+
+
+@pytest.mark.parametrize(("arch", "shift", "block_size"), [("llama", True, 4), ("qwen3", False, 4),
+                                                           ("qwen3", True, 3)])
+def test_verified_equals_own_greedy_ar_single_and_batched(arch, shift, block_size):
+    dlm = causal_dlm(arch, shift, block_size)
+    ref = [greedy_ar(dlm, p, 13) for p in PROMPTS]
+    batched = dlm.generate(PROMPTS, max_new_tokens=13, strategy="verified")
+    assert batched.token_ids == ref
+    for p, want in zip(PROMPTS, ref, strict=True):
+        alone = dlm.generate(p, max_new_tokens=13, strategy="verified")
+        assert alone.token_ids[0] == want
+        s = alone.stats[0]
+        assert s.generated_tokens == len(want) and 1 <= s.model_calls <= len(want) and all(k >= 1 for k in s.steps_histogram)
+
+
+def test_verified_agrees_with_the_engine_ar_path():
+    """On the demo dLM (drafts that are mostly right, so steps accept several tokens, EOS among
+    them): the same tokens as `--ar` decoding of the same checkpoint, in fewer model calls."""
+    dlm = DiffusionLM.from_pretrained(DEMO_DLM, device="cpu")
+    ar = DiffusionLM.from_pretrained(DEMO_DLM, device="cpu", autoregressive=True)
+    prompts = ["Question: Ann has 12 apples. Ann buys 7 more. How many apples does Ann have now?\nAnswer:",
+               "Question: A box holds 35 pens. 9 pens are taken out. How many pens are in the box now?\nAnswer:"]
+    events, result = [], []
+    for e in dlm.stream(prompts, max_new_tokens=64, strategy="verified", result=result):
+        events.append(e)
+    ref = ar.generate(prompts, max_new_tokens=64)
+    assert result[0].token_ids == ref.token_ids and result[0].texts == ref.texts
+    assert all(r == "stop" for r in result[0].finish_reasons)
+    for row in (0, 1):
+        mine = [e for e in events if e.row == row]
+        assert sum(len(e.token_ids) for e in mine) == len(ref.token_ids[row])
+        assert "".join(e.text for e in mine) == ref.texts[row]  # streamed pieces add up to the text
+        assert mine[-1].done and len(mine[-1].token_ids) > 1  # EOS accepted inside a multi-token step
+        assert result[0].stats[row].tpf > 2
+
+
+def test_stop_strings_budgets_and_joins():
+    dlm = causal_dlm("llama", True)
+    full = dlm.generate(PROMPTS[2], max_new_tokens=16, strategy="verified").texts[0]
+    stop = full[5:7]
+    got = dlm.generate(PROMPTS[2], max_new_tokens=16, strategy="verified", stop=[stop])
+    engine_ar = greedy_ar(dlm, PROMPTS[2], 16)
+    assert got.texts[0] == dlm.tokenizer.decode(engine_ar)[: dlm.tokenizer.decode(engine_ar).find(stop)]
+    assert got.finish_reasons == ["stop"]
+    # budgets only cut; rows joining mid-call decode as alone
+    joins = [([PROMPTS[1], PROMPTS[3]], [9, 5], None)]
+    result = []
+    for _ in dlm.stream(["cd"], max_new_tokens=[14], strategy="verified", result=result,
+                        admit=lambda: joins.pop(0) if joins else None):
+        pass
+    for row, (p, n) in enumerate([("cd", 14), (PROMPTS[1], 9), (PROMPTS[3], 5)]):
+        assert result[0].token_ids[row] == greedy_ar(dlm, p, n), row
+
+
+def test_only_accepted_tokens_keep_kv():
+    """After every step the cache holds exactly the accepted tokens but the last (whose KV the next
+    step writes), at their positions: drafts that were rejected and mask blocks are gone."""
+    from edlm.decode.selfverify import _Rows, verified_step
+
+    dlm = causal_dlm("qwen3", False)
+    prompt = dlm.tokenizer(PROMPTS[0])["input_ids"]
+    rows = _Rows(dlm)
+    rows.add(0, [prompt])
+    for _ in range(4):
+        step, _ = verified_step(dlm, rows, 4)[0]
+        rows.seq[0] += step
+        n = len(rows.seq[0]) - 1
+        assert rows.cache.get_seq_length() == n and rows.cache_valid.all()
+        assert rows.cache_pos[0].tolist() == list(range(n))
+
+
+def test_needs_an_ar_stream_and_greedy():
+    dlm = causal_dlm("llama", False)
+    dlm.config.causal_clean = False
+    with pytest.raises(DecodeOptionError, match="ar-loss-weight"):
+        dlm.generate("ab", max_new_tokens=4, strategy="verified")
+    dlm.config.causal_clean = True
+    with pytest.raises(DecodeOptionError, match="greedily"):
+        dlm.generate("ab", max_new_tokens=4, strategy="verified", temperature=0.7)
