@@ -322,3 +322,12 @@ def test_rows_move_on_at_their_own_pace_and_waste_no_steps():
         assert batched.token_ids[i] == alone.token_ids[0]
         assert batched.stats[i].model_calls == alone.stats[0].model_calls  # nobody waits for anybody
         assert 0 not in batched.stats[i].steps_histogram
+
+
+def test_greedy_confidence_without_the_softmax_equals_it():
+    logits = torch.randn(2, 5, 300, generator=torch.Generator().manual_seed(0)) * 4
+    logits[0, 0, 7] = float("-inf")  # forbidden ids stay forbidden
+    tok_a, conf_a, ent_a = pick_tokens(logits, 0.0, 1.0)
+    tok_b, conf_b, ent_b = pick_tokens(logits, 0.0, 1.0, entropy=False)
+    assert torch.equal(tok_a, tok_b) and ent_b is None and ent_a.shape == (2, 5)
+    torch.testing.assert_close(conf_b, torch.softmax(logits, -1).max(-1).values)

@@ -11,16 +11,24 @@ from __future__ import annotations
 import torch
 
 
-def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None):
-    """logits [B, S, V] (already with forbidden ids at -inf) -> tokens, confidence, entropy [B, S]."""
+def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None,
+                entropy: bool = True):
+    """logits [B, S, V] (already with forbidden ids at -inf) -> tokens, confidence, entropy [B, S]
+    (entropy None unless asked for: over a 150k vocabulary it costs as much as the rest).
+
+    Greedy confidence is exp(max - logsumexp): the probability of the argmax without
+    materialising the softmax over the vocabulary."""
     logits = logits.float()
+    if temperature <= 0 and not entropy:
+        top, tokens = logits.max(dim=-1)
+        return tokens, torch.exp(top - torch.logsumexp(logits, dim=-1)), None
     if temperature > 0:
         logits = logits / temperature
     probs = torch.softmax(logits, dim=-1)
-    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
+    ent = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1) if entropy else None
     if temperature <= 0:
         conf, tokens = probs.max(dim=-1)
-        return tokens, conf, entropy
+        return tokens, conf, ent
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
@@ -30,7 +38,7 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, generato
     flat = probs.view(-1, probs.shape[-1])
     tokens = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
     conf = probs.gather(-1, tokens[..., None])[..., 0]
-    return tokens, conf, entropy
+    return tokens, conf, ent
 
 
 def _top_n(score: torch.Tensor, n: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

@@ -220,6 +220,7 @@ class Batch(CacheRows):
         self.gen = torch.zeros(n, bs, dtype=torch.bool, device=dev)  # generated (not prompt) slots
         self.carry = None  # [n, V] logits predicting slot 0 (shift models only)
         self.kept = None  # a strategy's state between steps of a block
+        self.block_mask = None  # (positions, backend mask) of the current blocks, while the cache is unchanged
         self.eos_slot = torch.full((n,), bs, dtype=torch.long, device=dev)
         for r, (p, s) in enumerate(zip(prompts, starts, strict=True)):
             tail = p[s:]
@@ -231,6 +232,7 @@ class Batch(CacheRows):
     def open_blocks(self, rows: torch.Tensor | None = None) -> None:
         """Open the current block of `rows` ([B] bool, default all): every slot after the prompt
         tail is masked and todo (up to the model's last position)."""
+        self.block_mask = None
         bs = self.opts.block_size
         sel = torch.ones_like(self.eos_slot, dtype=torch.bool) if rows is None else rows
         slot = torch.arange(bs, device=self.block_ids.device)[None]
@@ -249,6 +251,7 @@ class Batch(CacheRows):
     def next_blocks(self, rows: torch.Tensor) -> None:
         """The finished blocks of `rows` ([B] bool) become pending clean tokens (written by the next
         forward); the other rows get masked padding there and go on with their current block."""
+        self.block_mask = None
         bs = self.opts.block_size
         pos = self.block_start[:, None] + torch.arange(bs, device=self.block_ids.device)[None]
         self.pending_ids = torch.where(rows[:, None], self.block_ids, 0)
@@ -258,6 +261,7 @@ class Batch(CacheRows):
 
     def keep(self, idx: torch.Tensor) -> None:
         """Drop finished rows everywhere (cache included): they cost nothing from now on."""
+        self.block_mask = None
         self.rows = self.rows[idx.cpu()]
         self.select_cache_rows(idx)
         for name in self.PER_ROW:
@@ -274,6 +278,7 @@ class Batch(CacheRows):
         attends exactly the keys it would alone. Shift models: the running rows keep the logits
         that predict their block's first slot (carry); the new rows' come with their pending blocks.
         """
+        self.block_mask = None
         n_new = new.rows.numel()
         self.add_cache_rows(n_new)
         width = max(self.pending_ids.shape[1], new.pending_ids.shape[1])

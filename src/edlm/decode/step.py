@@ -21,23 +21,29 @@ def denoise_step(dlm, batch) -> torch.Tensor:
     opts, cfg = batch.opts, dlm.config
     bs = opts.block_size
     feed_block = not (cfg.shift and bs == 1)  # an AR step needs no mask slot in its input
-    slot_pos = batch.block_start[:, None] + torch.arange(bs, device=batch.block_ids.device)[None]
-    parts_ids, parts_pos = [batch.pending_ids], [batch.pending_pos]
-    if feed_block:
-        parts_ids.append(batch.block_ids)
-        parts_pos.append(slot_pos)
-    ids, q_pos = torch.cat(parts_ids, 1), torch.cat(parts_pos, 1)
-    q_valid = q_pos >= 0
-    k_pos = torch.cat([batch.cache_pos, q_pos], 1)
-    k_valid = torch.cat([batch.cache_valid, q_valid], 1)
     n_pending = batch.pending_ids.shape[1]
-    causal_q = None
-    if cfg.causal_clean:  # pending tokens are clean: token-causal, as the clean stream was trained
-        causal_q = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1) < n_pending
-    mask = position_block_mask(q_pos, k_pos, bs, k_valid, causal_q)  # [B, Q, K]
+    if n_pending == 0 and batch.block_mask is not None:
+        # a later step of the same block: the cache and the block's positions did not change
+        ids, (q_pos, mask) = batch.block_ids, batch.block_mask
+    else:
+        slot_pos = batch.block_start[:, None] + torch.arange(bs, device=batch.block_ids.device)[None]
+        parts_ids, parts_pos = [batch.pending_ids], [batch.pending_pos]
+        if feed_block:
+            parts_ids.append(batch.block_ids)
+            parts_pos.append(slot_pos)
+        ids, q_pos = torch.cat(parts_ids, 1), torch.cat(parts_pos, 1)
+        k_pos = torch.cat([batch.cache_pos, q_pos], 1)
+        k_valid = torch.cat([batch.cache_valid, q_pos >= 0], 1)
+        causal_q = None
+        if cfg.causal_clean:  # pending tokens are clean: token-causal, as the clean stream was trained
+            causal_q = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1) < n_pending
+        mask = dlm.backend_mask(position_block_mask(q_pos, k_pos, bs, k_valid, causal_q))  # [B, 1, Q, K]
+        q_pos = q_pos.clamp_min(0)
+        if n_pending == 0 and feed_block:
+            batch.block_mask = (q_pos, mask)
     has_pending = batch.pending_pos[:, -1] >= 0 if n_pending else None  # [B]: rows writing a finished block
     keep = bs + (1 if cfg.shift and n_pending and feed_block else 0) if feed_block else 1
-    out = dlm.model(input_ids=ids, attention_mask=dlm.backend_mask(mask), position_ids=q_pos.clamp_min(0),
+    out = dlm.model(input_ids=ids, attention_mask=mask, position_ids=q_pos,
                     cache=batch.cache, use_cache=True, logits_to_keep=keep)
     logits = out.logits.float()
     if feed_block:
@@ -103,7 +109,7 @@ def candidate_logits(dlm, logits: torch.Tensor) -> torch.Tensor:
 
 
 def greedy_tokens(dlm, logits):
-    tokens, conf, _ = pick_tokens(candidate_logits(dlm, logits), temperature=0.0, top_p=1.0)
+    tokens, conf, _ = pick_tokens(candidate_logits(dlm, logits), temperature=0.0, top_p=1.0, entropy=False)
     return tokens, conf
 
 
@@ -112,7 +118,8 @@ def apply_commit(dlm, batch, chosen: torch.Tensor, tokens: torch.Tensor) -> None
     batch.block_ids = torch.where(chosen, tokens, batch.block_ids)
     batch.todo = batch.todo & ~chosen
     eos = dlm.tokenizer.eos_token_id if dlm.tokenizer is not None else None
-    if eos is not None:
+    # most steps neither commit an EOS nor have one in their block: skip the bookkeeping then
+    if eos is not None and bool((chosen & (tokens == eos)).any() | (batch.eos_slot < chosen.shape[1]).any()):
         is_eos = batch.gen & ~batch.todo & (batch.block_ids == eos)
         slot = torch.arange(is_eos.shape[1], device=is_eos.device)[None]
         first = torch.where(is_eos, slot, torch.full_like(slot, is_eos.shape[1])).min(-1).values

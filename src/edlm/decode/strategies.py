@@ -41,7 +41,8 @@ def rule_step(rule: Callable) -> Callable:
     def step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
         opts = batch.opts
         logits = candidate_logits(dlm, denoise_step(dlm, batch))
-        tokens, conf, entropy = rules.pick_tokens(logits, opts.temperature, opts.top_p, generator)
+        tokens, conf, entropy = rules.pick_tokens(logits, opts.temperature, opts.top_p, generator,
+                                                  entropy="gamma" in opts.spec.reads)
         chosen = rule(conf, entropy, batch.todo, opts)
         apply_commit(dlm, batch, chosen, tokens)
         return chosen.sum(-1), 1
