@@ -52,25 +52,39 @@ def test_verified_equals_own_greedy_ar_single_and_batched(arch, shift, block_siz
         assert s.generated_tokens == len(want) and 1 <= s.model_calls <= len(want) and all(k >= 1 for k in s.steps_histogram)
 
 
+@pytest.mark.parametrize("depth", [1, 2, 8])
+def test_fewer_draft_blocks_change_speed_never_tokens(depth):
+    """draft_depth keeps mask blocks for acceptance lengths 0 and the `depth` longest only: the
+    output stays the model's greedy AR decode, batched and alone."""
+    dlm = causal_dlm("qwen3", True, block_size=4)
+    ref = [greedy_ar(dlm, p, 12) for p in PROMPTS]
+    assert dlm.generate(PROMPTS, max_new_tokens=12, strategy="verified", draft_depth=depth).token_ids == ref
+    assert dlm.generate(PROMPTS[3], max_new_tokens=12, strategy="verified", draft_depth=depth).token_ids == ref[3:]
+
+
 def test_verified_agrees_with_the_engine_ar_path():
     """On the demo dLM (drafts that are mostly right, so steps accept several tokens, EOS among
     them): the same tokens as `--ar` decoding of the same checkpoint, in fewer model calls."""
     dlm = DiffusionLM.from_pretrained(DEMO_DLM, device="cpu")
     ar = DiffusionLM.from_pretrained(DEMO_DLM, device="cpu", autoregressive=True)
-    prompts = ["Question: Ann has 12 apples. Ann buys 7 more. How many apples does Ann have now?\nAnswer:",
-               "Question: A box holds 35 pens. 9 pens are taken out. How many pens are in the box now?\nAnswer:"]
+    from edlm.recipes.bench import load_examples
+
+    prompts = [e.prompt for e in load_examples("reasoning", 4)]
     events, result = [], []
-    for e in dlm.stream(prompts, max_new_tokens=64, strategy="verified", result=result):
+    for e in dlm.stream(prompts, max_new_tokens=64, strategy="verified", draft_depth=8, result=result):
         events.append(e)
     ref = ar.generate(prompts, max_new_tokens=64)
     assert result[0].token_ids == ref.token_ids and result[0].texts == ref.texts
     assert all(r == "stop" for r in result[0].finish_reasons)
-    for row in (0, 1):
+    last_steps = []
+    for row in range(len(prompts)):
         mine = [e for e in events if e.row == row]
         assert sum(len(e.token_ids) for e in mine) == len(ref.token_ids[row])
         assert "".join(e.text for e in mine) == ref.texts[row]  # streamed pieces add up to the text
-        assert mine[-1].done and len(mine[-1].token_ids) > 1  # EOS accepted inside a multi-token step
+        assert mine[-1].done and mine[-1].token_ids[-1] == dlm.tokenizer.eos_token_id
+        last_steps.append(len(mine[-1].token_ids))
         assert result[0].stats[row].tpf > 2
+    assert max(last_steps) > 1  # an EOS accepted inside a multi-token step
 
 
 def test_stop_strings_budgets_and_joins():

@@ -60,39 +60,39 @@ class _Rows(CacheRows):
 
 
 @torch.no_grad()
-def verified_step(dlm, rows: _Rows, bs: int) -> list[tuple[list[int], int]]:
-    """One forward for every row; returns per row (tokens accepted, drafts accepted)."""
+def verified_step(dlm, rows: _Rows, bs: int, depth: int | None = None) -> list[tuple[list[int], int]]:
+    """One forward for every row; returns per row (tokens accepted, drafts accepted).
+
+    depth: mask blocks for acceptance lengths 0 and the `depth` longest ones only (None: all
+    k + 1). Fewer blocks make the forward cheaper where compute, not memory, bounds it (CPUs);
+    after an acceptance length without its own block, the next drafts come from the block of the
+    longest covered length below it (conditioned on fewer accepted drafts, so they are fewer).
+    """
     dev, n = dlm.device, len(rows.seq)
     limit = dlm.max_positions or 1 << 30
     new = [s[f:] for s, f in zip(rows.seq, rows.fed, strict=True)]
     w = max(len(x) for x in new)
     d = max(len(x) for x in rows.drafts)
-    width = w + d + (d + 1) * bs
-    ids = torch.full((n, width), dlm.config.mask_token_id, dtype=torch.long)
-    pos = torch.full((n, width), -1, dtype=torch.long)
-    start = torch.full((n, width), -1, dtype=torch.long)  # -1: clean; else the draft block's start
-    slot = torch.arange(bs)
-    for r in range(n):  # clean: accepted (left-padded to w) then drafts; then the d + 1 mask blocks
-        p, k = len(rows.seq[r]), len(rows.drafts[r])
-        ids[r, w - len(new[r]):w] = torch.tensor(new[r])
-        pos[r, w - len(new[r]):w] = torch.arange(rows.fed[r], p)
-        ids[r, w:w + k] = torch.tensor(rows.drafts[r], dtype=torch.long)
-        pos[r, w:w + k] = torch.arange(p, p + k)
-        for j in range(k + 1):
-            at = w + d + j * bs
-            pos[r, at:at + bs] = torch.where(p + j + slot < limit, p + j + slot, -1)
-            start[r, at:at + bs] = p + j
-    ids, pos, start = ids.to(dev), pos.to(dev), start.to(dev)
+    lengths = sorted({0, *range(max(1, d + 1 - depth) if depth else 1, d + 1)})  # the covered acceptance lengths
+    mask_id = dlm.config.mask_token_id
+    ids, pos, start = [], [], []  # per row, as lists (one tensor each below): start -1 = clean
+    for r in range(n):  # clean: accepted (left-padded to w) then drafts (right-padded to d); the mask blocks
+        p, k, pad = len(rows.seq[r]), len(rows.drafts[r]), w - len(new[r])
+        ids.append([mask_id] * pad + new[r] + rows.drafts[r] + [mask_id] * (d - k + len(lengths) * bs))
+        blocks = [(p + j + i if j <= k and p + j + i < limit else -1, p + j) for j in lengths for i in range(bs)]
+        pos.append([-1] * pad + list(range(rows.fed[r], p + k)) + [-1] * (d - k) + [q for q, _ in blocks])
+        start.append([-1] * (w + d) + [b for _, b in blocks])
+    ids, pos, start = (torch.tensor(x, dtype=torch.long, device=dev) for x in (ids, pos, start))
     valid = pos >= 0
     k_pos = torch.cat([rows.cache_pos, pos], 1)
     k_start = torch.cat([torch.full_like(rows.cache_pos, -1), start], 1)
     mask = draft_blocks_mask(pos, start, k_pos, k_start, torch.cat([rows.cache_valid, valid], 1))
-    keep = 1 + d + (d + 1) * bs  # from the last accepted token on
+    keep = 1 + d + len(lengths) * bs  # from the last accepted token on
     out = dlm.model(input_ids=ids, attention_mask=dlm.backend_mask(mask), position_ids=pos.clamp_min(0),
                     cache=rows.cache, use_cache=True, logits_to_keep=keep)
     logits = candidate_logits(dlm, out.logits.float())
     ar = logits[:, : d + 1].argmax(-1).tolist()  # ar[r][j]: the AR's token at position p + j
-    blocks = logits[:, d + 1:].argmax(-1).view(n, d + 1, bs).tolist()
+    blocks = logits[:, d + 1:].argmax(-1).view(n, len(lengths), bs).tolist()
     lead = 0 if dlm.config.shift else 1  # slot i predicts p + j + i + 1 (shift) or p + j + i
     results, kept_drafts = [], []
     for r in range(n):
@@ -103,10 +103,11 @@ def verified_step(dlm, rows: _Rows, bs: int) -> list[tuple[list[int], int]]:
         p = len(rows.seq[r])
         results.append((drafts[:m] + [greedy[m]], m))
         kept_drafts.append(m)
+        b = max(i for i, j in enumerate(lengths) if j <= m)  # the block that assumed the most of what was kept
         room = max(0, limit - (p + m + 1))
-        rows.drafts[r] = blocks[r][m][lead:lead + bs - 1][:room]
+        rows.drafts[r] = blocks[r][b][m - lengths[b] + lead:lead + bs - 1][:room]
         rows.fed[r] = p + m  # the accepted drafts' KV stays; the AR's own token is fed next step
-    _keep_accepted_kv(rows, pos[:, :w + d], w, d, kept_drafts, (d + 1) * bs)
+    _keep_accepted_kv(rows, pos[:, :w + d], w, d, kept_drafts, len(lengths) * bs)
     return results
 
 
@@ -137,7 +138,7 @@ def stream_self_verified(dlm, ids: list[list[int]], budgets: list[int], stops: l
     rows.add(out.add_rows(budgets, stops), ids)
     eos = dlm.tokenizer.eos_token_id
     while rows.seq:
-        steps = verified_step(dlm, rows, opts.block_size)
+        steps = verified_step(dlm, rows, opts.block_size, opts.draft_depth)
         stay = []
         for i, (step, _) in enumerate(steps):
             r = rows.ids[i]
