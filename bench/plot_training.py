@@ -3,8 +3,10 @@
     python bench/plot_training.py [--out docs/demo-training.png]
 
 Left: the AR parent (first schedule, then the second one that starts at step 3000).
-Right: the shipped dLM (shift; lr 3e-4, then a second schedule at lr 2e-4 from step 1800) next to
-the earlier no-shift run (lr 1e-3) from the same kind of parent: the reason the demo recipe uses shift.
+Right: the shipped dLM (shift; lr 3e-4, then a second schedule at lr 2e-4 from step 1800, then a
+third with a causal clean stream and its AR loss from step 5800, whose loss includes that AR term)
+next to the earlier no-shift run (lr 1e-3) from the same kind of parent: the reason the demo recipe
+uses shift.
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ def main() -> None:
     panels = [("AR parent (causal LM loss)", [("schedule 1", load("ar")), ("schedule 2", load("ar2", 3000))]),
               ("dLM (1/t-weighted masked CE)", [("shipped: shift, lr 3e-4", load("dlm")),
                                                 ("shipped: schedule 2, lr 2e-4", load("dlm2", 1800)),
+                                                ("shipped: schedule 3, + AR loss", load("parity", 5800)),
                                                 ("earlier: no shift, lr 1e-3", load("dlm-noshift"))])]
     for ax, (title, runs) in zip(axes, panels, strict=True):
-        for (label, rows), color in zip(runs, ("tab:blue", "tab:green", "tab:orange"), strict=False):
+        for (label, rows), color in zip(runs, ("tab:blue", "tab:green", "tab:red", "tab:orange"), strict=False):
             ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.6, alpha=0.5, color=color)
             val = [r for r in rows if "val_loss" in r]
             ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color=color,

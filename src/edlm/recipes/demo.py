@@ -54,6 +54,9 @@ def run_demo(models=None, limit: int = 100, thresholds=THRESHOLDS, strategies=ST
     rows = [measure("AR (KV cache)", engine_runner(ar, MAX_NEW_TOKENS), examples),
             # the parent's own text, drafted a block at a time by the dLM (edlm.decode.verify)
             measure("dLM drafts, AR verifies", verified_runner(dlm, ar, MAX_NEW_TOKENS), examples)]
+    if dlm.config.causal_clean:  # one model: drafts checked by its own AR stream (edlm.decode.selfverify)
+        name = "dLM verified (one model)" + (" (default)" if default.strategy == "verified" else "")
+        rows.append(measure(name, engine_runner(dlm, MAX_NEW_TOKENS, strategy="verified"), examples))
     for strategy in strategies:
         for t in thresholds:
             name = f"dLM {strategy} {t:g}"
