@@ -28,12 +28,10 @@ edlm.decode.options' decision.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from edlm.decode.options import DEFAULT_MAX_NEW_TOKENS, DecodeOptions, resolve_rows
-from edlm.decode.state import Batch, BlockEvent, GenerationResult, Outputs
+from edlm.decode.state import Batch, GenerationResult, Outputs
 
 
 def _finished_tokens(batch: Batch, i: int, room: int) -> tuple[list[int], bool]:
@@ -97,14 +95,11 @@ def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NE
                 advance.append(False)
                 continue
             new, hit_eos = _finished_tokens(batch, i, out.budget[r] - len(out.tokens[r]))
-            text, done = out.add_block(r, new, hit_eos)
-            out.stats[r].seconds = time.perf_counter() - out.started[r]
-            if done:
-                yield BlockEvent(r, text, new, True, out.reason[r], out.stats[r], out.text[r])
-            else:
+            event = out.event(r, new, hit_eos)
+            if not event.done:
                 keep_rows.append(i)
                 advance.append(True)
-                yield BlockEvent(r, text, new)
+            yield event
         if len(keep_rows) < len(rows):
             batch.keep(torch.tensor(keep_rows, dtype=torch.long, device=dlm.device))
         if not batch.rows.numel():

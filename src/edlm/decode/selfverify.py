@@ -24,11 +24,9 @@ Greedy only. Rows leave when done; joins take part from the next step.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from edlm.decode.state import BlockEvent, CacheRows, GenerationResult, Outputs
+from edlm.decode.state import CacheRows, GenerationResult, Outputs
 from edlm.decode.step import candidate_logits
 from edlm.masks import draft_blocks_mask
 
@@ -148,13 +146,10 @@ def stream_self_verified(dlm, ids: list[list[int]], budgets: list[int], stops: l
                 step = step[: step.index(eos) + 1]
             rows.seq[i] += step
             out.stats[r].add_step(len(step), 1)
-            text, done = out.add_block(r, step, hit_eos)
-            out.stats[r].seconds = time.perf_counter() - out.started[r]
-            if done:
-                yield BlockEvent(r, text, step, True, out.reason[r], out.stats[r], out.text[r])
-            else:
+            event = out.event(r, step, hit_eos)
+            if not event.done:
                 stay.append(i)
-                yield BlockEvent(r, text, step)
+            yield event
         if len(stay) < len(rows.seq):
             rows.keep(stay)
         if admit is not None and (joining := admit()):

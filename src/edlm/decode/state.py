@@ -102,6 +102,14 @@ class Outputs:
         self.stats[row].generated_tokens = len(self.tokens[row])
         return text[len(old_text):], done
 
+    def event(self, row: int, new: list[int], hit_eos: bool) -> BlockEvent:
+        """add_block, then the row's event: with its finish reason and stats when it is done."""
+        text, done = self.add_block(row, new, hit_eos)
+        self.stats[row].seconds = time.perf_counter() - self.started[row]
+        if done:
+            return BlockEvent(row, text, new, True, self.reason[row], self.stats[row], self.text[row])
+        return BlockEvent(row, text, new)
+
     def _trim_tokens(self, row: int, text: str) -> None:
         toks = self.tokens[row]
         for n in range(len(toks) + 1):
