@@ -45,9 +45,10 @@ def test_verified_equals_own_greedy_ar_single_and_batched(arch, shift, block_siz
     ref = [greedy_ar(dlm, p, 13) for p in PROMPTS]
     batched = dlm.generate(PROMPTS, max_new_tokens=13, strategy="verified")
     assert batched.token_ids == ref
-    for p, want in zip(PROMPTS, ref, strict=True):
+    for i, (p, want) in enumerate(zip(PROMPTS, ref, strict=True)):
         alone = dlm.generate(p, max_new_tokens=13, strategy="verified")
         assert alone.token_ids[0] == want
+        assert batched.stats[i].model_calls == alone.stats[0].model_calls  # a batch changes no row's drafts
         s = alone.stats[0]
         assert s.generated_tokens == len(want) and 1 <= s.model_calls <= len(want) and all(k >= 1 for k in s.steps_histogram)
 
@@ -58,8 +59,10 @@ def test_fewer_draft_blocks_change_speed_never_tokens(depth):
     output stays the model's greedy AR decode, batched and alone."""
     dlm = causal_dlm("qwen3", True, block_size=4)
     ref = [greedy_ar(dlm, p, 12) for p in PROMPTS]
-    assert dlm.generate(PROMPTS, max_new_tokens=12, strategy="verified", draft_depth=depth).token_ids == ref
-    assert dlm.generate(PROMPTS[3], max_new_tokens=12, strategy="verified", draft_depth=depth).token_ids == ref[3:]
+    batched = dlm.generate(PROMPTS, max_new_tokens=12, strategy="verified", draft_depth=depth)
+    alone = dlm.generate(PROMPTS[3], max_new_tokens=12, strategy="verified", draft_depth=depth)
+    assert batched.token_ids == ref and alone.token_ids == ref[3:]
+    assert batched.stats[3].model_calls == alone.stats[0].model_calls  # blocks are chosen per row
 
 
 def test_verified_agrees_with_the_engine_ar_path():

@@ -12,8 +12,9 @@ where p is the accepted length. The AR logits verify the drafts greedily: the lo
 to the AR argmax is kept, plus the AR's own next token (so every step commits >= 1 token and the
 output is token for token the model's greedy AR decode). The next drafts come from M_n, the block
 that assumed exactly the n accepted drafts, so no second pass is needed: TiDAR's structured masks,
-all acceptance lengths at once, k + 1 = block_size mask blocks per forward. M_j's first slot sits
-where the AR's own token goes, so it drafts the block_size - 1 tokens after it.
+all acceptance lengths at once, k + 1 = block_size mask blocks per forward (`draft_depth` D keeps
+those of lengths 0 and the D longest, chosen per row). M_j's first slot sits where the AR's own
+token goes, so it drafts the block_size - 1 tokens after it.
 
 Draft blocks are placed right after the prefix, not on the block grid: with RoPE only relative
 positions matter, and a block seeing "every clean token before my start" is what training's
@@ -71,13 +72,17 @@ def verified_step(dlm, rows: _Rows, bs: int, depth: int | None = None) -> list[t
     new = [s[f:] for s, f in zip(rows.seq, rows.fed, strict=True)]
     w = max(len(x) for x in new)
     d = max(len(x) for x in rows.drafts)
-    lengths = sorted({0, *range(max(1, d + 1 - depth) if depth else 1, d + 1)})  # the covered acceptance lengths
+    # per row, the acceptance lengths that get a mask block: 0 and the `depth` longest of its own drafts
+    lengths = [sorted({0, *range(max(1, len(x) + 1 - depth) if depth else 1, len(x) + 1)}) for x in rows.drafts]
+    n_blocks = max(len(x) for x in lengths)
     mask_id = dlm.config.mask_token_id
     ids, pos, start = [], [], []  # per row, as lists (one tensor each below): start -1 = clean
     for r in range(n):  # clean: accepted (left-padded to w) then drafts (right-padded to d); the mask blocks
         p, k, pad = len(rows.seq[r]), len(rows.drafts[r]), w - len(new[r])
-        ids.append([mask_id] * pad + new[r] + rows.drafts[r] + [mask_id] * (d - k + len(lengths) * bs))
-        blocks = [(p + j + i if j <= k and p + j + i < limit else -1, p + j) for j in lengths for i in range(bs)]
+        ids.append([mask_id] * pad + new[r] + rows.drafts[r] + [mask_id] * (d - k + n_blocks * bs))
+        covered = lengths[r] + [None] * (n_blocks - len(lengths[r]))  # None: a padding block
+        blocks = [(p + j + i if j is not None and p + j + i < limit else -1, p + (j or 0))
+                  for j in covered for i in range(bs)]
         pos.append([-1] * pad + list(range(rows.fed[r], p + k)) + [-1] * (d - k) + [q for q, _ in blocks])
         start.append([-1] * (w + d) + [b for _, b in blocks])
     ids, pos, start = (torch.tensor(x, dtype=torch.long, device=dev) for x in (ids, pos, start))
@@ -85,12 +90,12 @@ def verified_step(dlm, rows: _Rows, bs: int, depth: int | None = None) -> list[t
     k_pos = torch.cat([rows.cache_pos, pos], 1)
     k_start = torch.cat([torch.full_like(rows.cache_pos, -1), start], 1)
     mask = draft_blocks_mask(pos, start, k_pos, k_start, torch.cat([rows.cache_valid, valid], 1))
-    keep = 1 + d + len(lengths) * bs  # from the last accepted token on
+    keep = 1 + d + n_blocks * bs  # from the last accepted token on
     out = dlm.model(input_ids=ids, attention_mask=dlm.backend_mask(mask), position_ids=pos.clamp_min(0),
                     cache=rows.cache, use_cache=True, logits_to_keep=keep)
     logits = candidate_logits(dlm, out.logits.float())
     ar = logits[:, : d + 1].argmax(-1).tolist()  # ar[r][j]: the AR's token at position p + j
-    blocks = logits[:, d + 1:].argmax(-1).view(n, len(lengths), bs).tolist()
+    blocks = logits[:, d + 1:].argmax(-1).view(n, n_blocks, bs).tolist()
     lead = 0 if dlm.config.shift else 1  # slot i predicts p + j + i + 1 (shift) or p + j + i
     results, kept_drafts = [], []
     for r in range(n):
@@ -101,11 +106,11 @@ def verified_step(dlm, rows: _Rows, bs: int, depth: int | None = None) -> list[t
         p = len(rows.seq[r])
         results.append((drafts[:m] + [greedy[m]], m))
         kept_drafts.append(m)
-        b = max(i for i, j in enumerate(lengths) if j <= m)  # the block that assumed the most of what was kept
+        b = max(i for i, j in enumerate(lengths[r]) if j <= m)  # the block that assumed the most of what was kept
         room = max(0, limit - (p + m + 1))
-        rows.drafts[r] = blocks[r][b][m - lengths[b] + lead:lead + bs - 1][:room]
+        rows.drafts[r] = blocks[r][b][m - lengths[r][b] + lead:lead + bs - 1][:room]
         rows.fed[r] = p + m  # the accepted drafts' KV stays; the AR's own token is fed next step
-    _keep_accepted_kv(rows, pos[:, :w + d], w, d, kept_drafts, len(lengths) * bs)
+    _keep_accepted_kv(rows, pos[:, :w + d], w, d, kept_drafts, n_blocks * bs)
     return results
 
 
