@@ -115,10 +115,10 @@ def test_only_accepted_tokens_keep_kv():
 
     dlm = causal_dlm("qwen3", False)
     prompt = dlm.tokenizer(PROMPTS[0])["input_ids"]
-    rows = _Rows(dlm)
+    rows = _Rows(dlm.device)
     rows.add(0, [prompt])
     for _ in range(4):
-        step, _ = verified_step(dlm, rows, 4)[0]
+        step = verified_step(dlm, rows, 4)[0]
         rows.seq[0] += step
         n = len(rows.seq[0]) - 1
         assert rows.cache.get_seq_length() == n and rows.cache_valid.all()

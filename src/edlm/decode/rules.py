@@ -41,6 +41,15 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, generato
     return tokens, conf, ent
 
 
+def accepted_drafts(drafts: list[int], greedy: list[int]) -> int:
+    """Greedy speculative verification: how many leading drafts equal the verifier's own tokens
+    (greedy[i] is its token where drafts[i] stands; it has one more, its token after them)."""
+    n = 0
+    while n < len(drafts) and drafts[n] == greedy[n]:
+        n += 1
+    return n
+
+
 def _top_n(score: torch.Tensor, n: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """Commit the n[b] highest-scoring candidates of each row."""
     score = score.masked_fill(~candidates, float("-inf"))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from edlm.decode.rules import accepted_drafts
 from edlm.decode.state import CacheRows, GenerationResult, Outputs
 from edlm.decode.step import candidate_logits
 from edlm.masks import draft_blocks_mask
@@ -36,9 +37,8 @@ class _Rows(CacheRows):
     """Per row: the accepted tokens (`seq`), how many of them have KV in the cache (`fed`), and
     the drafts that follow them. Row r of every list and cache row r are the same request."""
 
-    def __init__(self, dlm):
-        self.dlm = dlm
-        self.init_cache(0, dlm.device)
+    def __init__(self, device):
+        self.init_cache(0, device)
         self.ids: list[int] = []  # request ids
         self.seq: list[list[int]] = []
         self.fed: list[int] = []
@@ -59,8 +59,9 @@ class _Rows(CacheRows):
 
 
 @torch.no_grad()
-def verified_step(dlm, rows: _Rows, bs: int, depth: int | None = None) -> list[tuple[list[int], int]]:
-    """One forward for every row; returns per row (tokens accepted, drafts accepted).
+def verified_step(dlm, rows: _Rows, bs: int, depth: int | None = None) -> list[list[int]]:
+    """One forward for every row; returns the tokens each row accepted (its drafts kept, then the
+    AR's own token).
 
     depth: mask blocks for acceptance lengths 0 and the `depth` longest ones only (None: all
     k + 1). Fewer blocks make the forward cheaper where compute, not memory, bounds it (CPUs);
@@ -100,11 +101,9 @@ def verified_step(dlm, rows: _Rows, bs: int, depth: int | None = None) -> list[t
     results, kept_drafts = [], []
     for r in range(n):
         drafts, greedy = rows.drafts[r], ar[r]
-        m = 0
-        while m < len(drafts) and drafts[m] == greedy[m]:
-            m += 1
+        m = accepted_drafts(drafts, greedy)
         p = len(rows.seq[r])
-        results.append((drafts[:m] + [greedy[m]], m))
+        results.append(drafts[:m] + [greedy[m]])
         kept_drafts.append(m)
         b = max(i for i, j in enumerate(lengths[r]) if j <= m)  # the block that assumed the most of what was kept
         room = max(0, limit - (p + m + 1))
@@ -137,18 +136,14 @@ def stream_self_verified(dlm, ids: list[list[int]], budgets: list[int], stops: l
     after every step and its requests (resolved by `resolve`) join from the next one.
     """
     out = Outputs(dlm)
-    rows = _Rows(dlm)
+    rows = _Rows(dlm.device)
     rows.add(out.add_rows(budgets, stops), ids)
-    eos = dlm.tokenizer.eos_token_id
     while rows.seq:
         steps = verified_step(dlm, rows, opts.block_size, opts.draft_depth)
         stay = []
-        for i, (step, _) in enumerate(steps):
+        for i, accepted in enumerate(steps):
             r = rows.ids[i]
-            step = step[: out.budget[r] - len(out.tokens[r])]
-            hit_eos = eos is not None and eos in step
-            if hit_eos:
-                step = step[: step.index(eos) + 1]
+            step, hit_eos = out.cut(r, accepted)
             rows.seq[i] += step
             out.stats[r].add_step(len(step), 1)
             event = out.event(r, step, hit_eos)

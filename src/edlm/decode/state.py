@@ -102,6 +102,15 @@ class Outputs:
         self.stats[row].generated_tokens = len(self.tokens[row])
         return text[len(old_text):], done
 
+    def cut(self, row: int, tokens: list[int]) -> tuple[list[int], bool]:
+        """Tokens a token-by-token decoder accepted for `row`, cut to its budget left and after its
+        first EOS; and whether it hit that EOS."""
+        tokens = tokens[: self.budget[row] - len(self.tokens[row])]
+        eos = self.dlm.tokenizer.eos_token_id
+        if eos is not None and eos in tokens:
+            return tokens[: tokens.index(eos) + 1], True
+        return tokens, False
+
     def event(self, row: int, new: list[int], hit_eos: bool) -> BlockEvent:
         """add_block, then the row's event: with its finish reason and stats when it is done."""
         text, done = self.add_block(row, new, hit_eos)
@@ -240,7 +249,6 @@ class Batch(CacheRows):
     def open_blocks(self, rows: torch.Tensor | None = None) -> None:
         """Open the current block of `rows` ([B] bool, default all): every slot after the prompt
         tail is masked and todo (up to the model's last position)."""
-        self.block_mask = None
         bs = self.opts.block_size
         sel = torch.ones_like(self.eos_slot, dtype=torch.bool) if rows is None else rows
         slot = torch.arange(bs, device=self.block_ids.device)[None]

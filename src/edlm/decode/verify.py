@@ -18,6 +18,7 @@ import time
 import torch
 
 from edlm.decode.options import DEFAULT_MAX_NEW_TOKENS, resolve_rows
+from edlm.decode.rules import accepted_drafts
 from edlm.decode.state import BlockEvent, GenerationResult, Outputs
 from edlm.decode.step import candidate_logits
 from edlm.errors import EdlmError
@@ -102,7 +103,6 @@ def stream_verified(drafter, verifier, prompts, max_new_tokens: int | None = DEF
     check_pair(drafter, verifier)
     ids, budgets, stops = resolve_rows(verifier, prompts, max_new_tokens, stop)
     bs = block_size or drafter.config.block_size
-    eos = verifier.tokenizer.eos_token_id
     out = Outputs(verifier)  # EOS, stop strings and budget end a row as in the engine
     out.add_rows(budgets, stops)
     for row, prompt in enumerate(ids):
@@ -111,14 +111,9 @@ def stream_verified(drafter, verifier, prompts, max_new_tokens: int | None = DEF
         while not done:
             drafts = d.draft(seq)
             greedy = v.greedy_after(seq, drafts)
-            n = 0
-            while n < len(drafts) and drafts[n] == greedy[n]:
-                n += 1
-            step = (drafts[:n] + [greedy[n]])[: out.budget[row] - len(out.tokens[row])]
+            n = accepted_drafts(drafts, greedy)
+            step, hit_eos = out.cut(row, drafts[:n] + [greedy[n]])
             v.keep(n, len(drafts))
-            hit_eos = eos in step
-            if hit_eos:
-                step = step[: step.index(eos) + 1]
             seq += step
             out.stats[row].add_step(len(step), 1)
             _, done = out.add_block(row, step, hit_eos)

@@ -222,7 +222,7 @@ def _write_report(out_dir: Path, results: dict, setup: str, shift: bool = False)
                   "| variant | eval block | decode | accuracy | TPF | tokens/s vs AR | answer NLL/token |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['variant']} | {r['eval_block_size']} | {_thr(r)} | {100 * r['accuracy']:.1f}% | "
-                  f"{r['tpf']:.2f} | {r.get('speedup', float('nan')):.2f}x | {r['answer_nll']:.3f} |" for r in rows]
+                  f"{r['tpf']:.2f} | {r['speedup']:.2f}x | {r['answer_nll']:.3f} |" for r in rows]
         lines += ["", *_aup_lines(rows), ""]
         fig, ax = plt.subplots(figsize=(7, 3.5))
         labels = [f"{r['variant']}\nbs{r['eval_block_size']} t{_thr(r)}" for r in rows]
@@ -244,7 +244,7 @@ _COLORS = {"AR": "tab:gray", "threshold 1": "tab:blue", "verified": "tab:green",
 
 
 def _thr(row: dict) -> str:
-    how = row.get("decode", "threshold")
+    how = row["decode"]
     return how if row["threshold"] is None else f"{how} {row['threshold']:g}"
 
 
