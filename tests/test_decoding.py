@@ -331,3 +331,39 @@ def test_greedy_confidence_without_the_softmax_equals_it():
     tok_b, conf_b, ent_b = pick_tokens(logits, 0.0, 1.0, entropy=False)
     assert torch.equal(tok_a, tok_b) and ent_b is None and ent_a.shape == (2, 5)
     torch.testing.assert_close(conf_b, torch.softmax(logits, -1).max(-1).values)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_logits_of_wanted_slots_only_equal_the_full_blocks_logits(shift):
+    """denoise_step(want=...) runs the LM head on the wanted slots only; they must be exactly the
+    full step's logits at those slots (shift models: slot 0 from the carry), on a block's first
+    step (pending clean KV written, rows with and without a pending block) and on a later one."""
+    from edlm.decode.options import DecodeOptions, resolve_rows
+    from edlm.decode.state import Batch
+    from edlm.decode.step import denoise_step
+
+    dlm = tiny_dlm("llama", block_size=4, shift=shift)
+    ids, _, _ = resolve_rows(dlm, PROMPTS, 8, None)
+    ids.append(ids[0][:8])  # a prompt ending on a block: its first block's slot 0 is undecided
+
+    def fresh():
+        batch = Batch(dlm, ids, DecodeOptions.resolve(dlm, block_size=4))
+        batch.open_blocks()
+        return batch
+
+    full_b, part_b = fresh(), fresh()
+    # slots a step may read are undecided ones: some of them, all of them (the last row, slot 0
+    # included), none (row 1)
+    want = (torch.rand(part_b.todo.shape, generator=torch.Generator().manual_seed(1)) < 0.6) & part_b.todo
+    want[-1] = part_b.todo[-1]
+    want[1] = False
+    assert want[-1, 0]
+    pending = part_b.pending_pos[:, -1] >= 0  # rows without a finished block have no carry to compare
+    for _ in range(2):  # first step (pending KV) then a later step of the same blocks
+        full = denoise_step(dlm, full_b)
+        part = denoise_step(dlm, part_b, want=want)
+        assert part.shape[0] == int(want.sum())
+        torch.testing.assert_close(part, full[want], rtol=0, atol=1e-5)
+        assert full_b.cache.get_seq_length() == part_b.cache.get_seq_length()
+        if shift:
+            torch.testing.assert_close(part_b.carry[pending], full_b.carry[pending], rtol=0, atol=1e-5)

@@ -16,8 +16,12 @@ from edlm.masks import position_block_mask
 
 
 @torch.no_grad()
-def denoise_step(dlm, batch) -> torch.Tensor:
-    """One model call: write pending clean KV, return logits [B, bs, V] for the current block."""
+def denoise_step(dlm, batch, want: torch.Tensor | None = None) -> torch.Tensor:
+    """One model call: write pending clean KV, return logits [B, bs, V] for the current block.
+
+    want [B, bs] bool: only these slots' logits, as [N, V] in row-major order. The LM head and
+    everything after it cost as much as the vocabulary is large (151k rows on Qwen), and a
+    block's decided slots need none: on average half a block's slots per step."""
     opts, cfg = batch.opts, dlm.config
     bs = opts.block_size
     feed_block = not (cfg.shift and bs == 1)  # an AR step needs no mask slot in its input
@@ -42,16 +46,13 @@ def denoise_step(dlm, batch) -> torch.Tensor:
         if n_pending == 0 and feed_block:
             batch.block_mask = (q_pos, mask)
     has_pending = batch.pending_pos[:, -1] >= 0 if n_pending else None  # [B]: rows writing a finished block
+    if want is not None and feed_block:
+        return _wanted_logits(dlm, batch, ids, mask, q_pos, want, has_pending)
     keep = bs + (1 if cfg.shift and n_pending and feed_block else 0) if feed_block else 1
     out = dlm.model(input_ids=ids, attention_mask=mask, position_ids=q_pos,
                     cache=batch.cache, use_cache=True, logits_to_keep=keep)
     logits = out.logits.float()
-    if feed_block:
-        batch.cache.crop(-bs)  # the current block is not clean yet: keep only pending KV
-    batch.cache_pos = torch.cat([batch.cache_pos, batch.pending_pos], 1)
-    batch.cache_valid = torch.cat([batch.cache_valid, batch.pending_pos >= 0], 1)
-    batch.pending_ids = batch.pending_ids[:, :0]
-    batch.pending_pos = batch.pending_pos[:, :0]
+    _keep_pending(batch, feed_block)
     if not cfg.shift:
         return logits
     # shift: slot j is predicted at position j-1; slot 0 by the last pending (clean) position,
@@ -66,6 +67,48 @@ def denoise_step(dlm, batch) -> torch.Tensor:
         body = logits[:, :-1]
     carry = batch.carry if batch.carry is not None else torch.zeros_like(logits[:, 0])
     return torch.cat([carry[:, None], body], 1)
+
+
+def _keep_pending(batch, feed_block: bool) -> None:
+    """After a denoising forward: the current block's KV goes (it is not clean yet), the pending
+    clean tokens' KV stays and is now the cache's."""
+    if feed_block:
+        batch.cache.crop(-batch.opts.block_size)
+    batch.cache_pos = torch.cat([batch.cache_pos, batch.pending_pos], 1)
+    batch.cache_valid = torch.cat([batch.cache_valid, batch.pending_pos >= 0], 1)
+    batch.pending_ids = batch.pending_ids[:, :0]
+    batch.pending_pos = batch.pending_pos[:, :0]
+
+
+def _wanted_logits(dlm, batch, ids, mask, q_pos, want, has_pending) -> torch.Tensor:
+    """denoise_step's forward with the LM head on the wanted slots only (HF's boolean
+    `logits_to_keep`): [N, V], N = want.sum(), row-major. Shift models read slot j at position
+    j - 1 and slot 0 from the carry, refreshed from the last pending position of rows that have one."""
+    bs, shift = batch.opts.block_size, dlm.config.shift
+    o = ids.shape[1] - bs  # the block's first query
+    keep = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+    if not shift:
+        keep[:, o:] = want
+    else:
+        keep[:, o:-1] = want[:, 1:]
+        if has_pending is not None:
+            keep[:, o - 1] = has_pending
+    out = dlm.model(input_ids=ids, attention_mask=mask, position_ids=q_pos,
+                    cache=batch.cache, use_cache=True, logits_to_keep=keep)
+    logits = out.logits.float()  # [M, V]
+    _keep_pending(batch, True)
+    if not shift:
+        return logits
+    fresh = keep.nonzero()[:, 1] == o - 1  # which of the M rows are carries, not slots
+    carry = batch.carry.clone() if batch.carry is not None else logits.new_zeros(want.shape[0], logits.shape[-1])
+    if has_pending is not None:
+        carry[has_pending] = logits[fresh]
+    batch.carry = carry
+    place = (want.flatten().cumsum(0) - 1).view(want.shape)  # each wanted slot's row in the result
+    result = logits.new_empty(int(want.sum()), logits.shape[-1])
+    result[place[:, 0][want[:, 0]]] = carry[want[:, 0]]
+    result[place[:, 1:][want[:, 1:]]] = logits[~fresh]
+    return result
 
 
 @torch.no_grad()

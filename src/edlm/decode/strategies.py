@@ -39,15 +39,22 @@ def rule_step(rule: Callable) -> Callable:
     """A plain denoising step: one forward, then `rule(conf, entropy, todo, opts)` commits."""
 
     def step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
-        opts = batch.opts
-        logits = candidate_logits(dlm, denoise_step(dlm, batch))
+        opts, todo = batch.opts, batch.todo
+        logits = candidate_logits(dlm, denoise_step(dlm, batch, want=todo))  # [N, V]: undecided slots only
         tokens, conf, entropy = rules.pick_tokens(logits, opts.temperature, opts.top_p, generator,
                                                   entropy="gamma" in opts.spec.reads)
-        chosen = rule(conf, entropy, batch.todo, opts)
+        # back to [B, bs]: decided slots are no candidates, so what they hold is never read
+        tokens, conf = _on_slots(todo, tokens, 0), _on_slots(todo, conf, 0.0)
+        entropy = _on_slots(todo, entropy, float("inf")) if entropy is not None else None
+        chosen = rule(conf, entropy, todo, opts)
         apply_commit(dlm, batch, chosen, tokens)
         return chosen.sum(-1), 1
 
     return step
+
+
+def _on_slots(todo: torch.Tensor, values: torch.Tensor, fill) -> torch.Tensor:
+    return torch.full(todo.shape, fill, dtype=values.dtype, device=values.device).masked_scatter(todo, values)
 
 
 def plain(name: str, rule: Callable, help: str, reads: tuple[str, ...]) -> Strategy:
