@@ -32,7 +32,34 @@ def test_bench_one_run_all_settings(tiny_ar_dir, tmp_path, capsys):
         # model_calls counts each row's calls; a batched forward serves every row of the batch
         assert prof["forwards"] == by[key]["model_calls"] if key[1] == 1 else prof["forwards"] <= by[key]["model_calls"]
     assert (out / "pareto.png").stat().st_size > 0 and "dLM threshold 0.3" in (out / "results.md").read_text()
-    assert len(json.loads((out / "results.json").read_text())["rows"]) == 9
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["rows"]) == 9
+    # the device's forward cost by batch and tokens fed, for every batch size benched
+    cost = {(c["batch_size"], c["tokens_per_row"]): c["ms"] for c in saved["forward_cost"]}
+    assert set(cost) == {(b, t) for b in (1, 2) for t in (1, 8, 16, 32, 64)} and min(cost.values()) > 0
+    assert "One forward by new tokens per row" in (out / "results.md").read_text()
+
+
+def test_settings_are_timed_interleaved_chunk_by_chunk():
+    from edlm.recipes.bench import Example, measure_together
+
+    calls = []
+
+    def runner(name):
+        def run(prompts):
+            calls.append((name, tuple(prompts)))
+            return [p.upper() for p in prompts], 2 * len(prompts), len(prompts), {2: len(prompts)}
+        return run
+
+    examples = [Example(p, p.upper()) for p in "abcde"]
+    rows = measure_together([("A", runner("A")), ("B", runner("B"))], examples, batch_size=2, repeats=2,
+                            progress=False)
+    warmup = [("A", ("a", "b")), ("B", ("a", "b"))]
+    one_pass = [(n, c) for c in (("a", "b"), ("c", "d"), ("e",)) for n in "AB"]  # every setting per chunk
+    assert calls == warmup + one_pass + one_pass
+    for r in rows:  # accuracy and counts from the first pass only
+        assert r["accuracy"] == 1.0 and r["generated_tokens"] == 10 and r["tpf"] == 2.0
+        assert r["commit_histogram"] == {2: 5}
 
 
 def test_bench_cli_errors(tiny_ar_dir, tmp_path, capsys):

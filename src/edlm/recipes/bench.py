@@ -5,9 +5,9 @@ Settings measured together (same prompts, same process, same device):
 - the AR base through HF `generate` (the outside reference), and HF prompt-lookup decoding
   (batch 1, where HF supports it);
 - the dLM at every (strategy, threshold, block size).
-Each setting gets an untimed warm-up and `--repeats` timed passes; tokens/s is the median over
-passes and counts generated tokens only. Accuracy comes from the first pass (greedy decoding is
-deterministic). Outputs: results.json, results.md, pareto.png in --out, and the table on stdout.
+Each setting gets an untimed warm-up and `--repeats` timed passes, interleaved with the other
+settings chunk by chunk (`measure_together`); tokens/s is the median over passes and counts
+generated tokens only. Accuracy comes from the first pass (greedy decoding is deterministic). Outputs: results.json, results.md, pareto.png in --out, and the table on stdout.
 """
 
 from __future__ import annotations
@@ -139,39 +139,105 @@ class ForwardClock:
 
 def measure(name: str, run, examples: list[Example], batch_size: int = 1, repeats: int = 1,
             progress: bool = True, clock: ForwardClock | None = None) -> dict:
-    """One setting: untimed warm-up, `repeats` timed passes (median tokens/s, generated tokens
-    only), accuracy / TPF / commit histogram from the first pass (greedy decoding is deterministic).
-    With a clock, the first pass also splits its wall time into model forwards and the rest."""
+    """One setting alone: `measure_together` of one."""
+    return measure_together([(name, run)], examples, batch_size, repeats, progress, clock)[0]
+
+
+def measure_together(settings: list[tuple[str, object]], examples: list[Example], batch_size: int = 1,
+                     repeats: int = 1, progress: bool = True, clock: ForwardClock | None = None) -> list[dict]:
+    """Settings [(name, runner)] timed interleaved: each chunk of `batch_size` prompts is decoded by
+    every setting in turn, so a slow spell of a shared machine (seconds long, +-40% on the CPUs
+    here) hits all settings alike instead of whichever ran then; the ratios between settings are
+    what a bench reports. Per setting: an untimed warm-up, `repeats` timed passes (median tokens/s,
+    generated tokens only), accuracy / TPF / commit histogram from the first pass (greedy decoding
+    is deterministic). With a clock, the first pass also splits each setting's time into model
+    forwards and the rest."""
     from tqdm.auto import tqdm
 
     prompts = [e.prompt for e in examples]
-    run(prompts[:batch_size])  # warm-up, untimed: first calls pay for lazy init and allocator growth
-    rates, latencies, correct, tokens, calls, hist = [], [], 0, 0, 0, Counter()
-    profile = {}
+    for _, run in settings:
+        run(prompts[:batch_size])  # warm-up, untimed: first calls pay for lazy init and allocator growth
+    stats = [{"rates": [], "latencies": [], "correct": 0, "tokens": 0, "calls": 0, "hist": Counter(),
+              "forward_s": 0.0, "forwards": 0} for _ in settings]
+    chunks = range(0, len(prompts), batch_size)
+    label = settings[0][0] if len(settings) == 1 else f"{len(settings)} settings"
     for rep in range(repeats):
-        if clock is not None and rep == 0:
-            clock.seconds, clock.calls = 0.0, 0
-        t0, n_tok = time.perf_counter(), 0
-        for s in tqdm(range(0, len(prompts), batch_size), desc=f"{name} [{rep + 1}/{repeats}]", leave=False,
-                      disable=not progress, dynamic_ncols=True):
-            t = time.perf_counter()
-            texts, n, c, h = run(prompts[s : s + batch_size])
-            latencies.append(time.perf_counter() - t)
-            n_tok += n
-            if rep == 0:
-                correct += sum(ex.correct(x) for ex, x in zip(examples[s : s + batch_size], texts, strict=True))
-                tokens, calls = tokens + n, calls + c
-                hist.update(h)
-        _sync()
-        rates.append(n_tok / (time.perf_counter() - t0))
-        if clock is not None and rep == 0 and clock.calls:
-            wall = time.perf_counter() - t0
-            profile = {"forwards": clock.calls, "forward_ms": 1e3 * clock.seconds / clock.calls,
-                       "rest_ms": 1e3 * (wall - clock.seconds) / clock.calls}
-    return {"name": name, "batch_size": batch_size, "accuracy": correct / len(examples),
-            "tpf": tokens / calls if calls else None, "tokens_per_s": statistics.median(rates),
-            "latency_s": statistics.median(latencies), "generated_tokens": tokens, "model_calls": calls,
-            "commit_histogram": dict(sorted(hist.items())), **({"profile": profile} if profile else {})}
+        seconds, n_tok = [0.0] * len(settings), [0] * len(settings)
+        for s in tqdm(chunks, desc=f"{label} [{rep + 1}/{repeats}]", leave=False, disable=not progress,
+                      dynamic_ncols=True):
+            for i, (_, run) in enumerate(settings):
+                st = stats[i]
+                c0 = (clock.seconds, clock.calls) if clock is not None else None
+                _sync()
+                t = time.perf_counter()
+                texts, n, c, h = run(prompts[s : s + batch_size])
+                _sync()
+                took = time.perf_counter() - t
+                seconds[i] += took
+                n_tok[i] += n
+                st["latencies"].append(took)
+                if rep == 0:
+                    st["correct"] += sum(ex.correct(x) for ex, x in zip(examples[s : s + batch_size], texts,
+                                                                          strict=True))
+                    st["tokens"], st["calls"] = st["tokens"] + n, st["calls"] + c
+                    st["hist"].update(h)
+                    if c0 is not None:
+                        st["forward_s"] += clock.seconds - c0[0]
+                        st["forwards"] += clock.calls - c0[1]
+        for i, st in enumerate(stats):
+            st["rates"].append(n_tok[i] / seconds[i] if seconds[i] else 0.0)
+    rows = []
+    for (name, _), st, wall in zip(settings, stats, [sum(x["latencies"][: len(chunks)]) for x in stats],
+                                   strict=True):
+        profile = {}
+        if st["forwards"]:
+            profile = {"forwards": st["forwards"], "forward_ms": 1e3 * st["forward_s"] / st["forwards"],
+                       "rest_ms": 1e3 * (wall - st["forward_s"]) / st["forwards"]}
+        rows.append({"name": name, "batch_size": batch_size, "accuracy": st["correct"] / len(examples),
+                     "tpf": st["tokens"] / st["calls"] if st["calls"] else None,
+                     "tokens_per_s": statistics.median(st["rates"]), "latency_s": statistics.median(st["latencies"]),
+                     "generated_tokens": st["tokens"], "model_calls": st["calls"],
+                     "commit_histogram": dict(sorted(st["hist"].items())), **({"profile": profile} if profile else {})})
+    return rows
+
+
+def forward_cost(dlm, batch_sizes, tokens=(1, 8, 16, 32, 64), context: int = 64, tries: int = 20) -> list[dict]:
+    """Best-of-`tries` ms of one forward feeding `tokens` new tokens per row after `context` cached
+    ones, per batch size: where the device stops being bound by per-call overhead and starts
+    paying per token. Parallel decoding feeds a block (or TiDAR's draft blocks) per call, so this
+    curve bounds its speed-up: free while flat, a cost where it climbs (2 CPU cores climb early)."""
+    import torch
+    from transformers import DynamicCache
+
+    out = []
+    vocab = dlm.model.config.vocab_size
+    for b in batch_sizes:
+        cache = DynamicCache()
+        with torch.no_grad():
+            dlm.model(input_ids=torch.randint(0, vocab, (b, context), device=dlm.device), cache=cache, use_cache=True)
+            for t in tokens:
+                ids = torch.randint(0, vocab, (b, t), device=dlm.device)
+                pos = torch.arange(context, context + t, device=dlm.device)[None].expand(b, -1)
+                best = float("inf")
+                for _ in range(tries):
+                    _sync()
+                    t0 = time.perf_counter()
+                    dlm.model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=t)
+                    _sync()
+                    best = min(best, time.perf_counter() - t0)
+                    cache.crop(-t)
+                out.append({"batch_size": b, "tokens_per_row": t, "ms": 1e3 * best})
+    return out
+
+
+def forward_cost_lines(cost: list[dict]) -> list[str]:
+    tokens = sorted({c["tokens_per_row"] for c in cost})
+    lines = ["One forward by new tokens per row (ms, best of 20; 64 cached tokens):", "",
+             "| batch | " + " | ".join(f"{t} tok" for t in tokens) + " |", "|---" * (len(tokens) + 1) + "|"]
+    for b in sorted({c["batch_size"] for c in cost}):
+        ms = {c["tokens_per_row"]: c["ms"] for c in cost if c["batch_size"] == b}
+        lines.append(f"| {b} | " + " | ".join(f"{ms[t]:.2f}" for t in tokens) + " |")
+    return lines
 
 
 def profile_lines(rows: list[dict]) -> list[str]:
@@ -339,24 +405,25 @@ def run_bench(model: str, base: str, task: str = "reasoning", thresholds=THRESHO
         dlm = DiffusionLM.from_pretrained(model)
         clock = ForwardClock(ar.model, dlm.model)
         for bs in batch_sizes:
-            rows.append(measure("AR engine", engine_runner(ar, max_new_tokens), examples, bs, repeats, clock=clock))
+            timed = [("AR engine", engine_runner(ar, max_new_tokens))]
             if hf_baselines:
-                rows.append(measure("AR HF generate", hf_runner(ar, max_new_tokens), examples, bs, repeats))
+                timed.append(("AR HF generate", hf_runner(ar, max_new_tokens)))
                 if bs == 1:
-                    rows.append(measure("AR HF prompt-lookup", hf_runner(ar, max_new_tokens, prompt_lookup=10),
-                                        examples, bs, repeats))
+                    timed.append(("AR HF prompt-lookup", hf_runner(ar, max_new_tokens, prompt_lookup=10)))
             if verified:
-                rows.append(measure("dLM drafts, AR verifies", verified_runner(dlm, ar, max_new_tokens), examples,
-                                    bs, repeats, clock=clock))
+                timed.append(("dLM drafts, AR verifies", verified_runner(dlm, ar, max_new_tokens)))
             for s, t, b in settings:
                 decode = {"strategy": s, "block_size": b, **({"threshold": t} if t is not None else {})}
-                rows.append(measure(_label(s, t, b), engine_runner(dlm, max_new_tokens, **decode), examples, bs,
-                                    repeats, clock=clock))
+                timed.append((_label(s, t, b), engine_runner(dlm, max_new_tokens, **decode)))
+            rows += measure_together(timed, examples, bs, repeats, clock=clock)
+    cost = [] if task.startswith("lm-eval:") else forward_cost(dlm, batch_sizes)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)
-    (out_dir / "results.json").write_text(json.dumps({"model": model, "base": base, "task": task, "rows": rows},
-                                                     indent=1))
-    (out_dir / "results.md").write_text("\n".join([table, "", *histograms(rows), "", *profile_lines(rows)]) + "\n")
+    (out_dir / "results.json").write_text(json.dumps({"model": model, "base": base, "task": task, "rows": rows,
+                                                      "forward_cost": cost}, indent=1))
+    extra = ["", *forward_cost_lines(cost)] if cost else []
+    (out_dir / "results.md").write_text("\n".join([table, "", *histograms(rows), "", *profile_lines(rows), *extra])
+                                        + "\n")
     plot(rows, out_dir / "pareto.png", Path(model).name)
     print(table)
     print(f"wrote {out_dir}/results.json, results.md, pareto.png")

@@ -35,7 +35,7 @@ def run_demo(models=None, limit: int = 100, thresholds=THRESHOLDS, strategies=ST
     from edlm.decode.options import DecodeOptions
     from edlm.model import DiffusionLM
     from edlm.recipes import reasoning
-    from edlm.recipes.bench import engine_runner, load_examples, markdown, measure, plot, verified_runner
+    from edlm.recipes.bench import engine_runner, load_examples, markdown, measure_together, plot, verified_runner
 
     models = find_demo_models(models)
     if not 1 <= limit <= reasoning.TEST_SIZE:
@@ -51,18 +51,19 @@ def run_demo(models=None, limit: int = 100, thresholds=THRESHOLDS, strategies=ST
     print(f"edlm demo: {len(examples)} held-out problems, batch 1, {torch.get_num_threads()} threads, "
           f"dLM block size {dlm.config.block_size}")
     default = DecodeOptions.resolve(dlm)  # what `edlm generate models/dlm` uses with no flags
-    rows = [measure("AR (KV cache)", engine_runner(ar, MAX_NEW_TOKENS), examples),
-            # the parent's own text, drafted a block at a time by the dLM (edlm.decode.verify)
-            measure("dLM drafts, AR verifies", verified_runner(dlm, ar, MAX_NEW_TOKENS), examples)]
+    timed = [("AR (KV cache)", engine_runner(ar, MAX_NEW_TOKENS)),
+             # the parent's own text, drafted a block at a time by the dLM (edlm.decode.verify)
+             ("dLM drafts, AR verifies", verified_runner(dlm, ar, MAX_NEW_TOKENS))]
     if dlm.config.causal_clean:  # one model: drafts checked by its own AR stream (edlm.decode.selfverify)
         name = "dLM verified (one model)" + (" (default)" if default.strategy == "verified" else "")
-        rows.append(measure(name, engine_runner(dlm, MAX_NEW_TOKENS, strategy="verified"), examples))
+        timed.append((name, engine_runner(dlm, MAX_NEW_TOKENS, strategy="verified")))
     for strategy in strategies:
         for t in thresholds:
             name = f"dLM {strategy} {t:g}"
             if (strategy, t) == (default.strategy, default.threshold):
                 name += " (default)"
-            rows.append(measure(name, engine_runner(dlm, MAX_NEW_TOKENS, threshold=t, strategy=strategy), examples))
+            timed.append((name, engine_runner(dlm, MAX_NEW_TOKENS, threshold=t, strategy=strategy)))
+    rows = measure_together(timed, examples)  # interleaved: machine noise hits every setting alike
     table = markdown(rows)
     print(table)
     out = Path(out)
