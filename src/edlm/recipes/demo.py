@@ -35,7 +35,14 @@ def run_demo(models=None, limit: int = 100, thresholds=THRESHOLDS, strategies=ST
     from edlm.decode.options import DecodeOptions
     from edlm.model import DiffusionLM
     from edlm.recipes import reasoning
-    from edlm.recipes.bench import engine_runner, load_examples, markdown, measure_together, plot, verified_runner
+    from edlm.recipes.bench import (
+        engine_runner,
+        load_examples,
+        markdown,
+        measure_together,
+        plot,
+        verified_runner,
+    )
 
     models = find_demo_models(models)
     if not 1 <= limit <= reasoning.TEST_SIZE:
