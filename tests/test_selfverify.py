@@ -111,11 +111,11 @@ def test_stop_strings_budgets_and_joins():
 def test_only_accepted_tokens_keep_kv():
     """After every step the cache holds exactly the accepted tokens but the last (whose KV the next
     step writes), at their positions: drafts that were rejected and mask blocks are gone."""
-    from edlm.decode.selfverify import _Rows, verified_step
+    from edlm.decode.selfverify import AcceptedRows, verified_step
 
     dlm = causal_dlm("qwen3", False)
     prompt = dlm.tokenizer(PROMPTS[0])["input_ids"]
-    rows = _Rows(dlm.device)
+    rows = AcceptedRows(dlm.device)
     rows.add(0, [prompt])
     for _ in range(4):
         step = verified_step(dlm, rows, 4)[0]

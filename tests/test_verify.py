@@ -67,3 +67,58 @@ def test_the_pair_is_checked():
         generate_verified(dlm, dlm, "ab")
     with pytest.raises(EdlmError, match="converted dLM"):
         generate_verified(ar, ar, "ab")
+
+
+@pytest.mark.parametrize(("arch", "shift"), [("llama", True), ("qwen3", False)])
+def test_batched_rows_draft_as_alone_and_requests_join_mid_call(arch, shift):
+    """Both forwards serve every row: each row makes exactly the verification steps it makes
+    alone (so its drafts are the same), and a request joining after the first step decodes the
+    parent's greedy text too."""
+    from edlm.decode.verify import stream_verified
+
+    dlm, ar = pair(arch, shift)
+    alone = [generate_verified(dlm, ar, p, max_new_tokens=13) for p in PROMPTS]
+    batched = generate_verified(dlm, ar, PROMPTS, max_new_tokens=13)
+    for i, one in enumerate(alone):
+        assert batched.token_ids[i] == one.token_ids[0]
+        assert batched.stats[i].model_calls == one.stats[0].model_calls
+        assert batched.stats[i].steps_histogram == one.stats[0].steps_histogram
+    joining = [(["Once upon a time there"], [9], [[]])]
+    result = []
+    events = list(stream_verified(dlm, ar, PROMPTS[:2], 13, result=result,
+                                  admit=lambda: joining.pop() if joining else None))
+    res = result[0]
+    assert res.token_ids[2] == ar.generate("Once upon a time there", max_new_tokens=9).token_ids[0]
+    assert res.token_ids[:2] == batched.token_ids[:2]
+    assert {e.row for e in events if e.done} == {0, 1, 2}
+    assert "".join(e.text for e in events if e.row == 2) == res.texts[2]  # streamed per step
+
+
+@pytest.mark.parametrize(("arch", "shift", "causal_clean"), [("llama", True, False), ("qwen3", False, False),
+                                                             ("llama", True, True)])
+def test_batched_drafts_equal_a_full_forward_without_cache(arch, shift, causal_clean):
+    """The dLM's drafts for rows of different lengths, step after step (its cache of finished
+    blocks growing per row), equal the argmax of one uncached forward of [prefix's finished blocks ;
+    current block with masks] per row."""
+    from edlm.decode.verify import _Drafts
+    from edlm.masks import position_block_mask
+
+    dlm, _ = pair(arch, shift)
+    dlm.config.causal_clean = causal_clean
+    bs, mask_id = 4, dlm.config.mask_token_id
+
+    def reference(seq):
+        b = len(seq) // bs * bs
+        ids = torch.tensor([seq + [mask_id] * (b + bs - len(seq))])
+        pos = torch.arange(b + bs)[None]
+        mask = position_block_mask(pos, pos, bs, causal_q=pos < b if causal_clean else None)
+        logits = dlm.model(input_ids=ids, attention_mask=dlm.backend_mask(mask), position_ids=pos).logits[0]
+        lead = -1 if shift else 0
+        return [int(logits[b + i + lead, :mask_id].argmax()) for i in range(len(seq) - b, bs)]
+
+    full = [dlm.tokenizer(p)["input_ids"] + list(range(40, 60)) for p in ("ab", "Hello, wor")]
+    drafts = _Drafts(dlm, bs)
+    drafts.add(2)
+    for n in ([2, 10], [3, 12], [4, 13], [7, 15], [8, 16], [13, 19]):  # accepted prefixes, as verification grows them
+        seqs = [f[:k] for f, k in zip(full, n, strict=True)]
+        assert drafts.draft(seqs) == [reference(s) for s in seqs], n

@@ -33,7 +33,7 @@ from edlm.decode.step import candidate_logits
 from edlm.masks import draft_blocks_mask
 
 
-class _Rows(CacheRows):
+class AcceptedRows(CacheRows):
     """Per row: the accepted tokens (`seq`), how many of them have KV in the cache (`fed`), and
     the drafts that follow them. Row r of every list and cache row r are the same request."""
 
@@ -59,7 +59,7 @@ class _Rows(CacheRows):
 
 
 @torch.no_grad()
-def verified_step(dlm, rows: _Rows, bs: int, depth: int | None = None) -> list[list[int]]:
+def verified_step(dlm, rows: AcceptedRows, bs: int, depth: int | None = None) -> list[list[int]]:
     """One forward for every row; returns the tokens each row accepted (its drafts kept, then the
     AR's own token).
 
@@ -70,21 +70,19 @@ def verified_step(dlm, rows: _Rows, bs: int, depth: int | None = None) -> list[l
     """
     dev, n = dlm.device, len(rows.seq)
     limit = dlm.max_positions or 1 << 30
-    new = [s[f:] for s, f in zip(rows.seq, rows.fed, strict=True)]
-    w = max(len(x) for x in new)
-    d = max(len(x) for x in rows.drafts)
+    mask_id = dlm.config.mask_token_id
+    clean_ids, clean_pos, w, d = clean_inputs(rows, mask_id)
     # per row, the acceptance lengths that get a mask block: 0 and the `depth` longest of its own drafts
     lengths = [sorted({0, *range(max(1, len(x) + 1 - depth) if depth else 1, len(x) + 1)}) for x in rows.drafts]
     n_blocks = max(len(x) for x in lengths)
-    mask_id = dlm.config.mask_token_id
     ids, pos, start = [], [], []  # per row, as lists (one tensor each below): start -1 = clean
-    for r in range(n):  # clean: accepted (left-padded to w) then drafts (right-padded to d); the mask blocks
-        p, k, pad = len(rows.seq[r]), len(rows.drafts[r]), w - len(new[r])
-        ids.append([mask_id] * pad + new[r] + rows.drafts[r] + [mask_id] * (d - k + n_blocks * bs))
+    for r in range(n):  # the clean part, then the mask blocks
+        p = len(rows.seq[r])
         covered = lengths[r] + [None] * (n_blocks - len(lengths[r]))  # None: a padding block
         blocks = [(p + j + i if j is not None and p + j + i < limit else -1, p + (j or 0))
                   for j in covered for i in range(bs)]
-        pos.append([-1] * pad + list(range(rows.fed[r], p + k)) + [-1] * (d - k) + [q for q, _ in blocks])
+        ids.append(clean_ids[r] + [mask_id] * (n_blocks * bs))
+        pos.append(clean_pos[r] + [q for q, _ in blocks])
         start.append([-1] * (w + d) + [b for _, b in blocks])
     ids, pos, start = (torch.tensor(x, dtype=torch.long, device=dev) for x in (ids, pos, start))
     valid = pos >= 0
@@ -109,14 +107,30 @@ def verified_step(dlm, rows: _Rows, bs: int, depth: int | None = None) -> list[l
         room = max(0, limit - (p + m + 1))
         rows.drafts[r] = blocks[r][b][m - lengths[r][b] + lead:lead + bs - 1][:room]
         rows.fed[r] = p + m  # the accepted drafts' KV stays; the AR's own token is fed next step
-    _keep_accepted_kv(rows, pos[:, :w + d], w, d, kept_drafts, n_blocks * bs)
+    keep_accepted_kv(rows, pos[:, :w + d], w, d, kept_drafts, n_blocks * bs)
     return results
 
 
-def _keep_accepted_kv(rows: _Rows, clean_pos: torch.Tensor, w: int, d: int, kept: list[int], blocks: int) -> None:
-    """Crop the mask blocks' KV, and the rejected drafts' where every row rejected them; mask out
-    the rest (rows of a batch accept different numbers)."""
-    rows.cache.crop(-blocks)
+def clean_inputs(rows: AcceptedRows, pad_id: int) -> tuple[list[list[int]], list[list[int]], int, int]:
+    """Per row, the clean tokens a verification forward feeds: the accepted tokens not cached yet
+    (left-padded to w) then the drafts (right-padded to d); ids and positions (-1: padding)."""
+    new = [s[f:] for s, f in zip(rows.seq, rows.fed, strict=True)]
+    w, d = max(len(x) for x in new), max(len(x) for x in rows.drafts)
+    ids, pos = [], []
+    for r, x in enumerate(new):
+        k, pad, p = len(rows.drafts[r]), w - len(x), len(rows.seq[r])
+        ids.append([pad_id] * pad + x + rows.drafts[r] + [pad_id] * (d - k))
+        pos.append([-1] * pad + list(range(rows.fed[r], p + k)) + [-1] * (d - k))
+    return ids, pos, w, d
+
+
+def keep_accepted_kv(rows: AcceptedRows, clean_pos: torch.Tensor, w: int, d: int, kept: list[int],
+                     blocks: int = 0) -> None:
+    """After a verification forward of the clean part (and `blocks` mask slots after it): crop the
+    mask slots' KV, and the rejected drafts' where every row rejected them; mask out the rest
+    (rows of a batch accept different numbers)."""
+    if blocks:
+        rows.cache.crop(-blocks)  # crop(0) would empty the cache
     common = d - max(kept) if kept else 0
     if common:
         rows.cache.crop(-common)
@@ -136,7 +150,7 @@ def stream_self_verified(dlm, ids: list[list[int]], budgets: list[int], stops: l
     after every step and its requests (resolved by `resolve`) join from the next one.
     """
     out = Outputs(dlm)
-    rows = _Rows(dlm.device)
+    rows = AcceptedRows(dlm.device)
     rows.add(out.add_rows(budgets, stops), ids)
     while rows.seq:
         steps = verified_step(dlm, rows, opts.block_size, opts.draft_depth)

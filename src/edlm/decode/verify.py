@@ -8,21 +8,22 @@ block-diffusion drafter), so every step commits at least one token and the text 
 parent's greedy text. Both KV caches stay exact: the parent's cache keeps only accepted tokens
 (rejected drafts are cropped), the dLM's holds clean finished blocks, as in edlm.decode.engine.
 
-Rows are decoded one after another (a verification step's accepted length differs per row).
+Rows are batched: both forwards serve every row of a batch; rows accept different numbers of
+drafts, so the parent keeps each row's rejected drafts' KV masked out (as `verified` does) and
+the dLM keeps per row how far its clean blocks are cached.
 """
 
 from __future__ import annotations
-
-import time
 
 import torch
 
 from edlm.decode.options import DEFAULT_MAX_NEW_TOKENS, resolve_rows
 from edlm.decode.rules import accepted_drafts
-from edlm.decode.state import BlockEvent, GenerationResult, Outputs
+from edlm.decode.selfverify import AcceptedRows, clean_inputs, keep_accepted_kv
+from edlm.decode.state import CacheRows, GenerationResult, Outputs
 from edlm.decode.step import candidate_logits
 from edlm.errors import EdlmError
-from edlm.masks import position_block_mask
+from edlm.masks import draft_blocks_mask, position_block_mask
 
 
 def check_pair(drafter, verifier) -> None:
@@ -35,91 +36,122 @@ def check_pair(drafter, verifier) -> None:
         raise EdlmError("the dLM and its verifier must share a tokenizer (the dLM is converted from the verifier)")
 
 
-class _Drafter:
-    """The dLM's side of one row: a cache of clean finished blocks and one-forward block drafts."""
+class _Drafts(CacheRows):
+    """The dLM's side, batched: per row, a cache of its clean finished blocks ([0, cached[r])) and
+    one-forward drafts of the rest of its current block."""
 
     def __init__(self, dlm, block_size: int):
-        from transformers import DynamicCache
+        self.dlm, self.bs, self.cached = dlm, block_size, []
+        self.init_cache(0, dlm.device)
 
-        self.dlm, self.bs = dlm, block_size
-        self.cache, self.cached = DynamicCache(), 0  # clean KV of positions [0, cached)
+    def add(self, n: int) -> None:
+        self.add_cache_rows(n)
+        self.cached += [0] * n
 
-    @torch.no_grad()
-    def draft(self, seq: list[int]) -> list[int]:
-        """Argmax tokens for every slot of the current block after the accepted prefix `seq`."""
-        dlm, bs, p = self.dlm, self.bs, len(seq)
-        start = p // bs * bs  # the current block: decided slots seq[start:p], masks after
-        end = min(start + bs, dlm.max_positions or start + bs)
-        ids = seq[self.cached:p] + [dlm.config.mask_token_id] * (end - p)
-        pos = torch.arange(self.cached, end, device=dlm.device)[None]
-        clean = pos < start if dlm.config.causal_clean else None  # fed finished blocks: clean stream
-        mask = position_block_mask(pos, torch.arange(end, device=dlm.device)[None], bs, causal_q=clean)
-        out = dlm.model(input_ids=torch.tensor([ids], device=dlm.device), attention_mask=dlm.backend_mask(mask),
-                        position_ids=pos, cache=self.cache, use_cache=True)
-        self.cache.crop(-(end - start))  # keep only the clean pending blocks
-        self.cached = start
-        logits = candidate_logits(dlm, out.logits[0].float())  # [Q, V], Q = start + bs - old cached
-        first = p - pos[0, 0].item()  # index of slot p among the fed positions
-        rows = range(first - 1, len(ids) - 1) if dlm.config.shift else range(first, len(ids))
-        return logits[list(rows)].argmax(-1).tolist()
-
-
-class _Verifier:
-    """The AR side of one row: KV of every accepted token but the last."""
-
-    def __init__(self, ar):
-        from transformers import DynamicCache
-
-        self.ar, self.cache, self.cached = ar, DynamicCache(), 0
+    def keep(self, idx: list[int]) -> None:
+        self.select_cache_rows(torch.tensor(idx, dtype=torch.long, device=self.cache_pos.device))
+        self.cached = [self.cached[i] for i in idx]
+        self.drop_unseen_keys()
 
     @torch.no_grad()
-    def greedy_after(self, seq: list[int], drafts: list[int]) -> list[int]:
-        """The parent's greedy token after seq and after each draft prefix: len(drafts) + 1 tokens."""
-        ar = self.ar
-        ids = seq[self.cached:] + drafts
-        pos = torch.arange(self.cached, self.cached + len(ids), device=ar.device)[None]
-        out = ar.model(input_ids=torch.tensor([ids], device=ar.device), position_ids=pos, cache=self.cache,
-                       use_cache=True, logits_to_keep=len(drafts) + 1)
-        self._fed = len(ids)
-        return candidate_logits(ar, out.logits[0].float()).argmax(-1).tolist()
+    def draft(self, seqs: list[list[int]]) -> list[list[int]]:
+        """Per row, argmax tokens for every slot of its current block after its accepted prefix.
 
-    def keep(self, n_drafts_kept: int, n_drafts: int) -> None:
-        """Crop the rejected drafts' KV (the parent's own next token is fed next step)."""
-        drop = n_drafts - n_drafts_kept
-        if drop:
-            self.cache.crop(-drop)  # crop(0) would empty the cache
-        self.cached += self._fed - drop
+        One forward feeds, per row, its finished blocks not cached yet (clean, left-padded) and its
+        current block [decided slots ; masks] (right-padded where the context ends); the block's
+        KV is cropped after, the finished blocks' stays, as in the engine's denoise_step."""
+        dlm, bs, dev = self.dlm, self.bs, self.dlm.device
+        limit, mask_id = dlm.max_positions or 1 << 30, dlm.config.mask_token_id
+        starts = [len(s) // bs * bs for s in seqs]
+        clean = [s[c:b] for s, c, b in zip(seqs, self.cached, starts, strict=True)]
+        wc = max(len(x) for x in clean)
+        ids, pos = [], []
+        for s, c, b, x in zip(seqs, self.cached, starts, clean, strict=True):
+            end = min(b + bs, limit)
+            block_pos = [q if q < end else -1 for q in range(b, b + bs)]
+            ids.append([mask_id] * (wc - len(x)) + x + s[b:] + [mask_id] * (b + bs - len(s)))
+            pos.append([-1] * (wc - len(x)) + list(range(c, b)) + block_pos)
+        ids, pos = (torch.tensor(v, dtype=torch.long, device=dev) for v in (ids, pos))
+        k_pos = torch.cat([self.cache_pos, pos], 1)
+        k_valid = torch.cat([self.cache_valid, pos >= 0], 1)
+        clean_q = None
+        if dlm.config.causal_clean:  # fed finished blocks are the clean stream: token-causal
+            clean_q = torch.arange(pos.shape[1], device=dev)[None].expand(len(seqs), -1) < wc
+        mask = position_block_mask(pos, k_pos, bs, k_valid, clean_q)
+        first = 1 if wc else 0  # the kept logits: the last clean position (if fed), then the blocks
+        out = dlm.model(input_ids=ids, attention_mask=dlm.backend_mask(mask), position_ids=pos.clamp_min(0),
+                        cache=self.cache, use_cache=True, logits_to_keep=first + bs)
+        self.cache.crop(-bs)  # the current blocks are not clean yet
+        self.cache_pos = torch.cat([self.cache_pos, pos[:, :wc]], 1)
+        self.cache_valid = torch.cat([self.cache_valid, pos[:, :wc] >= 0], 1)
+        self.cached = starts
+        # slot i of a block is predicted at its slot i - 1 (shift; slot 0 at the last clean position,
+        # always fed when a row's accepted prefix ends on a block) or at slot i
+        best = candidate_logits(dlm, out.logits.float()).argmax(-1).tolist()
+        at = first - (1 if dlm.config.shift else 0)  # the kept index predicting slot 0
+        return [best[r][at + len(s) - b: at + min(b + bs, limit) - b]
+                for r, (s, b) in enumerate(zip(seqs, starts, strict=True))]
+
+
+@torch.no_grad()
+def _parent_greedy(ar, rows: AcceptedRows):
+    """One AR forward for every row over [accepted tokens not cached ; drafts]: per row, the
+    parent's greedy token after its prefix and after each draft prefix (its drafts + 1 tokens);
+    and the fed clean part (positions, widths), which keep_accepted_kv trims once rows accepted."""
+    ids, pos, w, d = clean_inputs(rows, ar.tokenizer.pad_token_id or 0)
+    dev = ar.device
+    ids, pos = (torch.tensor(v, dtype=torch.long, device=dev) for v in (ids, pos))
+    clean = torch.full_like(pos, -1)
+    k_pos, k_start = torch.cat([rows.cache_pos, pos], 1), torch.cat([torch.full_like(rows.cache_pos, -1), clean], 1)
+    mask = draft_blocks_mask(pos, clean, k_pos, k_start, torch.cat([rows.cache_valid, pos >= 0], 1))
+    out = ar.model(input_ids=ids, attention_mask=ar.backend_mask(mask), position_ids=pos.clamp_min(0),
+                   cache=rows.cache, use_cache=True, logits_to_keep=d + 1)
+    greedy = candidate_logits(ar, out.logits.float()).argmax(-1).tolist()
+    return [g[: len(x) + 1] for g, x in zip(greedy, rows.drafts, strict=True)], (pos, w, d)
 
 
 def stream_verified(drafter, verifier, prompts, max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS, stop=None,
-                    block_size: int | None = None, result: list | None = None):
-    """Greedy decoding of `verifier` (the AR parent), drafted by `drafter` (its dLM): one BlockEvent
-    per row when it is done (the engine's event shape, so a server can use either); the
-    GenerationResult is appended to `result`.
+                    block_size: int | None = None, result: list | None = None, admit=None):
+    """Greedy decoding of `verifier` (the AR parent), drafted by `drafter` (its dLM), every row
+    in the same two forwards per step: a BlockEvent per row and step (the engine's event shape, so
+    a server can use either); the GenerationResult is appended to `result`. `admit` is called
+    after every step; its requests (prompts, max_new_tokens, stop) join from the next one.
 
     stats: model_calls counts verification steps (one AR forward each; the dLM's draft forward
     per step comes on top), so tpf = tokens per verification step.
     """
     check_pair(drafter, verifier)
-    ids, budgets, stops = resolve_rows(verifier, prompts, max_new_tokens, stop)
     bs = block_size or drafter.config.block_size
     out = Outputs(verifier)  # EOS, stop strings and budget end a row as in the engine
-    out.add_rows(budgets, stops)
-    for row, prompt in enumerate(ids):
-        out.started[row] = time.perf_counter()  # rows are decoded one after another
-        d, v, seq, done = _Drafter(drafter, bs), _Verifier(verifier), list(prompt), False
-        while not done:
-            drafts = d.draft(seq)
-            greedy = v.greedy_after(seq, drafts)
-            n = accepted_drafts(drafts, greedy)
-            step, hit_eos = out.cut(row, drafts[:n] + [greedy[n]])
-            v.keep(n, len(drafts))
-            seq += step
-            out.stats[row].add_step(len(step), 1)
-            _, done = out.add_block(row, step, hit_eos)
-        stats = out.stats[row]
-        stats.seconds = time.perf_counter() - out.started[row]
-        yield BlockEvent(row, out.text[row], out.tokens[row], True, out.reason[row], stats, out.text[row])
+    rows, drafts = AcceptedRows(verifier.device), _Drafts(drafter, bs)
+
+    def add(prompts, max_new_tokens, stop):
+        ids, budgets, stops = resolve_rows(verifier, prompts, max_new_tokens, stop)
+        rows.add(out.add_rows(budgets, stops), ids)
+        drafts.add(len(ids))
+
+    add(prompts, max_new_tokens, stop)
+    while rows.seq:
+        rows.drafts = drafts.draft(rows.seq)
+        greedy, (pos, w, d) = _parent_greedy(verifier, rows)
+        stay, kept = [], []
+        for i, (r, row_drafts, g) in enumerate(zip(rows.ids, rows.drafts, greedy, strict=True)):
+            n = accepted_drafts(row_drafts, g)
+            kept.append(n)
+            step, hit_eos = out.cut(r, row_drafts[:n] + [g[n]])
+            rows.fed[i] = len(rows.seq[i]) + n  # the accepted drafts' KV stays; the parent's token is fed next
+            rows.seq[i] += step
+            out.stats[r].add_step(len(step), 1)
+            event = out.event(r, step, hit_eos)
+            if not event.done:
+                stay.append(i)
+            yield event
+        keep_accepted_kv(rows, pos, w, d, kept)
+        if len(stay) < len(rows.seq):
+            rows.keep(stay)
+            drafts.keep(stay)
+        if admit is not None and (joining := admit()):
+            add(*joining)
     if result is not None:
         result.append(GenerationResult(out.text, out.tokens, out.stats, out.reason))
 

@@ -212,7 +212,7 @@ class BatchingWorker:
         if self.verifier is not None:
             from edlm.decode.verify import stream_verified
 
-            events = stream_verified(self.dlm, self.verifier, prompts, budgets, stops)
+            events = stream_verified(self.dlm, self.verifier, prompts, budgets, stops, admit=admit)
         else:
             events = self.dlm.stream(prompts, max_new_tokens=budgets, stop=stops, admit=admit,
                                      options=jobs[0].options)
