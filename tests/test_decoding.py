@@ -21,6 +21,15 @@ def commit(strategy, conf, entropy, todo, **opts):
     return STRATEGIES[strategy].rule(conf, entropy, todo, SimpleNamespace(**{**ENGINE_DEFAULTS, **opts}))
 
 
+@pytest.fixture(params=["head on every slot", "head on undecided slots"])
+def head(request, monkeypatch):
+    """Both ways a plain step can run the LM head (edlm.decode.step.skips_decided_slots): the tiny
+    test vocabulary is below the size where skipping decided slots is the default."""
+    if request.param == "head on undecided slots":
+        monkeypatch.setattr("edlm.decode.step.SKIP_DECIDED_MIN_VOCAB", 0)
+    return request.param
+
+
 def tiny_dlm(arch="llama", block_size=4, shift=False, seed=0):
     model = make_tiny_causal_lm(arch, dtype=torch.float64, seed=seed)  # float64: no near-tie flips
     return convert_model(model, make_tiny_tokenizer(), block_size=block_size, shift=shift)
@@ -76,6 +85,7 @@ PROMPTS = ["The cat sat", "Hello, wor", "ab", "Once upon a time there"]
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("threshold", [1.0, 0.5, 0.05])
+@pytest.mark.usefixtures("head")
 def test_cached_equals_uncached_reference(arch, threshold):
     dlm = tiny_dlm(arch, block_size=4)
     for prompt in PROMPTS:  # lengths 11, 10, 2, 22: aligned and not aligned to blocks of 4
@@ -98,6 +108,7 @@ def test_causal_clean_model_writes_finished_blocks_causally(shift):
                for p, o in zip(prompts, block_causal, strict=True))  # the mask really changed
 
 
+@pytest.mark.usefixtures("head")
 def test_cached_equals_reference_with_shift_and_other_block_size():
     dlm = tiny_dlm("llama", block_size=4, shift=True)
     for prompt in PROMPTS[:2]:
@@ -106,6 +117,7 @@ def test_cached_equals_reference_with_shift_and_other_block_size():
 
 
 @pytest.mark.parametrize("strategy", PLAIN)
+@pytest.mark.usefixtures("head")
 def test_every_strategy_matches_reference_and_commits(strategy):
     dlm = tiny_dlm("qwen3", block_size=4)
     values = {"threshold": 0.3, "factor": 2.0, "gamma": 1.0, "tokens_per_step": 2}
@@ -117,6 +129,7 @@ def test_every_strategy_matches_reference_and_commits(strategy):
     assert all(k >= 1 for k in s.steps_histogram)
 
 
+@pytest.mark.usefixtures("head")
 def test_batched_equals_one_by_one():
     dlm = tiny_dlm("llama", block_size=4)
     batched = dlm.generate(PROMPTS, max_new_tokens=9, threshold=0.4)
@@ -311,6 +324,7 @@ def test_a_budget_only_cuts_never_changes_earlier_tokens(strategy):
     assert dlm.generate(PROMPTS[0], max_new_tokens=2, **kw).token_ids[0] == full[0][:2]  # single row
 
 
+@pytest.mark.usefixtures("head")
 def test_rows_move_on_at_their_own_pace_and_waste_no_steps():
     """A row that finished its block opens the next one in the next forward instead of waiting
     for the slowest row: no 0-token steps, the same tokens as alone, and fewer calls per row."""

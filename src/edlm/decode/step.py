@@ -14,6 +14,16 @@ import torch
 from edlm.decode.rules import pick_tokens
 from edlm.masks import position_block_mask
 
+# Below this vocabulary the LM head on a block's decided slots costs less than leaving it out
+# (masks, gathers and host syncs: +0.3 ms a step on the demo's 495 tokens, measured); real LLM
+# vocabularies (32k-256k) are far above it: on SmolLM2's 49k, a batch-8 call at block 8 is 33% cheaper.
+SKIP_DECIDED_MIN_VOCAB = 8192
+
+
+def skips_decided_slots(dlm) -> bool:
+    """Whether plain steps should compute logits for undecided slots only (denoise_step's want)."""
+    return dlm.inner_model.config.vocab_size >= SKIP_DECIDED_MIN_VOCAB
+
 
 @torch.no_grad()
 def denoise_step(dlm, batch, want: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ from edlm.decode import rules
 from edlm.decode.selfverify import stream_self_verified
 from edlm.decode.soft import soft_step
 from edlm.decode.speculative import lossless_step, psd_step, wino_step
-from edlm.decode.step import apply_commit, candidate_logits, denoise_step
+from edlm.decode.step import apply_commit, candidate_logits, denoise_step, skips_decided_slots
 
 
 @dataclass(frozen=True)
@@ -40,12 +40,13 @@ def rule_step(rule: Callable) -> Callable:
 
     def step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
         opts, todo = batch.opts, batch.todo
-        logits = candidate_logits(dlm, denoise_step(dlm, batch, want=todo))  # [N, V]: undecided slots only
+        want = todo if skips_decided_slots(dlm) else None  # [N, V]: undecided slots only
+        logits = candidate_logits(dlm, denoise_step(dlm, batch, want=want))
         tokens, conf, entropy = rules.pick_tokens(logits, opts.temperature, opts.top_p, generator,
                                                   entropy="gamma" in opts.spec.reads)
-        # back to [B, bs]: decided slots are no candidates, so what they hold is never read
-        tokens, conf = _on_slots(todo, tokens, 0), _on_slots(todo, conf, 0.0)
-        entropy = _on_slots(todo, entropy, float("inf")) if entropy is not None else None
+        if want is not None:  # back to [B, bs]: decided slots are no candidates, what they hold is never read
+            tokens, conf = _on_slots(todo, tokens, 0), _on_slots(todo, conf, 0.0)
+            entropy = _on_slots(todo, entropy, float("inf")) if entropy is not None else None
         chosen = rule(conf, entropy, todo, opts)
         apply_commit(dlm, batch, chosen, tokens)
         return chosen.sum(-1), 1
