@@ -142,6 +142,23 @@ def keep_accepted_kv(rows: AcceptedRows, clean_pos: torch.Tensor, w: int, d: int
     rows.cache_valid = torch.cat([rows.cache_valid, valid], 1)
 
 
+def emit_accepted(rows: AcceptedRows, out: Outputs, accepted: list[list[int]]):
+    """Append each row's accepted tokens (cut to its budget and after an EOS) and yield its event;
+    returns the indices of the rows still decoding. One step of a verifying loop, for `verified`
+    and the two-model drafter alike."""
+    stay = []
+    for i, tokens in enumerate(accepted):
+        r = rows.ids[i]
+        step, hit_eos = out.cut(r, tokens)
+        rows.seq[i] += step
+        out.stats[r].add_step(len(step), 1)
+        event = out.event(r, step, hit_eos)
+        if not event.done:
+            stay.append(i)
+        yield event
+    return stay
+
+
 def stream_self_verified(dlm, ids: list[list[int]], budgets: list[int], stops: list[list[str]], opts,
                          result: list | None = None, admit=None, resolve=None):
     """The `verified` strategy's loop (edlm.decode.engine.stream hands it the resolved rows).
@@ -153,17 +170,7 @@ def stream_self_verified(dlm, ids: list[list[int]], budgets: list[int], stops: l
     rows = AcceptedRows(dlm.device)
     rows.add(out.add_rows(budgets, stops), ids)
     while rows.seq:
-        steps = verified_step(dlm, rows, opts.block_size, opts.draft_depth)
-        stay = []
-        for i, accepted in enumerate(steps):
-            r = rows.ids[i]
-            step, hit_eos = out.cut(r, accepted)
-            rows.seq[i] += step
-            out.stats[r].add_step(len(step), 1)
-            event = out.event(r, step, hit_eos)
-            if not event.done:
-                stay.append(i)
-            yield event
+        stay = yield from emit_accepted(rows, out, verified_step(dlm, rows, opts.block_size, opts.draft_depth))
         if len(stay) < len(rows.seq):
             rows.keep(stay)
         if admit is not None and (joining := admit()):

@@ -19,7 +19,7 @@ import torch
 
 from edlm.decode.options import DEFAULT_MAX_NEW_TOKENS, resolve_rows
 from edlm.decode.rules import accepted_drafts
-from edlm.decode.selfverify import AcceptedRows, clean_inputs, keep_accepted_kv
+from edlm.decode.selfverify import AcceptedRows, clean_inputs, emit_accepted, keep_accepted_kv
 from edlm.decode.state import CacheRows, GenerationResult, Outputs
 from edlm.decode.step import candidate_logits
 from edlm.errors import EdlmError
@@ -134,19 +134,14 @@ def stream_verified(drafter, verifier, prompts, max_new_tokens: int | None = DEF
     while rows.seq:
         rows.drafts = drafts.draft(rows.seq)
         greedy, (pos, w, d) = _parent_greedy(verifier, rows)
-        stay, kept = [], []
-        for i, (r, row_drafts, g) in enumerate(zip(rows.ids, rows.drafts, greedy, strict=True)):
+        accepted, kept = [], []
+        for i, (row_drafts, g) in enumerate(zip(rows.drafts, greedy, strict=True)):
             n = accepted_drafts(row_drafts, g)
             kept.append(n)
-            step, hit_eos = out.cut(r, row_drafts[:n] + [g[n]])
+            accepted.append(row_drafts[:n] + [g[n]])
             rows.fed[i] = len(rows.seq[i]) + n  # the accepted drafts' KV stays; the parent's token is fed next
-            rows.seq[i] += step
-            out.stats[r].add_step(len(step), 1)
-            event = out.event(r, step, hit_eos)
-            if not event.done:
-                stay.append(i)
-            yield event
         keep_accepted_kv(rows, pos, w, d, kept)
+        stay = yield from emit_accepted(rows, out, accepted)
         if len(stay) < len(rows.seq):
             rows.keep(stay)
             drafts.keep(stay)
