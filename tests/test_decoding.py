@@ -381,3 +381,26 @@ def test_logits_of_wanted_slots_only_equal_the_full_blocks_logits(shift):
         assert full_b.cache.get_seq_length() == part_b.cache.get_seq_length()
         if shift:
             torch.testing.assert_close(part_b.carry[pending], full_b.carry[pending], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal_clean", [False, True])
+def test_a_blocks_later_steps_reuse_the_rows_of_its_first_steps_mask(causal_clean):
+    """The first step of a block (pending clean tokens + block) leaves the block's rows of its
+    mask for the later steps; they equal a mask built afresh then, for rows with and without a
+    finished block to write."""
+    from edlm.decode.options import DecodeOptions, resolve_rows
+    from edlm.decode.state import Batch
+    from edlm.decode.step import denoise_step
+
+    dlm = tiny_dlm("llama", block_size=4, shift=True)
+    dlm.config.causal_clean = causal_clean
+    ids, _, _ = resolve_rows(dlm, PROMPTS, 8, None)
+    batch = Batch(dlm, ids, DecodeOptions.resolve(dlm, block_size=4))
+    batch.open_blocks()
+    assert batch.pending_ids.shape[1] and not (batch.pending_pos[:, -1] >= 0).all()  # some rows write none
+    denoise_step(dlm, batch)
+    q_pos, mask = batch.block_mask
+    batch.block_mask = None
+    denoise_step(dlm, batch)  # builds it afresh (no pending tokens now) and keeps it
+    fresh_pos, fresh = batch.block_mask
+    assert torch.equal(q_pos, fresh_pos) and torch.equal(mask, fresh)

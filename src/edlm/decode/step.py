@@ -53,8 +53,11 @@ def denoise_step(dlm, batch, want: torch.Tensor | None = None) -> torch.Tensor:
             causal_q = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1) < n_pending
         mask = dlm.backend_mask(position_block_mask(q_pos, k_pos, bs, k_valid, causal_q))  # [B, 1, Q, K]
         q_pos = q_pos.clamp_min(0)
-        if n_pending == 0 and feed_block:
+        if feed_block and not n_pending:
             batch.block_mask = (q_pos, mask)
+        elif feed_block and torch.is_tensor(mask):  # the block's later steps: the block's rows of this
+            # mask, whose keys (cache ; pending ; block) are the next step's (cache with pending ; block)
+            batch.block_mask = (q_pos[:, n_pending:], mask[:, :, n_pending:])
     has_pending = batch.pending_pos[:, -1] >= 0 if n_pending else None  # [B]: rows writing a finished block
     if want is not None and feed_block:
         return _wanted_logits(dlm, batch, ids, mask, q_pos, want, has_pending)
