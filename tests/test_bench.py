@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from edlm.cli import main
 from edlm.recipes.bench import run_bench
 from edlm.train.convert import convert
@@ -82,3 +84,25 @@ def test_aup_on_a_hand_computed_curve():
     assert abs(aup(points, 92.0) - (1 * 90 + 0.5 * (2 - 1) * (88 * w88 + 90 * w90))) < 1e-9
     assert aup([(1.0, 92.0)], 92.0) == 92.0  # an AR model scores its accuracy
     assert aup([(1.0, 90.0), (3.0, 90.0)], 90.0) == 90 + 0.5 * 2 * 180  # W = 1 at y_max: the area
+
+
+def test_bench_and_generate_load_models_in_the_dtype_asked(tiny_ar_dir, tmp_path, capsys):
+    from edlm.train.convert import convert
+
+    dlm_dir = tmp_path / "dlm"
+    convert(tiny_ar_dir, dlm_dir, block_size=4)
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"prompt": "Count 1:", "answer": "x"}) + "\n")
+    out = tmp_path / "out"
+    assert main(["bench", str(dlm_dir), "--base", str(tiny_ar_dir), "--task", str(task), "--limit", "1",
+                 "--max-new-tokens", "4", "--no-hf", "--thresholds", "0.9", "--dtype", "bfloat16",
+                 "--out", str(out)]) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["dtype"] == "bfloat16" and all(r["generated_tokens"] > 0 for r in saved["rows"])
+    capsys.readouterr()
+    assert main(["generate", str(dlm_dir), "--prompt", "ab", "--max-new-tokens", "4", "--dtype", "bfloat16",
+                 "--json"]) == 0
+    assert 1 <= json.loads(capsys.readouterr().out)["generated_tokens"] <= 4
+    with pytest.raises(SystemExit) as exc:  # argparse: one usage line and the error, exit 2
+        main(["generate", str(dlm_dir), "--prompt", "ab", "--dtype", "float8"])
+    assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err

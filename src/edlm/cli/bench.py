@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from edlm.cli.common import add_dtype_flag, dtype_flag
 from edlm.recipes.bench import THRESHOLD_SWEEP
 
 
@@ -25,6 +26,7 @@ def add_parser(sub) -> None:
                    "the parent's greedy text; TPF = tokens per verification step)")
     p.add_argument("--no-hf", dest="hf_baselines", action="store_false", help="skip the HF generate baselines")
     p.add_argument("--out", default="bench-out", help="directory for results.json, results.md, pareto.png")
+    add_dtype_flag(p)
     p.set_defaults(func=run)
 
 
@@ -33,4 +35,4 @@ def run(args) -> None:
 
     run_bench(args.model, args.base, args.task, args.thresholds, args.strategies, args.block_sizes,
               args.batch_sizes, args.limit, args.repeats, args.max_new_tokens, args.out, args.hf_baselines,
-              args.verified)
+              args.verified, dtype_flag(args))

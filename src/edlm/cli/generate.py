@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from edlm.cli.common import add_decode_flags, decode_flags
+from edlm.cli.common import add_decode_flags, add_dtype_flag, decode_flags, dtype_flag
 from edlm.decode.options import DEFAULT_MAX_NEW_TOKENS
 from edlm.errors import EdlmError
 
@@ -28,6 +28,7 @@ def add_parser(sub) -> None:
                    "(output identical to the parent's greedy decode; decode flags other than --block-size do not "
                    "apply)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    add_dtype_flag(p)
     p.set_defaults(func=run)
 
 
@@ -44,7 +45,7 @@ def run(args) -> None:
             raise EdlmError(f"prompt file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     else:
         prompt = args.prompt
-    dlm = DiffusionLM.from_pretrained(args.model, autoregressive=args.ar)
+    dlm = DiffusionLM.from_pretrained(args.model, autoregressive=args.ar, dtype=dtype_flag(args))
     kwargs = dict(max_new_tokens=args.max_new_tokens, stop=args.stop, **decode_flags(args))
     if args.verifier is not None:
         from edlm.decode.verify import generate_verified
@@ -52,7 +53,7 @@ def run(args) -> None:
         ignored = [k for k, v in kwargs.items() if v is not None and k not in ("max_new_tokens", "stop", "block_size")]
         if ignored or args.ar:
             raise EdlmError(f"--verifier decodes the parent greedily: drop {', '.join(ignored) or '--ar'}")
-        ar = DiffusionLM.from_pretrained(args.verifier, autoregressive=True)
+        ar = DiffusionLM.from_pretrained(args.verifier, autoregressive=True, dtype=dtype_flag(args))
         res = generate_verified(dlm, ar, prompt, args.max_new_tokens, args.stop, block_size=args.block_size)
         _print(res, args.json)
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from edlm.cli.common import add_dtype_flag, dtype_flag
 from edlm.errors import EdlmError
 
 
@@ -23,6 +24,7 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=64, help="most rows decoded together in one call")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
+    add_dtype_flag(p)
     p.set_defaults(func=run)
 
 
@@ -53,9 +55,10 @@ def run(args) -> None:
     from edlm.model import DiffusionLM
 
     _check_port_free(args.host, args.port)
-    dlm = DiffusionLM.from_pretrained(args.model)
+    dlm = DiffusionLM.from_pretrained(args.model, dtype=dtype_flag(args))
     names = args.served_model_name or [args.model, Path(args.model).name]
-    verifier = DiffusionLM.from_pretrained(args.verifier, autoregressive=True) if args.verifier else None
+    verifier = (DiffusionLM.from_pretrained(args.verifier, autoregressive=True, dtype=dtype_flag(args))
+                if args.verifier else None)
     app = create_app(dlm, names[0], max_batch=args.max_batch, max_queue=args.max_queue, aliases=names[1:],
                      verifier=verifier)
     print(f"serving {args.model} at http://{args.host}:{args.port}/v1", file=sys.stderr)

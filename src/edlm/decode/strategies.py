@@ -80,7 +80,7 @@ _ALL = [
     Strategy("soft", soft_step, "DMax soft inputs: unsure drafts fed back as token/mask blends",
              ("threshold",), greedy_only=True),
     Strategy("verified", None, "one model drafts by diffusion and verifies with its own AR stream in one forward "
-             "(TiDAR): token-identical to its greedy AR decode", greedy_only=True, loop=stream_self_verified,
+             "(TiDAR): token-identical to its greedy AR decode", ("draft_depth",), greedy_only=True, loop=stream_self_verified,
              needs_ar_stream=True),
     Strategy("wino", wino_step, "WINO: commit wide at the threshold, re-mask drafts the context no longer supports",
              ("threshold",), greedy_only=True, needs_no_shift=True, revises=True),

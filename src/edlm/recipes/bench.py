@@ -379,7 +379,7 @@ THRESHOLD_SWEEP = (0.9, 0.7, 0.5)
 
 def run_bench(model: str, base: str, task: str = "reasoning", thresholds=THRESHOLD_SWEEP, strategies=("threshold",),
               block_sizes=(None,), batch_sizes=(1,), limit: int = 50, repeats: int = 1, max_new_tokens: int = 96,
-              out: str = "bench-out", hf_baselines: bool = True, verified: bool = False) -> list[dict]:
+              out: str = "bench-out", hf_baselines: bool = True, verified: bool = False, dtype=None) -> list[dict]:
     from edlm.model import DiffusionLM, read_checkpoint_config
 
     if repeats < 1 or limit < 1 or any(b < 1 for b in batch_sizes):
@@ -401,8 +401,8 @@ def run_bench(model: str, base: str, task: str = "reasoning", thresholds=THRESHO
                                             threshold=t, block_size=b))
     else:
         examples = load_examples(task, limit)
-        ar = DiffusionLM.from_pretrained(base, autoregressive=True)
-        dlm = DiffusionLM.from_pretrained(model)
+        ar = DiffusionLM.from_pretrained(base, autoregressive=True, dtype=dtype)
+        dlm = DiffusionLM.from_pretrained(model, dtype=dtype)
         clock = ForwardClock(ar.model, dlm.model)
         for bs in batch_sizes:
             timed = [("AR engine", engine_runner(ar, max_new_tokens))]
@@ -419,7 +419,8 @@ def run_bench(model: str, base: str, task: str = "reasoning", thresholds=THRESHO
     cost = [] if task.startswith("lm-eval:") else forward_cost(dlm, batch_sizes)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)
-    (out_dir / "results.json").write_text(json.dumps({"model": model, "base": base, "task": task, "rows": rows,
+    (out_dir / "results.json").write_text(json.dumps({"model": model, "base": base, "task": task,
+                                                      "dtype": str(dtype or "auto").replace("torch.", ""), "rows": rows,
                                                       "forward_cost": cost}, indent=1))
     extra = ["", *forward_cost_lines(cost)] if cost else []
     (out_dir / "results.md").write_text("\n".join([table, "", *histograms(rows), "", *profile_lines(rows), *extra])
