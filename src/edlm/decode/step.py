@@ -16,7 +16,8 @@ from edlm.masks import position_block_mask
 
 # Below this vocabulary the LM head on a block's decided slots costs less than leaving it out
 # (masks, gathers and host syncs: +0.3 ms a step on the demo's 495 tokens, measured); real LLM
-# vocabularies (32k-256k) are far above it: on SmolLM2's 49k, a batch-8 call at block 8 is 33% cheaper.
+# vocabularies (32k-256k) are far above it: on SmolLM2's 49k, a batch-1 call at block 8 went from
+# 2.13 to 1.67 AR steps (bench/results/real-cpu).
 SKIP_DECIDED_MIN_VOCAB = 8192
 
 
