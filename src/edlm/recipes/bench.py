@@ -7,7 +7,8 @@ Settings measured together (same prompts, same process, same device):
 - the dLM at every (strategy, threshold, block size).
 Each setting gets an untimed warm-up and `--repeats` timed passes, interleaved with the other
 settings chunk by chunk (`measure_together`); tokens/s is the median over passes and counts
-generated tokens only. Accuracy comes from the first pass (greedy decoding is deterministic). Outputs: results.json, results.md, pareto.png in --out, and the table on stdout.
+generated tokens only. Accuracy comes from the first pass (greedy decoding is deterministic).
+Outputs: results.json, results.md, pareto.png in --out, and the table on stdout.
 """
 
 from __future__ import annotations
@@ -157,24 +158,22 @@ def measure_together(settings: list[tuple[str, object]], examples: list[Example]
     prompts = [e.prompt for e in examples]
     for _, run in settings:
         run(prompts[:batch_size])  # warm-up, untimed: first calls pay for lazy init and allocator growth
-    stats = [{"rates": [], "latencies": [], "correct": 0, "tokens": 0, "calls": 0, "hist": Counter(),
-              "forward_s": 0.0, "forwards": 0} for _ in settings]
+    stats = [{"seconds": [0.0] * repeats, "n_tok": [0] * repeats, "latencies": [], "correct": 0, "tokens": 0,
+              "calls": 0, "hist": Counter(), "forward_s": 0.0, "forwards": 0} for _ in settings]
     chunks = range(0, len(prompts), batch_size)
     label = settings[0][0] if len(settings) == 1 else f"{len(settings)} settings"
     for rep in range(repeats):
-        seconds, n_tok = [0.0] * len(settings), [0] * len(settings)
         for s in tqdm(chunks, desc=f"{label} [{rep + 1}/{repeats}]", leave=False, disable=not progress,
                       dynamic_ncols=True):
-            for i, (_, run) in enumerate(settings):
-                st = stats[i]
+            for (_, run), st in zip(settings, stats, strict=True):
                 c0 = (clock.seconds, clock.calls) if clock is not None else None
                 _sync()
                 t = time.perf_counter()
                 texts, n, c, h = run(prompts[s : s + batch_size])
                 _sync()
                 took = time.perf_counter() - t
-                seconds[i] += took
-                n_tok[i] += n
+                st["seconds"][rep] += took
+                st["n_tok"][rep] += n
                 st["latencies"].append(took)
                 if rep == 0:
                     st["correct"] += sum(ex.correct(x) for ex, x in zip(examples[s : s + batch_size], texts,
@@ -184,18 +183,16 @@ def measure_together(settings: list[tuple[str, object]], examples: list[Example]
                     if c0 is not None:
                         st["forward_s"] += clock.seconds - c0[0]
                         st["forwards"] += clock.calls - c0[1]
-        for i, st in enumerate(stats):
-            st["rates"].append(n_tok[i] / seconds[i] if seconds[i] else 0.0)
     rows = []
-    for (name, _), st, wall in zip(settings, stats, [sum(x["latencies"][: len(chunks)]) for x in stats],
-                                   strict=True):
+    for (name, _), st in zip(settings, stats, strict=True):
+        rates = [n / sec if sec else 0.0 for n, sec in zip(st["n_tok"], st["seconds"], strict=True)]
         profile = {}
-        if st["forwards"]:
+        if st["forwards"]:  # over the first pass, like the clock
             profile = {"forwards": st["forwards"], "forward_ms": 1e3 * st["forward_s"] / st["forwards"],
-                       "rest_ms": 1e3 * (wall - st["forward_s"]) / st["forwards"]}
+                       "rest_ms": 1e3 * (st["seconds"][0] - st["forward_s"]) / st["forwards"]}
         rows.append({"name": name, "batch_size": batch_size, "accuracy": st["correct"] / len(examples),
                      "tpf": st["tokens"] / st["calls"] if st["calls"] else None,
-                     "tokens_per_s": statistics.median(st["rates"]), "latency_s": statistics.median(st["latencies"]),
+                     "tokens_per_s": statistics.median(rates), "latency_s": statistics.median(st["latencies"]),
                      "generated_tokens": st["tokens"], "model_calls": st["calls"],
                      "commit_histogram": dict(sorted(st["hist"].items())), **({"profile": profile} if profile else {})})
     return rows
