@@ -60,13 +60,17 @@ def denoise_step(dlm, batch, want: torch.Tensor | None = None) -> torch.Tensor:
             # mask, whose keys (cache ; pending ; block) are the next step's (cache with pending ; block)
             batch.block_mask = (q_pos[:, n_pending:], mask[:, :, n_pending:])
     has_pending = batch.pending_pos[:, -1] >= 0 if n_pending else None  # [B]: rows writing a finished block
-    if want is not None and feed_block:
-        return _wanted_logits(dlm, batch, ids, mask, q_pos, want, has_pending)
-    keep = bs + (1 if cfg.shift and n_pending and feed_block else 0) if feed_block else 1
+    wanted = want is not None and feed_block
+    if wanted:
+        keep = _wanted_positions(ids.shape, bs, cfg.shift, want, has_pending)  # [B, Q] bool
+    else:
+        keep = bs + (1 if cfg.shift and n_pending and feed_block else 0) if feed_block else 1
     out = dlm.model(input_ids=ids, attention_mask=mask, position_ids=q_pos,
                     cache=batch.cache, use_cache=True, logits_to_keep=keep)
     logits = out.logits.float()
     _keep_pending(batch, feed_block)
+    if wanted:
+        return _wanted_logits(batch, logits, keep, want, has_pending) if cfg.shift else logits
     if not cfg.shift:
         return logits
     # shift: slot j is predicted at position j-1; slot 0 by the last pending (clean) position,
@@ -94,26 +98,25 @@ def _keep_pending(batch, feed_block: bool) -> None:
     batch.pending_pos = batch.pending_pos[:, :0]
 
 
-def _wanted_logits(dlm, batch, ids, mask, q_pos, want, has_pending) -> torch.Tensor:
-    """denoise_step's forward with the LM head on the wanted slots only (HF's boolean
-    `logits_to_keep`): [N, V], N = want.sum(), row-major. Shift models read slot j at position
-    j - 1 and slot 0 from the carry, refreshed from the last pending position of rows that have one."""
-    bs, shift = batch.opts.block_size, dlm.config.shift
-    o = ids.shape[1] - bs  # the block's first query
-    keep = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+def _wanted_positions(shape, bs: int, shift: bool, want, has_pending) -> torch.Tensor:
+    """The queries whose logits the wanted slots need (HF's boolean `logits_to_keep`): slot j at
+    the block's query j, or j - 1 with shift; there, slot 0 comes from the carry, refreshed at the
+    last pending position of the rows that have one."""
+    o = shape[1] - bs  # the block's first query
+    keep = torch.zeros(shape, dtype=torch.bool, device=want.device)
     if not shift:
         keep[:, o:] = want
-    else:
-        keep[:, o:-1] = want[:, 1:]
-        if has_pending is not None:
-            keep[:, o - 1] = has_pending
-    out = dlm.model(input_ids=ids, attention_mask=mask, position_ids=q_pos,
-                    cache=batch.cache, use_cache=True, logits_to_keep=keep)
-    logits = out.logits.float()  # [M, V]
-    _keep_pending(batch, True)
-    if not shift:
-        return logits
-    fresh = keep.nonzero()[:, 1] == o - 1  # which of the M rows are carries, not slots
+        return keep
+    keep[:, o:-1] = want[:, 1:]
+    if has_pending is not None:
+        keep[:, o - 1] = has_pending
+    return keep
+
+
+def _wanted_logits(batch, logits, keep, want, has_pending) -> torch.Tensor:
+    """A shift model's wanted slots from the kept logits [M, V] (row-major over `keep`): the carry
+    rows refresh the carry, slot 0 is read from it; [N, V], N = want.sum(), row-major."""
+    fresh = keep.nonzero()[:, 1] == keep.shape[1] - batch.opts.block_size - 1  # which of the M rows are carries
     carry = batch.carry.clone() if batch.carry is not None else logits.new_zeros(want.shape[0], logits.shape[-1])
     if has_pending is not None:
         carry[has_pending] = logits[fresh]
