@@ -51,6 +51,18 @@ class AcceptedRows(CacheRows):
         self.fed += [0] * len(prompts)
         self.drafts += [[] for _ in prompts]
 
+    def accept(self, greedy: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+        """Greedy verification of every row's drafts against the verifier's tokens there: per row,
+        the tokens accepted (its drafts up to the first mismatch, then the verifier's own) and how
+        many drafts that kept. The kept drafts' KV stays; the verifier's token is fed next step."""
+        accepted, kept = [], []
+        for r, (drafts, g) in enumerate(zip(self.drafts, greedy, strict=True)):
+            m = accepted_drafts(drafts, g)
+            accepted.append(drafts[:m] + [g[m]])
+            kept.append(m)
+            self.fed[r] = len(self.seq[r]) + m
+        return accepted, kept
+
     def keep(self, idx: list[int]) -> None:
         self.select_cache_rows(torch.tensor(idx, dtype=torch.long, device=self.cache_pos.device))
         for name in ("ids", "seq", "fed", "drafts"):
@@ -96,17 +108,11 @@ def verified_step(dlm, rows: AcceptedRows, bs: int, depth: int | None = None) ->
     ar = logits[:, : d + 1].argmax(-1).tolist()  # ar[r][j]: the AR's token at position p + j
     blocks = logits[:, d + 1:].argmax(-1).view(n, n_blocks, bs).tolist()
     lead = 0 if dlm.config.shift else 1  # slot i predicts p + j + i + 1 (shift) or p + j + i
-    results, kept_drafts = [], []
-    for r in range(n):
-        drafts, greedy = rows.drafts[r], ar[r]
-        m = accepted_drafts(drafts, greedy)
-        p = len(rows.seq[r])
-        results.append(drafts[:m] + [greedy[m]])
-        kept_drafts.append(m)
+    results, kept_drafts = rows.accept(ar)
+    for r, m in enumerate(kept_drafts):
         b = max(i for i, j in enumerate(lengths[r]) if j <= m)  # the block that assumed the most of what was kept
-        room = max(0, limit - (p + m + 1))
+        room = max(0, limit - (len(rows.seq[r]) + m + 1))
         rows.drafts[r] = blocks[r][b][m - lengths[r][b] + lead:lead + bs - 1][:room]
-        rows.fed[r] = p + m  # the accepted drafts' KV stays; the AR's own token is fed next step
     keep_accepted_kv(rows, pos[:, :w + d], w, d, kept_drafts, n_blocks * bs)
     return results
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from edlm.decode.options import DEFAULT_MAX_NEW_TOKENS, resolve_rows
-from edlm.decode.rules import accepted_drafts
 from edlm.decode.selfverify import AcceptedRows, clean_inputs, emit_accepted, keep_accepted_kv
 from edlm.decode.state import CacheRows, GenerationResult, Outputs
 from edlm.decode.step import candidate_logits
@@ -134,12 +133,7 @@ def stream_verified(drafter, verifier, prompts, max_new_tokens: int | None = DEF
     while rows.seq:
         rows.drafts = drafts.draft(rows.seq)
         greedy, (pos, w, d) = _parent_greedy(verifier, rows)
-        accepted, kept = [], []
-        for i, (row_drafts, g) in enumerate(zip(rows.drafts, greedy, strict=True)):
-            n = accepted_drafts(row_drafts, g)
-            kept.append(n)
-            accepted.append(row_drafts[:n] + [g[n]])
-            rows.fed[i] = len(rows.seq[i]) + n  # the accepted drafts' KV stays; the parent's token is fed next
+        accepted, kept = rows.accept(greedy)
         keep_accepted_kv(rows, pos, w, d, kept)
         stay = yield from emit_accepted(rows, out, accepted)
         if len(stay) < len(rows.seq):
