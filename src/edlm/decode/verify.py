@@ -22,7 +22,7 @@ from edlm.decode.selfverify import AcceptedRows, clean_inputs, emit_accepted, ke
 from edlm.decode.state import CacheRows, GenerationResult, Outputs
 from edlm.decode.step import candidate_logits
 from edlm.errors import EdlmError
-from edlm.masks import draft_blocks_mask, position_block_mask
+from edlm.masks import position_block_mask
 
 
 def check_pair(drafter, verifier) -> None:
@@ -100,9 +100,8 @@ def _parent_greedy(ar, rows: AcceptedRows):
     ids, pos, w, d = clean_inputs(rows, ar.tokenizer.pad_token_id or 0)
     dev = ar.device
     ids, pos = (torch.tensor(v, dtype=torch.long, device=dev) for v in (ids, pos))
-    clean = torch.full_like(pos, -1)
-    k_pos, k_start = torch.cat([rows.cache_pos, pos], 1), torch.cat([torch.full_like(rows.cache_pos, -1), clean], 1)
-    mask = draft_blocks_mask(pos, clean, k_pos, k_start, torch.cat([rows.cache_valid, pos >= 0], 1))
+    # token-causal over valid keys: the block-causal rule at block size 1, as the engine's AR steps
+    mask = position_block_mask(pos, torch.cat([rows.cache_pos, pos], 1), 1, torch.cat([rows.cache_valid, pos >= 0], 1))
     out = ar.model(input_ids=ids, attention_mask=ar.backend_mask(mask), position_ids=pos.clamp_min(0),
                    cache=rows.cache, use_cache=True, logits_to_keep=d + 1)
     greedy = candidate_logits(ar, out.logits.float()).argmax(-1).tolist()
