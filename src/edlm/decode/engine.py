@@ -57,18 +57,18 @@ def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NE
     """
     opts = options if options is not None else DecodeOptions.resolve(dlm, **given)
     ids, budget, stops = resolve_rows(dlm, prompts, max_new_tokens, stop)
-    if opts.spec.loop is not None:  # a strategy that is not block by block (`verified`)
-        yield from opts.spec.loop(dlm, ids, budget, stops, opts, result, admit,
+    if opts.algorithm.loop is not None:  # a strategy that is not block by block (`verified`)
+        yield from opts.algorithm.loop(dlm, ids, budget, stops, opts, result, admit,
                                   resolve=lambda *joining: resolve_rows(dlm, *joining))
         return
-    step = opts.spec.step
+    step = opts.algorithm.step
     generator = torch.Generator(device=dlm.device).manual_seed(opts.seed) if opts.seed is not None else None
 
     out = Outputs(dlm)
     out.add_rows(budget, stops)
     batch = Batch(dlm, ids, opts, budget)
     batch.open_blocks()
-    own_pace = opts.spec.rule is not None  # plain steps: every row moves to its next block on its own
+    own_pace = opts.algorithm.rule is not None  # plain steps: every row moves to its next block on its own
     while batch.rows.numel():
         committed, calls = step(dlm, batch, generator)  # calls: model calls it made (each batched)
         rows = batch.rows.tolist()
@@ -79,7 +79,7 @@ def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NE
         # steps could only fill slots it cuts (unless the strategy revises committed slots)
         kept_slots = batch.gen.cumsum(-1) <= batch.room[:, None]
         ends_here = batch.room <= batch.gen.sum(-1)
-        budget_done = ends_here & ~(batch.todo & (kept_slots | opts.spec.revises)).any(-1)
+        budget_done = ends_here & ~(batch.todo & (kept_slots | opts.algorithm.revises)).any(-1)
         finishing = (block_done & (batch.eos_slot < opts.block_size)) | budget_done
         if own_pace:
             moving = block_done | finishing

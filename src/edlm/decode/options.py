@@ -47,7 +47,7 @@ class DecodeOptions:
     seed: int | None = None
 
     @property
-    def spec(self) -> Strategy:
+    def algorithm(self) -> Strategy:
         return STRATEGIES[self.strategy]
 
     def to_dict(self) -> dict:
@@ -89,17 +89,17 @@ class DecodeOptions:
         _integer("draft_depth", self.draft_depth, 1)
         if self.seed is not None:
             _integer("seed", self.seed, 0)
-        spec = self.spec
-        if spec.greedy_only and self.temperature > 0:
-            raise DecodeOptionError("temperature", f"strategy {spec.name!r} decodes greedily: use temperature 0 "
+        algo = self.algorithm
+        if algo.greedy_only and self.temperature > 0:
+            raise DecodeOptionError("temperature", f"strategy {algo.name!r} decodes greedily: use temperature 0 "
                                     "(or leave it unset)")
-        if spec.needs_no_shift and dlm.config.shift:
-            raise DecodeOptionError("strategy", f"strategy {spec.name!r} needs a model trained without token "
+        if algo.needs_no_shift and dlm.config.shift:
+            raise DecodeOptionError("strategy", f"strategy {algo.name!r} needs a model trained without token "
                                     "shift; this one predicts token i at position i-1")
-        if spec.needs_ar_stream and not (dlm.config.causal_clean or dlm.config.shift):
-            raise DecodeOptionError("strategy", f"strategy {spec.name!r} verifies with the model's clean stream as an "
+        if algo.needs_ar_stream and not (dlm.config.causal_clean or dlm.config.shift):
+            raise DecodeOptionError("strategy", f"strategy {algo.name!r} verifies with the model's clean stream as an "
                                     "AR model: train it with --ar-loss-weight (or use a --shift model)")
-        if "draft_depth" in spec.reads and limit is not None and self.draft_depth * self.block_size > limit:
+        if "draft_depth" in algo.reads and limit is not None and self.draft_depth * self.block_size > limit:
             raise DecodeOptionError("draft_depth", f"draft_depth {self.draft_depth} x block size {self.block_size} "
                                     f"tokens in one forward exceed the model's {limit} positions")
 

@@ -43,7 +43,7 @@ def rule_step(rule: Callable) -> Callable:
         want = todo if skips_decided_slots(dlm) else None  # [N, V]: undecided slots only
         logits = candidate_logits(dlm, denoise_step(dlm, batch, want=want))
         tokens, conf, entropy = rules.pick_tokens(logits, opts.temperature, opts.top_p, generator,
-                                                  entropy="gamma" in opts.spec.reads)
+                                                  entropy="gamma" in opts.algorithm.reads)
         if want is not None:  # back to [B, bs]: decided slots are no candidates, what they hold is never read
             tokens, conf = _on_slots(todo, tokens, 0), _on_slots(todo, conf, 0.0)
             entropy = _on_slots(todo, entropy, float("inf")) if entropy is not None else None
