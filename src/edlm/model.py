@@ -32,7 +32,7 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    # bf16 autocast on CPUs without AMX is ~25x slower (env-notes): fp32 on CPU, bf16 on CUDA.
+    # bf16 autocast measured ~25x slower than fp32 on an AVX2 CPU without AMX: fp32 on CPU, bf16 on CUDA.
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
