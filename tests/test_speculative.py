@@ -125,13 +125,13 @@ def test_soft_with_hard_inputs_is_threshold_decoding(monkeypatch):
     assert soft.token_ids != ref.token_ids  # the blends do change what the model sees
 
 
-def test_wino_without_remasking_is_threshold_and_remasking_costs_calls(monkeypatch):
+def test_wino_without_remasking_is_threshold_and_remasking_costs_calls():
     dlm = tiny_dlm("llama", 8, sharpen=30.0)
     ref = dlm.generate(PROMPTS, max_new_tokens=19, threshold=0.5)
-    monkeypatch.setattr(speculative, "REMASK_BELOW", 0.0)
-    assert dlm.generate(PROMPTS, max_new_tokens=19, threshold=0.5, strategy="wino").token_ids == ref.token_ids
-    monkeypatch.setattr(speculative, "REMASK_BELOW", 1.0)  # every earlier draft is suspect
-    strict = [dlm.generate(p, max_new_tokens=19, threshold=0.5, strategy="wino") for p in PROMPTS]
+    assert dlm.generate(PROMPTS, max_new_tokens=19, threshold=0.5, strategy="wino",
+                        remask_below=1e-300).token_ids == ref.token_ids  # no draft is ever that weak
+    strict = [dlm.generate(p, max_new_tokens=19, threshold=0.5, strategy="wino", remask_below=1.0)
+              for p in PROMPTS]  # every earlier draft is suspect
     base = [dlm.generate(p, max_new_tokens=19, threshold=0.5) for p in PROMPTS]
     assert totals(strict)[1] > totals(base)[1]
     assert all(r.stats[0].model_calls <= 19 + 7 for r in strict)  # terminates: >= 1 slot per call (last block whole)

@@ -1,38 +1,27 @@
-"""Flags more than one verb shares: the decode options (their defaults live in edlm.decode.options)
-and the dtype models are loaded in."""
+"""Flags more than one verb shares: the decode options (declared, with their defaults, in
+edlm.decode.options) and the dtype models are loaded in."""
 
 from __future__ import annotations
 
-from edlm.decode.options import ENGINE_DEFAULTS
-from edlm.decode.strategies import STRATEGIES
+from dataclasses import MISSING
 
-DECODE_FLAGS = {  # flag -> help; defaults are ENGINE_DEFAULTS, shown, and applied by edlm.decode.options
-    "strategy": "commit rule: " + " | ".join(STRATEGIES),
-    "threshold": "commit confidence threshold in (0, 1]",
-    "block_size": "decode block size",
-    "factor": "f of the factor strategy",
-    "gamma": "entropy budget of the entropy strategy",
-    "tokens_per_step": "k of the steps strategy",
-    "draft_depth": "states drafted per verification forward (lossless, psd); verified: draft blocks beyond "
-                   "the one for no accepted draft",
-    "temperature": "sampling temperature (0 = greedy)",
-    "top_p": "nucleus sampling mass",
-    "seed": "sampling seed",
-}
-TYPES = {"strategy": str, "block_size": int, "tokens_per_step": int, "draft_depth": int, "seed": int}
+from edlm.decode.options import declared_options, option_names
 
 
-def add_decode_flags(p, only=tuple(DECODE_FLAGS)) -> None:
-    """The decode-option flags, with the defaults that apply when one is not given."""
-    for name in only:
-        default = ENGINE_DEFAULTS.get(name)
-        shown = "the model's" if name == "block_size" else f"the model's, else {default}"
-        p.add_argument("--" + name.replace("_", "-"), type=TYPES.get(name, float), default=None,
-                       help=f"{DECODE_FLAGS[name]} (default: {shown})")
+def add_decode_flags(p, only=option_names()) -> None:
+    """A flag per decode option, from its declaration, with the default that applies when one is
+    not given (None here: edlm.decode.options resolves it, so the checkpoint's config can win)."""
+    unknown = sorted(set(only) - set(option_names()))
+    if unknown:
+        raise ValueError(f"no decode option {unknown[0]!r}")
+    for spec in (s for s in declared_options() if s.name in only):
+        shown = "the model's" if spec.default is MISSING else f"the model's, else {spec.default}"
+        p.add_argument("--" + spec.name.replace("_", "-"), type=spec.kind, default=None,
+                       help=f"{spec.help} (default: {shown})")
 
 
 def decode_flags(args) -> dict:
-    return {name: getattr(args, name) for name in DECODE_FLAGS if hasattr(args, name)}
+    return {name: getattr(args, name) for name in option_names() if hasattr(args, name)}
 
 
 DTYPES = ("auto", "float32", "bfloat16")

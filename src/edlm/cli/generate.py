@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from edlm.cli.common import add_decode_flags, add_dtype_flag, decode_flags, dtype_flag
-from edlm.decode.options import DEFAULT_MAX_NEW_TOKENS
+from edlm.decode.options import DEFAULT_MAX_NEW_TOKENS, resolve_parent_verified
 from edlm.errors import EdlmError
 
 
@@ -25,8 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ar", action="store_true", help="MODEL is a plain AR checkpoint (block size 1 baseline)")
     p.add_argument("--verifier", default=None, help="AR_DIR: MODEL drafts blocks, this AR parent verifies them "
-                   "(output identical to the parent's greedy decode; decode flags other than --block-size do not "
-                   "apply)")
+                   "(output identical to the parent's greedy decode; decode flags other than --block-size are "
+                   "refused)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     add_dtype_flag(p)
     p.set_defaults(func=run)
@@ -48,13 +48,11 @@ def run(args) -> None:
     dlm = DiffusionLM.from_pretrained(args.model, autoregressive=args.ar, dtype=dtype_flag(args))
     kwargs = dict(max_new_tokens=args.max_new_tokens, stop=args.stop, **decode_flags(args))
     if args.verifier is not None:
-        from edlm.decode.verify import generate_verified
-
-        ignored = [k for k, v in kwargs.items() if v is not None and k not in ("max_new_tokens", "stop", "block_size")]
-        if ignored or args.ar:
-            raise EdlmError(f"--verifier decodes the parent greedily: drop {', '.join(ignored) or '--ar'}")
+        if args.ar:
+            raise EdlmError("--verifier drafts with MODEL, a converted dLM: drop --ar")
+        block_size = resolve_parent_verified(dlm, **decode_flags(args))  # the server's --verifier rule too
         ar = DiffusionLM.from_pretrained(args.verifier, autoregressive=True, dtype=dtype_flag(args))
-        res = generate_verified(dlm, ar, prompt, args.max_new_tokens, args.stop, block_size=args.block_size)
+        res = dlm.generate(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, verifier=ar, block_size=block_size)
         _print(res, args.json)
         return
     if args.json:

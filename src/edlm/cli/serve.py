@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
                    help="model ids clients pass as `model` (the first is listed by /v1/models; default: MODEL "
                    "as given, and its directory name)")
     p.add_argument("--verifier", default=None, help="AR_DIR: MODEL drafts, this AR parent verifies (answers are "
-                   "the parent's greedy text; decode options in requests are refused)")
+                   "the parent's greedy text; decode options in requests other than block_size are refused)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: local only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=64, help="most rows decoded together in one call")

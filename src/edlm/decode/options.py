@@ -1,9 +1,17 @@
-"""Decode options: their defaults, their precedence and their checks, stated once.
+"""Decode options: each one declared once, with its default, range, help and readers; their
+precedence and their checks.
+
+Every option is one field of `DecodeOptions` made by `_option` (as TrainConfig's fields are):
+its engine default, type, range, help text and the strategies that read it (`read_by`). The engine
+defaults, the range checks, the `edlm generate` flags (edlm.cli.common), the server's request
+fields (edlm.serve.app) and each strategy's `reads` (edlm.decode.strategies) are derived from
+that declaration, so adding an option is adding one field.
 
 Precedence, field by field: what the caller sets (None = unset) > the checkpoint's own `decoding`
 config (`config.json` -> "edlm" -> "decoding", like transformers' generation_config) > the engine
-defaults below. Every entrance (Python API, `edlm generate`, `edlm serve`, lm-eval, bench, demo,
-export) resolves through `DecodeOptions.resolve`, so a default or a rule is never restated.
+defaults. Every entrance (Python API, `edlm generate`, `edlm serve`, lm-eval, bench, demo,
+export) resolves through `DecodeOptions.resolve`, so a default or a rule is never restated; the
+two-model mode (a dLM drafts, its AR parent verifies) resolves through `resolve_parent_verified`.
 
 Checks against the model bound the work of one call: the block size fits the context, prompt +
 budget fits the context, and one forward never feeds more tokens than the context holds.
@@ -12,15 +20,15 @@ budget fits the context, and one forward never feeds more tokens than the contex
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from edlm.decode.state import encode_prompts
-from edlm.decode.strategies import STRATEGIES, Strategy
+from edlm.decode.strategies import STRATEGIES, Strategy, declare_reads, strategy_names
 from edlm.errors import EdlmError
 
 DEFAULT_MAX_NEW_TOKENS = 128
-ENGINE_DEFAULTS = {"strategy": "threshold", "threshold": 0.9, "temperature": 0.0, "top_p": 1.0, "factor": 1.0,
-                   "gamma": 0.5, "tokens_per_step": 1, "draft_depth": 4, "seed": None}
+EVERY = strategy_names()
+SAMPLING = tuple(n for n, s in STRATEGIES.items() if not s.greedy_only)  # the ones temperature / top_p / seed act in
 
 
 class DecodeOptionError(EdlmError):
@@ -32,19 +40,83 @@ class DecodeOptionError(EdlmError):
 
 
 @dataclass(frozen=True)
-class DecodeOptions:
-    """What every row of one engine call shares, resolved and checked (build it with `resolve`)."""
+class OptionSpec:
+    """What one decode option's declaration says; every entrance reads it from here."""
 
-    block_size: int
-    strategy: str
-    threshold: float
-    temperature: float
-    top_p: float
-    factor: float
-    gamma: float
-    tokens_per_step: int
-    draft_depth: int
-    seed: int | None = None
+    name: str
+    kind: type  # int | float | str
+    default: object  # the engine default; MISSING: the model's (block_size)
+    help: str
+    read_by: tuple[str, ...]  # the strategies that read it
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] | None = None
+    label: str = ""  # how range messages name it (default: its name)
+
+    @property
+    def nullable(self) -> bool:
+        """None is a value of its own (seed None = unseeded), not just "unset"."""
+        return self.default is None
+
+    def span(self) -> str:
+        """The range as messages print it: (0, 1], [0, 2], > 0, >= 1."""
+        fmt = (lambda v: str(v)) if self.kind is int else (lambda v: f"{v:g}")
+        if math.isfinite(self.high):
+            return f"in {'(' if self.low_open else '['}{fmt(self.low)}, {fmt(self.high)}{')' if self.high_open else ']'}"
+        return f"{'>' if self.low_open else '>='} {fmt(self.low)}"
+
+    def check(self, value) -> None:
+        """Type and range; the message names the option."""
+        name, label = self.name, self.label or self.name
+        if value is None and self.nullable:
+            return
+        if self.kind is str:
+            if not isinstance(value, str) or (self.choices is not None and value not in self.choices):
+                raise DecodeOptionError(name, f"unknown {label} {value!r}; choose from {', '.join(self.choices or ())}")
+            return
+        if self.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise DecodeOptionError(name, f"{name} must be an integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise DecodeOptionError(name, f"{name} must be a number, got {value!r}")
+        if (value < self.low or (self.low_open and value == self.low) or value > self.high
+                or (self.high_open and value == self.high)):
+            raise DecodeOptionError(name, f"{label} must be {self.span()}, got {value}")
+
+
+def _option(default, help: str, *, kind: type = float, read_by: tuple[str, ...], **spec):
+    """A DecodeOptions field carrying its declaration (spec: low, high, low_open, high_open,
+    choices, label). default MISSING: no engine default, the model's own value applies."""
+    unknown = sorted(set(read_by) - set(STRATEGIES))
+    if unknown:  # a typo fails at import, not when the strategy silently ignores the option
+        raise ValueError(f"read_by names no strategy: {unknown}")
+    meta = {"spec": dict(kind=kind, default=default, help=help, read_by=tuple(read_by), **spec)}
+    return field(metadata=meta) if default is MISSING else field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """What every row of one engine call shares, resolved and checked (build it with `resolve`).
+
+    Each field is one option's only declaration; see the module docstring for what derives from it."""
+
+    block_size: int = _option(MISSING, "decode block size", kind=int, low=1, label="block size", read_by=EVERY)
+    strategy: str = _option("threshold", "commit rule: " + " | ".join(STRATEGIES), kind=str,
+                            choices=strategy_names(), read_by=())  # it picks the strategy
+    threshold: float = _option(0.9, "commit confidence threshold in (0, 1]", low=0.0, high=1.0, low_open=True,
+                               read_by=("threshold", "prefix", "psd", "soft", "wino"))
+    temperature: float = _option(0.0, "sampling temperature (0 = greedy)", low=0.0, high=2.0, read_by=SAMPLING)
+    top_p: float = _option(1.0, "nucleus sampling mass", low=0.0, high=1.0, low_open=True, read_by=SAMPLING)
+    factor: float = _option(1.0, "f of the factor strategy", low=0.0, low_open=True, read_by=("factor",))
+    gamma: float = _option(0.5, "entropy budget of the entropy strategy", low=0.0, read_by=("entropy",))
+    tokens_per_step: int = _option(1, "k of the steps strategy", kind=int, low=1, read_by=("steps",))
+    draft_depth: int = _option(4, "states drafted per verification forward (lossless, psd); verified: draft "
+                               "blocks beyond the one for no accepted draft", kind=int, low=1,
+                               read_by=("lossless", "psd", "verified"))
+    remask_below: float = _option(0.9, "WINO narrow-out: an earlier draft whose leave-one-out confidence is "
+                                  "lower goes back to the mask", low=0.0, high=1.0, low_open=True, read_by=("wino",))
+    seed: int | None = _option(None, "sampling seed", kind=int, low=0, read_by=SAMPLING)
 
     @property
     def algorithm(self) -> Strategy:
@@ -56,39 +128,20 @@ class DecodeOptions:
     @classmethod
     def resolve(cls, dlm, **given) -> DecodeOptions:
         """Caller values (None = unset) > the checkpoint's `decoding` config > engine defaults."""
+        given = _known(given)
         names = option_names()
-        unknown = sorted(set(given) - set(names))
-        if unknown:
-            raise EdlmError(f"unknown decode option {unknown[0]!r}; options are {', '.join(names)}")
-        given = {k: v for k, v in given.items() if v is not None}
         stored = {k: v for k, v in (dlm.config.decoding or {}).items() if k in names}
-        opts = cls(**{**ENGINE_DEFAULTS, "block_size": dlm.config.block_size, **stored, **given})
+        opts = cls(**{"block_size": dlm.config.block_size, **stored, **given})
         opts.check(dlm)
         return opts
 
     def check(self, dlm) -> None:
         """Ranges (of every option, read or not: a typo never waits for the strategy that reads it),
         the strategy's constraints and the model's context."""
-        if isinstance(self.block_size, int) and not isinstance(self.block_size, bool) and self.block_size < 1:
-            raise DecodeOptionError("block_size", f"block size must be >= 1, got {self.block_size}")
-        _integer("block_size", self.block_size, 1)
+        for spec in OPTIONS.values():
+            spec.check(getattr(self, spec.name))
+        _check_block_size(dlm, self.block_size)
         limit = dlm.max_positions
-        if limit is not None and self.block_size > limit:
-            raise DecodeOptionError("block_size", f"block size {self.block_size} exceeds the model's {limit} positions")
-        if not dlm.config.diffusion and self.block_size != 1:
-            raise DecodeOptionError("block_size", "an autoregressive model decodes with block size 1")
-        if self.strategy not in STRATEGIES:
-            raise DecodeOptionError("strategy", f"unknown strategy {self.strategy!r}; choose from "
-                                    f"{', '.join(STRATEGIES)}")
-        _number("threshold", self.threshold, 0.0, 1.0, low_open=True)
-        _number("temperature", self.temperature, 0.0, 2.0)
-        _number("top_p", self.top_p, 0.0, 1.0, low_open=True)
-        _number("factor", self.factor, 0.0, math.inf, low_open=True)
-        _number("gamma", self.gamma, 0.0, math.inf)
-        _integer("tokens_per_step", self.tokens_per_step, 1)
-        _integer("draft_depth", self.draft_depth, 1)
-        if self.seed is not None:
-            _integer("seed", self.seed, 0)
         algo = self.algorithm
         if algo.greedy_only and self.temperature > 0:
             raise DecodeOptionError("temperature", f"strategy {algo.name!r} decodes greedily: use temperature 0 "
@@ -104,8 +157,54 @@ class DecodeOptions:
                                     f"tokens in one forward exceed the model's {limit} positions")
 
 
+OPTIONS: dict[str, OptionSpec] = {f.name: OptionSpec(f.name, **f.metadata["spec"]) for f in fields(DecodeOptions)}
+ENGINE_DEFAULTS = {s.name: s.default for s in OPTIONS.values() if s.default is not MISSING}
+declare_reads({name: tuple(s.name for s in OPTIONS.values() if name in s.read_by) for name in STRATEGIES})
+
+
+def declared_options() -> tuple[OptionSpec, ...]:
+    """Every decode option's declaration, in field order: what the CLI and the server build from."""
+    return tuple(OPTIONS.values())
+
+
 def option_names() -> tuple[str, ...]:
-    return tuple(f.name for f in fields(DecodeOptions))
+    return tuple(OPTIONS)
+
+
+def resolve_parent_verified(drafter, **given) -> int:
+    """The block size the two-model mode drafts with (edlm.decode.verify: `drafter`, a dLM, drafts;
+    its AR parent verifies): the one rule the CLI's and the server's --verifier share.
+
+    The answer is the parent's greedy decode, so block_size (given, else the drafter's own) is the
+    only option that acts; any other one set is refused by name, never silently ignored.
+    """
+    given = _known(given)
+    for name in given:
+        if name != "block_size":
+            raise DecodeOptionError(name, f"{name} does not apply: the two-model mode (--verifier) decodes the "
+                                    "AR parent greedily; leave it unset")
+    block_size = given.get("block_size", drafter.config.block_size)
+    _check_block_size(drafter, block_size)
+    return block_size
+
+
+def _known(given: dict) -> dict:
+    """The options set (None = unset), in declaration order; an unknown name is an error."""
+    names = option_names()
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise EdlmError(f"unknown decode option {unknown[0]!r}; options are {', '.join(names)}")
+    return {k: given[k] for k in names if given.get(k) is not None}
+
+
+def _check_block_size(dlm, block_size) -> None:
+    """block_size's declared range, then what the model allows."""
+    OPTIONS["block_size"].check(block_size)
+    limit = dlm.max_positions
+    if limit is not None and block_size > limit:
+        raise DecodeOptionError("block_size", f"block size {block_size} exceeds the model's {limit} positions")
+    if not dlm.config.diffusion and block_size != 1:
+        raise DecodeOptionError("block_size", "an autoregressive model decodes with block size 1")
 
 
 def _integer(name: str, value, low: int) -> None:
@@ -113,14 +212,6 @@ def _integer(name: str, value, low: int) -> None:
         raise DecodeOptionError(name, f"{name} must be an integer, got {value!r}")
     if value < low:
         raise DecodeOptionError(name, f"{name} must be >= {low}, got {value}")
-
-
-def _number(name: str, value, low: float, high: float, low_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DecodeOptionError(name, f"{name} must be a number, got {value!r}")
-    if value < low or (low_open and value == low) or value > high:
-        span = f"{'(' if low_open else '['}{low:g}, {high:g}]" if math.isfinite(high) else f"> {low:g}"
-        raise DecodeOptionError(name, f"{name} must be in {span}, got {value}")
 
 
 # ------------------------------------------------------------------ per-row inputs

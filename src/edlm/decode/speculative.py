@@ -29,8 +29,6 @@ from edlm.decode.step import (
     kept_from_last_step,
 )
 
-REMASK_BELOW = 0.9  # WINO narrow-out: a drafted token whose leave-one-out confidence is lower is re-masked
-
 
 def lossless_step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
     return speculate(dlm, batch, lambda conf, todo: commit_steps(conf, todo, 1))
@@ -137,7 +135,7 @@ def wino_step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
 
     Each forward commits the threshold set (threshold is the wide, low bar: 0.5-0.7) and, in the
     same forward, re-checks every token generated earlier in this block by its leave-one-out
-    probability; tokens below REMASK_BELOW go back to the mask, weakest first, at most (this
+    probability; tokens below remask_below go back to the mask, weakest first, at most (this
     step's commits - 1) per row. Every forward thus decides at least one more slot than it takes
     back, so a block ends within as many forwards as it has slots (TPF >= 1). EOS tokens and
     anything after them are never re-masked. Needs shift=False (the leave-one-out trick reads
@@ -159,7 +157,7 @@ def wino_step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
     if loo is not None:
         slot = torch.arange(chosen.shape[1], device=chosen.device)[None]
         p_kept = torch.softmax(candidate_logits(dlm, loo), -1).gather(-1, batch.block_ids[..., None])[..., 0]
-        weak = decided & (slot < batch.eos_slot[:, None]) & (p_kept < REMASK_BELOW)
+        weak = decided & (slot < batch.eos_slot[:, None]) & (p_kept < batch.opts.remask_below)
         score = p_kept.masked_fill(~weak, float("inf"))
         rank = score.argsort(-1).argsort(-1)
         remask = weak & (rank < (committed - 1)[:, None])

@@ -3,7 +3,8 @@
 A strategy's step runs one iteration on every row of a batch and returns (tokens committed per
 row [B], model calls it made). The engine looks strategies up here by name and never imports a
 strategy module itself; options are checked against `reads`, `greedy_only` and `needs_no_shift`
-in edlm.decode.options. Adding a strategy means adding one entry below.
+in edlm.decode.options. Adding a strategy means adding one entry below (and naming it in the
+`read_by` of the options it reads: each option declares its readers, in edlm.decode.options).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ class Strategy:
     name: str
     step: Callable | None  # (dlm, batch, generator) -> (committed [B], model calls)
     help: str
-    reads: tuple[str, ...] = ()  # the options it reads beyond temperature / top_p / seed
     greedy_only: bool = False
     needs_no_shift: bool = False
     revises: bool = False  # may re-mask committed slots: a row's block must then be decoded to its end
@@ -33,6 +33,11 @@ class Strategy:
     # a strategy that is not block by block runs its own loop over the resolved rows instead of `step`
     loop: Callable | None = None  # (dlm, ids, budgets, stops, opts, result, admit, resolve) -> events
     needs_ar_stream: bool = False  # verifies with the clean stream as an AR model (causal-clean or shift)
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """The decode options it reads, derived from each option's `read_by` (see `declare_reads`)."""
+        return _READS[self.name]
 
 
 def rule_step(rule: Callable) -> Callable:
@@ -58,32 +63,32 @@ def _on_slots(todo: torch.Tensor, values: torch.Tensor, fill) -> torch.Tensor:
     return torch.full(todo.shape, fill, dtype=values.dtype, device=values.device).masked_scatter(todo, values)
 
 
-def plain(name: str, rule: Callable, help: str, reads: tuple[str, ...]) -> Strategy:
-    return Strategy(name, rule_step(rule), help, reads, rule=rule)
+def plain(name: str, rule: Callable, help: str) -> Strategy:
+    return Strategy(name, rule_step(rule), help, rule=rule)
 
 
 _ALL = [
     plain("threshold", lambda c, h, todo, o: rules.commit_threshold(c, todo, o.threshold),
-          "Fast-dLLM: every slot whose confidence passes the threshold (at least one)", ("threshold",)),
+          "Fast-dLLM: every slot whose confidence passes the threshold (at least one)"),
     plain("prefix", lambda c, h, todo, o: rules.commit_prefix(c, todo, o.threshold),
-          "left to right while slots pass the threshold (at least one)", ("threshold",)),
+          "left to right while slots pass the threshold (at least one)"),
     plain("factor", lambda c, h, todo, o: rules.commit_factor(c, todo, o.factor),
-          "Fast-dLLM factor rule: the top n with (n + 1)(1 - c_n) < factor", ("factor",)),
+          "Fast-dLLM factor rule: the top n with (n + 1)(1 - c_n) < factor"),
     plain("entropy", lambda c, h, todo, o: rules.commit_entropy(c, h, todo, o.gamma),
-          "entropy-bounded sampler: lowest entropy first while sum(H) - max(H) <= gamma", ("gamma",)),
+          "entropy-bounded sampler: lowest entropy first while sum(H) - max(H) <= gamma"),
     plain("steps", lambda c, h, todo, o: rules.commit_steps(c, todo, o.tokens_per_step),
-          "a fixed number of most confident slots per step", ("tokens_per_step",)),
+          "a fixed number of most confident slots per step"),
     Strategy("lossless", lossless_step, "self-speculation equal to one-token-per-step greedy decoding",
-             ("draft_depth",), greedy_only=True),
+             greedy_only=True),
     Strategy("psd", psd_step, "parallel speculative decoding: threshold drafts verified in one forward",
-             ("threshold", "draft_depth"), greedy_only=True),
+             greedy_only=True),
     Strategy("soft", soft_step, "DMax soft inputs: unsure drafts fed back as token/mask blends",
-             ("threshold",), greedy_only=True),
+             greedy_only=True),
     Strategy("verified", None, "one model drafts by diffusion and verifies with its own AR stream in one forward "
-             "(TiDAR): token-identical to its greedy AR decode", ("draft_depth",), greedy_only=True, loop=stream_self_verified,
+             "(TiDAR): token-identical to its greedy AR decode", greedy_only=True, loop=stream_self_verified,
              needs_ar_stream=True),
     Strategy("wino", wino_step, "WINO: commit wide at the threshold, re-mask drafts the context no longer supports",
-             ("threshold",), greedy_only=True, needs_no_shift=True, revises=True),
+             greedy_only=True, needs_no_shift=True, revises=True),
 ]
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in _ALL}
 
@@ -95,3 +100,17 @@ def strategy_names() -> tuple[str, ...]:
 def strategies_reading(option: str) -> tuple[str, ...]:
     """Names of the strategies that read `option` (e.g. the ones a threshold sweep applies to)."""
     return tuple(s.name for s in _ALL if option in s.reads)
+
+
+# strategy -> the options it reads. Each option declares its readers once (`read_by` in
+# edlm.decode.options, which imports this module, so it cannot be asked from here); importing
+# edlm.decode loads options, which fills this table.
+_READS: dict[str, tuple[str, ...]] = {}
+
+
+def declare_reads(reads: dict[str, tuple[str, ...]]) -> None:
+    """Record which options each strategy reads (called once by edlm.decode.options)."""
+    missing = sorted(set(STRATEGIES) - set(reads))
+    if missing:
+        raise ValueError(f"no reads declared for strategies {missing}")
+    _READS.update(reads)

@@ -1,16 +1,19 @@
 """OpenAI-compatible HTTP server for a converted dLM (FastAPI; `edlm serve MODEL`).
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /v1/embeddings,
-GET /health. Decoding extensions in the request body: threshold, block_size, strategy. Usage adds
-model_calls to the OpenAI token counts, so clients can compute tokens per forward. Unset decode
-options resolve as everywhere else (edlm.decode.options: the checkpoint's `decoding` config, then
-the engine's defaults), so unlike OpenAI an unset temperature means greedy, as in `edlm generate`.
+GET /health. Every decode option of edlm.decode.options is a request field, generated from its
+declaration with the same range (temperature, top_p and seed keep their OpenAI names; threshold,
+block_size, strategy, ... are extensions). Usage adds model_calls to the OpenAI token counts, so
+clients can compute tokens per forward. Unset decode options resolve as everywhere else (the
+checkpoint's `decoding` config, then the engine's defaults), so unlike OpenAI an unset temperature
+means greedy, as in `edlm generate`. With a verifier (`edlm serve --verifier`) requests follow the
+two-model rule of `edlm generate --verifier` (edlm.decode.options.resolve_parent_verified).
 
 Every field of a request is either honoured or refused with a 400 that names it: OpenAI fields
 edlm does not implement (logprobs, tools, penalties, ...) are declared only to be refused when
 set to anything but their no-op value, and unknown fields are refused too.
 
-All model work goes through one `BatchingWorker` thread (edlm.batching): concurrent requests with
+All model work goes through one `BatchingWorker` thread (edlm.serve.batching): concurrent requests with
 the same settings are decoded as one batch, a request that arrives while one runs joins it at the
 next step (speculative strategies: block boundary), and a full queue answers 429. Streaming sends one server-sent event per committed block.
 
@@ -32,10 +35,17 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edlm.decode.options import DecodeOptionError, DecodeOptions, resolve_rows
+from edlm.decode.options import (
+    DecodeOptionError,
+    DecodeOptions,
+    OptionSpec,
+    declared_options,
+    resolve_parent_verified,
+    resolve_rows,
+)
 from edlm.errors import EdlmError, first_line
 from edlm.serve.batching import BatchingWorker, Job, QueueFull, RowResult
 from edlm.train.data import chat_prompt
@@ -83,24 +93,37 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _DecodeBody(_Body):
+def _option_field(spec: OptionSpec):
+    """A request field for one decode option: its declared type and range; unset (None) resolves as
+    everywhere else. The model-dependent checks (block size vs context, strategy constraints) stay
+    in DecodeOptions.resolve, which answers 400 too."""
+    bounds = {}
+    if spec.low > -float("inf"):
+        bounds["gt" if spec.low_open else "ge"] = spec.low
+    if spec.high < float("inf"):
+        bounds["lt" if spec.high_open else "le"] = spec.high
+    return spec.kind | None, Field(None, description=spec.help, **bounds)
+
+
+# every decode option as a request field, from its one declaration (edlm.decode.options)
+_DecodeOptionFields = create_model("_DecodeOptionFields", __base__=_Body,
+                                   **{s.name: _option_field(s) for s in declared_options()})
+
+
+class _DecodeBody(_DecodeOptionFields):
     model: str
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = Field(None, ge=0)
     user: str | None = None  # metadata: accepted, it changes nothing
     # OpenAI fields edlm does not implement: refused unless set to their no-op value
     n: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
-    # extensions
-    threshold: float | None = Field(None, gt=0.0, le=1.0)
-    block_size: int | None = Field(None, ge=1)
-    strategy: str | None = None
+
+    def decode_options(self) -> dict:
+        return {s.name: getattr(self, s.name) for s in declared_options()}
 
     UNSUPPORTED: ClassVar[dict] = {"n": (1,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},)}
 
@@ -186,19 +209,12 @@ def _job(dlm, body: _DecodeBody, ids: list[list[int]], max_tokens: int | None, p
          verified: bool = False) -> Job:
     """Resolve and check everything before queueing: a bad request never reaches (or fails) a batch."""
     body.refuse_unsupported(type(body).UNSUPPORTED)
-    if verified:  # the AR parent's greedy text: decode options have nothing to act on
-        for name in ("threshold", "block_size", "strategy", "seed", "top_p"):
-            if getattr(body, name) is not None:
-                raise ApiError(400, f"{name} does not apply: this server decodes its AR verifier's greedy text",
-                               param=name, code="invalid_value")
-        if body.temperature:
-            raise ApiError(400, "this server decodes its AR verifier's greedy text: use temperature 0",
-                           param="temperature", code="invalid_value")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(s for s in body.stop or () if s)
     try:
-        options = DecodeOptions.resolve(dlm, block_size=body.block_size, threshold=body.threshold,
-                                        strategy=body.strategy, temperature=body.temperature, top_p=body.top_p,
-                                        seed=body.seed)
+        if verified:  # the AR parent's greedy text: only the drafts' block size acts (the worker reads it)
+            options = DecodeOptions(block_size=resolve_parent_verified(dlm, **body.decode_options()))
+        else:
+            options = DecodeOptions.resolve(dlm, **body.decode_options())
         _, budgets, _ = resolve_rows(dlm, ids, max_tokens, list(stop))
     except DecodeOptionError as exc:
         field = {"max_new_tokens": "max_tokens", "prompt": param}.get(exc.option, exc.option)
