@@ -13,7 +13,7 @@ from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from edlm.cli import main  # noqa: E402
-from edlm.decode.step import candidate_logits  # noqa: E402
+from edlm.decode.kv import candidate_logits  # noqa: E402
 from edlm.recipes.evaluate import EdlmLM  # noqa: E402
 from edlm.testing import make_tiny_causal_lm, make_tiny_tokenizer  # noqa: E402
 from edlm.train.convert import convert  # noqa: E402

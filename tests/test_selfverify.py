@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from edlm import DiffusionLM
+from edlm.decode.kv import candidate_logits
 from edlm.decode.options import DecodeOptionError
-from edlm.decode.step import candidate_logits
 from edlm.testing import make_tiny_causal_lm, make_tiny_tokenizer
 from edlm.train.convert import convert_model
 
@@ -116,7 +116,7 @@ def test_only_accepted_tokens_keep_kv():
     dlm = causal_dlm("qwen3", False)
     prompt = dlm.tokenizer(PROMPTS[0])["input_ids"]
     rows = AcceptedRows(dlm.device)
-    rows.add(0, [prompt])
+    rows.add(0, [prompt], [64])
     for _ in range(4):
         step = verified_step(dlm, rows, 4)[0]
         rows.seq[0] += step

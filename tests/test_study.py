@@ -4,7 +4,7 @@ import torch
 
 from edlm import DiffusionLM
 from edlm.cli import main
-from edlm.decode.step import candidate_logits
+from edlm.decode.kv import candidate_logits
 from edlm.recipes.bench import Example
 from edlm.recipes.study import answer_nll, run_study, verdict
 

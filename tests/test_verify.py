@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from edlm import DiffusionConfig, DiffusionLM
-from edlm.decode.verify import generate_verified
 from edlm.errors import EdlmError
 from edlm.testing import make_tiny_causal_lm, make_tiny_tokenizer
 from edlm.train.convert import convert_model
@@ -27,10 +26,10 @@ def pair(arch, shift, block_size=4, seed=0):
 def test_verified_equals_parent_greedy_single_and_batched(arch, shift):
     dlm, ar = pair(arch, shift)
     ref = ar.generate(PROMPTS, max_new_tokens=13)  # the parent alone, through the engine's AR path
-    got = generate_verified(dlm, ar, PROMPTS, max_new_tokens=13)
+    got = dlm.generate(PROMPTS, max_new_tokens=13, verifier=ar)
     assert got.token_ids == ref.token_ids and got.texts == ref.texts
     for i, p in enumerate(PROMPTS):
-        assert generate_verified(dlm, ar, p, max_new_tokens=13).token_ids[0] == ref.token_ids[i]
+        assert dlm.generate(p, max_new_tokens=13, verifier=ar).token_ids[0] == ref.token_ids[i]
     for s, ids in zip(got.stats, ref.token_ids, strict=True):
         assert s.generated_tokens == len(ids) and 1 <= s.model_calls <= len(ids)  # >= 1 token per step
 
@@ -39,7 +38,7 @@ def test_the_parent_as_its_own_drafter_accepts_whole_blocks():
     """A drafter that always agrees with the parent commits a block per step: the verification
     accepts every draft. (The AR model converted with shift drafts its first slot exactly.)"""
     dlm, ar = pair("llama", True, block_size=4)
-    got = generate_verified(dlm, ar, PROMPTS[1], max_new_tokens=12)
+    got = dlm.generate(PROMPTS[1], max_new_tokens=12, verifier=ar)
     assert got.token_ids == ar.generate(PROMPTS[1], max_new_tokens=12).token_ids
     assert got.stats[0].model_calls < 12
 
@@ -51,22 +50,22 @@ def test_eos_inside_a_draft_and_stop_strings():
     for model in (ar, dlm):
         model.tokenizer.eos_token = eos_char
     ref = ar.generate(PROMPTS, max_new_tokens=12)
-    got = generate_verified(dlm, ar, PROMPTS, max_new_tokens=12)
+    got = dlm.generate(PROMPTS, max_new_tokens=12, verifier=ar)
     assert got.token_ids == ref.token_ids and got.finish_reasons == ref.finish_reasons
     assert got.finish_reasons[0] == "stop" and got.token_ids[0][-1] == ar.tokenizer.eos_token_id
     full = ar.generate(PROMPTS[2], max_new_tokens=16).texts[0]
     stop = full[5:7]
     ref = ar.generate(PROMPTS[2], max_new_tokens=16, stop=[stop])
-    got = generate_verified(dlm, ar, PROMPTS[2], max_new_tokens=16, stop=[stop])
+    got = dlm.generate(PROMPTS[2], max_new_tokens=16, stop=[stop], verifier=ar)
     assert got.texts == ref.texts and got.token_ids == ref.token_ids and got.finish_reasons == ["stop"]
 
 
 def test_the_pair_is_checked():
     dlm, ar = pair("llama", True)
     with pytest.raises(EdlmError, match="AR model"):
-        generate_verified(dlm, dlm, "ab")
+        dlm.generate("ab", verifier=dlm)
     with pytest.raises(EdlmError, match="converted dLM"):
-        generate_verified(ar, ar, "ab")
+        ar.generate("ab", verifier=ar)
 
 
 @pytest.mark.parametrize(("arch", "shift"), [("llama", True), ("qwen3", False)])
@@ -74,19 +73,17 @@ def test_batched_rows_draft_as_alone_and_requests_join_mid_call(arch, shift):
     """Both forwards serve every row: each row makes exactly the verification steps it makes
     alone (so its drafts are the same), and a request joining after the first step decodes the
     parent's greedy text too."""
-    from edlm.decode.verify import stream_verified
-
     dlm, ar = pair(arch, shift)
-    alone = [generate_verified(dlm, ar, p, max_new_tokens=13) for p in PROMPTS]
-    batched = generate_verified(dlm, ar, PROMPTS, max_new_tokens=13)
+    alone = [dlm.generate(p, max_new_tokens=13, verifier=ar) for p in PROMPTS]
+    batched = dlm.generate(PROMPTS, max_new_tokens=13, verifier=ar)
     for i, one in enumerate(alone):
         assert batched.token_ids[i] == one.token_ids[0]
         assert batched.stats[i].model_calls == one.stats[0].model_calls
         assert batched.stats[i].steps_histogram == one.stats[0].steps_histogram
     joining = [(["Once upon a time there"], [9], [[]])]
     result = []
-    events = list(stream_verified(dlm, ar, PROMPTS[:2], 13, result=result,
-                                  admit=lambda: joining.pop() if joining else None))
+    events = list(dlm.stream(PROMPTS[:2], max_new_tokens=13, verifier=ar, result=result,
+                             admit=lambda: joining.pop() if joining else None))
     res = result[0]
     assert res.token_ids[2] == ar.generate("Once upon a time there", max_new_tokens=9).token_ids[0]
     assert res.token_ids[:2] == batched.token_ids[:2]
@@ -100,7 +97,7 @@ def test_batched_drafts_equal_a_full_forward_without_cache(arch, shift, causal_c
     """The dLM's drafts for rows of different lengths, step after step (its cache of finished
     blocks growing per row), equal the argmax of one uncached forward of [prefix's finished blocks ;
     current block with masks] per row."""
-    from edlm.decode.verify import _Drafts
+    from edlm.decode.verify import BlockDrafts
     from edlm.masks import position_block_mask
 
     dlm, _ = pair(arch, shift)
@@ -117,7 +114,7 @@ def test_batched_drafts_equal_a_full_forward_without_cache(arch, shift, causal_c
         return [int(logits[b + i + lead, :mask_id].argmax()) for i in range(len(seq) - b, bs)]
 
     full = [dlm.tokenizer(p)["input_ids"] + list(range(40, 60)) for p in ("ab", "Hello, wor")]
-    drafts = _Drafts(dlm, bs)
+    drafts = BlockDrafts(dlm, bs)
     drafts.add(2)
     for n in ([2, 10], [3, 12], [4, 13], [7, 15], [8, 16], [13, 19]):  # accepted prefixes, as verification grows them
         seqs = [f[:k] for f, k in zip(full, n, strict=True)]

@@ -23,111 +23,131 @@ leave the batch at once. Left padding with logical position ids; pad keys are ma
 rows join a running call at its next step (`stream`'s `admit`; see `Batch.join`).
 
 What a step does is the strategy's (edlm.decode.strategies); which options apply is
-edlm.decode.options' decision.
+edlm.decode.options' decision; rows joining and leaving, budgets, stop strings and events are the
+one loop's (edlm.decode.loop), which drives this module's `BlockDecoder` as it drives `verified`
+and the two-model drafter. A plain step reads the device once (`BlockDecoder.step`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from edlm.decode.options import DEFAULT_MAX_NEW_TOKENS, DecodeOptions, resolve_rows
+from edlm.decode.loop import Step, decode_loop
+from edlm.decode.options import DEFAULT_MAX_NEW_TOKENS, DecodeOptions, resolve_parent_verified, resolve_rows
+from edlm.decode.rules import cut_tokens
 from edlm.decode.state import Batch, GenerationResult, Outputs
+from edlm.errors import EdlmError
 
 
-def _finished_tokens(batch: Batch, i: int, room: int) -> tuple[list[int], bool]:
-    """Row i's generated tokens of its finished block, cut at its EOS and to `room` tokens."""
-    slots = batch.gen[i].nonzero().squeeze(1)
-    eos = int(batch.eos_slot[i])
-    slots = slots[slots <= eos][:room]
-    hit_eos = bool(slots.numel()) and int(slots[-1]) == eos
-    return batch.block_ids[i, slots].tolist(), hit_eos
+class BlockDecoder:
+    """The block engine as a decoder of edlm.decode.loop: a Batch and its strategy's step."""
+
+    def __init__(self, dlm, opts: DecodeOptions, generator=None):
+        self.dlm, self.opts, self.generator = dlm, opts, generator
+        self.batch: Batch | None = None
+        self.rows: list[int] = []
+        self.room: list[int] = []  # new tokens each row may still emit (host copy of batch.room)
+        self.moved: list[int] = []  # rows whose block the last step finished
+        self.own_pace = opts.algorithm.rule is not None  # plain steps: each row opens its next block alone
+        self.joinable = True
+        self.eos = dlm.tokenizer.eos_token_id if dlm.tokenizer is not None else None
+
+    def add(self, first_row: int, ids: list[list[int]], budgets: list[int]) -> None:
+        fresh = Batch(self.dlm, ids, self.opts, budgets, first_row=first_row)
+        fresh.open_blocks()
+        if self.batch is None:
+            self.batch = fresh
+        else:
+            self.batch.join(fresh)
+        self.rows += range(first_row, first_row + len(ids))
+        self.room += budgets
+
+    def step(self) -> Step:
+        batch, bs = self.batch, self.opts.block_size
+        committed, calls = self.opts.algorithm.step(self.dlm, batch, self.generator)
+        moving = self._moving()
+        # the step's one host read: what each row committed, whether it moves on, and its block
+        host = torch.cat([committed[:, None], moving[:, None], batch.block_ids, batch.gen], 1).tolist()
+        self.moved = [i for i, h in enumerate(host) if h[1]]
+        emitted = {i: cut_tokens([t for t, g in zip(host[i][2:2 + bs], host[i][2 + bs:], strict=True) if g],
+                                 self.room[i], self.eos) for i in self.moved}
+        return Step(calls, [h[0] for h in host], emitted)
+
+    def _moving(self) -> torch.Tensor:
+        """[B] rows done with their block: all of it decided, an EOS in it, or every slot they keep
+        decided where their budget ends inside it (later steps could only fill slots it cuts,
+        unless the strategy revises committed slots)."""
+        batch = self.batch
+        block_done = ~batch.todo.any(-1)
+        kept_slots = batch.gen.cumsum(-1) <= batch.room[:, None]
+        ends_here = batch.room <= batch.gen.sum(-1)
+        budget_done = ends_here & ~(batch.todo & (kept_slots | self.opts.algorithm.revises)).any(-1)
+        finishing = (block_done & (batch.eos_slot < self.opts.block_size)) | budget_done
+        moving = block_done | finishing
+        if self.own_pace:
+            return moving
+        # speculative strategies keep state across a block's steps: rows move on together
+        return torch.where(moving.all(), moving, finishing)
+
+    def advance(self, stay: list[int], room: list[int]) -> None:
+        batch, moved = self.batch, set(self.moved)
+        if len(stay) < len(self.rows):
+            batch.select_rows(stay)
+            self.rows = [self.rows[i] for i in stay]
+        self.room = room
+        advancing = [i in moved for i in stay]
+        self.joinable = self.own_pace or all(advancing)
+        if stay and any(advancing):
+            dev = batch.block_ids.device
+            step_on = torch.tensor(advancing, device=dev)
+            batch.room = torch.where(step_on, torch.tensor(room, device=dev), batch.room)
+            batch.next_blocks(step_on)
+            batch.open_blocks(step_on)
 
 
 def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NEW_TOKENS, stop=None,
-           result: list | None = None, admit=None, options: DecodeOptions | None = None, **given):
-    """Yield a BlockEvent per committed block and row; append the GenerationResult to `result`.
+           result: list | None = None, admit=None, options: DecodeOptions | None = None, verifier=None,
+           **given):
+    """Yield a BlockEvent per committed piece and row; append the GenerationResult to `result`.
 
     given: decode options (block_size, strategy, threshold, temperature, top_p, factor, gamma,
-    tokens_per_step, draft_depth, seed), resolved by edlm.decode.options: unset ones follow the
-    checkpoint, then the engine. options: an already resolved DecodeOptions instead (a server).
+    tokens_per_step, draft_depth, seed, ...), resolved by edlm.decode.options: unset ones follow
+    the checkpoint, then the engine. options: an already resolved DecodeOptions instead (a server).
+    verifier: the AR parent (loaded with autoregressive=True): `dlm` drafts, the parent verifies,
+    and the text is the parent's greedy text (edlm.decode.verify); only block_size applies.
     admit: called after every step (speculative strategies: every block boundary) while rows are
-    decoding; returns None or more requests
-    for this call as (prompts, max_new_tokens, stop), in the forms the arguments take. They get
-    the next row ids and decode exactly as they would alone, under this call's options.
+    decoding; returns None or more requests for this call as (prompts, max_new_tokens, stop), in
+    the forms the arguments take. They get the next row ids and decode exactly as they would
+    alone, under this call's options.
     """
-    opts = options if options is not None else DecodeOptions.resolve(dlm, **given)
-    ids, budget, stops = resolve_rows(dlm, prompts, max_new_tokens, stop)
-    if opts.algorithm.loop is not None:  # a strategy that is not block by block (`verified`)
-        yield from opts.algorithm.loop(dlm, ids, budget, stops, opts, result, admit,
-                                  resolve=lambda *joining: resolve_rows(dlm, *joining))
-        return
-    step = opts.algorithm.step
-    generator = torch.Generator(device=dlm.device).manual_seed(opts.seed) if opts.seed is not None else None
+    if options is not None and (set_too := [k for k, v in given.items() if v is not None]):
+        raise EdlmError(f"decode options are given resolved (options=) and one by one ({set_too[0]}=): "
+                        "pass one or the other")
+    if verifier is not None:
+        from edlm.decode.verify import ParentVerifiedDecoder
 
-    out = Outputs(dlm)
-    out.add_rows(budget, stops)
-    batch = Batch(dlm, ids, opts, budget)
-    batch.open_blocks()
-    own_pace = opts.algorithm.rule is not None  # plain steps: every row moves to its next block on its own
-    while batch.rows.numel():
-        committed, calls = step(dlm, batch, generator)  # calls: model calls it made (each batched)
-        rows = batch.rows.tolist()
-        for r, c in zip(rows, committed.tolist(), strict=True):
-            out.stats[r].add_step(c, calls)
-        block_done = ~batch.todo.any(-1)  # [B]
-        # a row whose budget ends in this block is done once the slots it keeps are decided: later
-        # steps could only fill slots it cuts (unless the strategy revises committed slots)
-        kept_slots = batch.gen.cumsum(-1) <= batch.room[:, None]
-        ends_here = batch.room <= batch.gen.sum(-1)
-        budget_done = ends_here & ~(batch.todo & (kept_slots | opts.algorithm.revises)).any(-1)
-        finishing = (block_done & (batch.eos_slot < opts.block_size)) | budget_done
-        if own_pace:
-            moving = block_done | finishing
-        else:  # speculative strategies keep state across a block's steps: rows move on together
-            moving = block_done | finishing if bool((block_done | finishing).all()) else finishing
-        moving_rows = moving.tolist()  # host sync: once per step, by design
-        if not any(moving_rows):
-            continue
-        keep_rows, advance = [], []
-        for i, r in enumerate(rows):
-            if not moving_rows[i]:
-                keep_rows.append(i)
-                advance.append(False)
-                continue
-            new, hit_eos = _finished_tokens(batch, i, out.budget[r] - len(out.tokens[r]))
-            event = out.event(r, new, hit_eos)
-            if not event.done:
-                keep_rows.append(i)
-                advance.append(True)
-            yield event
-        if len(keep_rows) < len(rows):
-            batch.keep(torch.tensor(keep_rows, dtype=torch.long, device=dlm.device))
-        if not batch.rows.numel():
-            break
-        if any(advance):
-            moved = torch.tensor(advance, device=dlm.device)
-            room = [out.budget[r] - len(out.tokens[r]) for r in batch.rows.tolist()]
-            batch.room = torch.where(moved, torch.tensor(room, device=dlm.device), batch.room)
-            batch.next_blocks(moved)
-            batch.open_blocks(moved)
-        if admit is not None and (own_pace or all(advance)) and (joining := admit()):
-            new_ids, new_budget, new_stops = resolve_rows(dlm, *joining)
-            fresh = Batch(dlm, new_ids, opts, new_budget, first_row=out.add_rows(new_budget, new_stops))
-            fresh.open_blocks()
-            batch.join(fresh)
-    res = GenerationResult(out.text, out.tokens, out.stats, out.reason)
-    if result is not None:
-        result.append(res)
+        decoder = ParentVerifiedDecoder(dlm, verifier, resolve_parent_verified(dlm, **given))
+        model = verifier  # rows are the parent's: its tokenizer, context and EOS
+    else:
+        opts = options if options is not None else DecodeOptions.resolve(dlm, **given)
+        generator = torch.Generator(device=dlm.device).manual_seed(opts.seed) if opts.seed is not None else None
+        make = opts.algorithm.decoder or BlockDecoder
+        decoder, model = make(dlm, opts, generator), dlm
+    out = Outputs(model)
+    ids, budget, stops = resolve_rows(model, prompts, max_new_tokens, stop)
+    decoder.add(out.add_rows(budget, stops), ids, budget)
+    yield from decode_loop(decoder, out, admit, lambda *joining: resolve_rows(model, *joining), result)
 
 
 def generate(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NEW_TOKENS, on_block=None,
              **kwargs) -> GenerationResult:
     """Decode prompts (str, list of str, or token ids) block by block.
 
-    kwargs: stop (strings), and the decode options of edlm.decode.options (block_size, strategy,
-    threshold, temperature, top_p, factor, gamma, tokens_per_step, draft_depth, seed); unset ones
+    kwargs: stop (strings), verifier (the AR parent: the dLM drafts for it, its greedy text
+    results), and the decode options of edlm.decode.options (block_size, strategy, threshold,
+    temperature, top_p, factor, gamma, tokens_per_step, draft_depth, seed, ...); unset ones
     follow the checkpoint's `decoding` config, then the engine defaults (strategies: see
-    edlm.decode.strategies). `on_block(BlockEvent)` streams each committed block's text.
+    edlm.decode.strategies). `on_block(BlockEvent)` streams each committed piece's text.
     Returns texts, token ids and per-row stats (model calls, generated tokens, TPF, seconds).
     """
     result: list[GenerationResult] = []

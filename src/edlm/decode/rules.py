@@ -50,6 +50,15 @@ def accepted_drafts(drafts: list[int], greedy: list[int]) -> int:
     return n
 
 
+def cut_tokens(tokens: list[int], room: int, eos: int | None) -> list[int]:
+    """A row's new tokens as it emits them: at most `room` (its budget left), none after its first
+    EOS (which is kept: the caller's text drops it)."""
+    tokens = tokens[:room]
+    if eos is not None and eos in tokens:
+        return tokens[: tokens.index(eos) + 1]
+    return tokens
+
+
 def _top_n(score: torch.Tensor, n: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """Commit the n[b] highest-scoring candidates of each row."""
     score = score.masked_fill(~candidates, float("-inf"))

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from edlm.decode.step import candidate_logits
+from edlm.decode.kv import model_forward
 from edlm.masks import block_copies_mask
 
 ESTIMATORS = ("ltr", "elbo")
@@ -146,9 +146,7 @@ def score_rows(dlm, rows: list[ScoringRow], block_size: int, batch_size: int,
             ids[r, width - n :], pos[r, width - n :], group[r, width - n :] = map(torch.tensor, built[i])
         ids, pos, group = ids.to(dev), pos.to(dev), group.to(dev)
         mask = block_copies_mask(pos, group, block_size, causal_clean=dlm.config.causal_clean)
-        logits = dlm.model(input_ids=ids, attention_mask=dlm.backend_mask(mask), position_ids=pos.clamp_min(0),
-                           logits_to_keep=n_query, use_cache=False).logits
-        logp = candidate_logits(dlm, logits.float()).log_softmax(-1)  # [B, n_query, V]
+        logp = model_forward(dlm, pos, mask, ids=ids, logits_to_keep=n_query).log_softmax(-1)  # [B, n_query, V]
         greedy = logp.argmax(-1)
         for r, i in enumerate(chunk):
             row = rows[i]

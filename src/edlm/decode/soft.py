@@ -19,8 +19,8 @@ from edlm.decode.step import (
     denoise_step,
     forward_block,
     greedy_tokens,
-    keep_for_next_step,
-    kept_from_last_step,
+    recall,
+    remember,
 )
 
 
@@ -35,15 +35,15 @@ def soft_embeddings(dlm, block_ids: torch.Tensor, tokens: torch.Tensor, weight: 
 @torch.no_grad()
 def soft_step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
     """One forward on the soft block, then the threshold rule commits; returns (committed [B], 1)."""
-    drafts = kept_from_last_step(batch)
+    drafts = recall(batch)
     if drafts is None:  # the block's first forward: nothing drafted yet, and it writes pending KV
         logits = denoise_step(dlm, batch)
     else:
         weight = drafts["conf"] * batch.todo  # committed and out-of-budget slots stay hard
         embeds = soft_embeddings(dlm, batch.block_ids, drafts["tokens"], weight)
         logits = forward_block(dlm, batch, embeds=embeds)[:, 0]
-    tokens, conf = greedy_tokens(dlm, logits)
+    tokens, conf = greedy_tokens(logits)
     chosen = commit_threshold(conf, batch.todo, batch.opts.threshold)
     apply_commit(dlm, batch, chosen, tokens)
-    keep_for_next_step(batch, tokens=tokens, conf=conf)
+    remember(batch, tokens=tokens, conf=conf)
     return chosen.sum(-1), 1

@@ -21,12 +21,11 @@ import torch
 from edlm.decode.rules import commit_steps, commit_threshold
 from edlm.decode.step import (
     apply_commit,
-    candidate_logits,
     denoise_step,
     forward_block,
     greedy_tokens,
-    keep_for_next_step,
-    kept_from_last_step,
+    recall,
+    remember,
 )
 
 
@@ -66,19 +65,19 @@ def speculate(dlm, batch, rule) -> tuple[torch.Tensor, int]:
     draft_depth=1 is plain threshold decoding.
     """
     calls = 0
-    kept = kept_from_last_step(batch)
-    if kept is None:
-        tokens, conf = greedy_tokens(dlm, denoise_step(dlm, batch))
+    memo = recall(batch)
+    if memo is None:
+        tokens, conf = greedy_tokens(denoise_step(dlm, batch))
         calls += 1
     else:
-        tokens, conf = kept["tokens"], kept["conf"]
+        tokens, conf = memo["tokens"], memo["conf"]
     states, depth = draft_chain(dlm, batch, rule, tokens, conf)
     if depth == 0:  # s_1 fills every row's block: nothing left to verify
         _move_to(batch, states[0])
-        batch.kept = None
+        batch.memo = None
         return states[0].chosen.sum(-1), calls
     drafts = torch.stack([s.block_ids for s in states], 1)  # [B, depth, bs]
-    v_tokens, v_conf = greedy_tokens(dlm, forward_block(dlm, batch, ids=drafts.flatten(1), copies=depth))
+    v_tokens, v_conf = greedy_tokens(forward_block(dlm, batch, ids=drafts.flatten(1), copies=depth))
     calls += 1
     pick = accepted_depth(states, rule, tokens, v_tokens, v_conf) - 1  # [B] deepest accepted state
     rows = torch.arange(pick.shape[0], device=pick.device)
@@ -87,7 +86,7 @@ def speculate(dlm, batch, rule) -> tuple[torch.Tensor, int]:
     _move_to(batch, SimpleNamespace(block_ids=drafts[rows, pick],
                                     todo=torch.stack([s.todo for s in states], 1)[rows, pick],
                                     eos_slot=torch.stack([s.eos_slot for s in states], 1)[rows, pick]))
-    keep_for_next_step(batch, tokens=v_tokens[rows, pick], conf=v_conf[rows, pick])
+    remember(batch, tokens=v_tokens[rows, pick], conf=v_conf[rows, pick])
     return committed, calls
 
 
@@ -141,7 +140,7 @@ def wino_step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
     anything after them are never re-masked. Needs shift=False (the leave-one-out trick reads
     slot j's own logit).
     """
-    if kept_from_last_step(batch) is None:
+    if recall(batch) is None:
         logits, loo = denoise_step(dlm, batch), None
     else:
         mask_id = dlm.config.mask_token_id
@@ -149,14 +148,14 @@ def wino_step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
         both = forward_block(dlm, batch, ids=torch.cat([batch.block_ids, shadow], 1), copies=2,
                              see=leave_one_out_mask(batch.opts.block_size))
         logits, loo = both[:, 0], both[:, 1]
-    tokens, conf = greedy_tokens(dlm, logits)
+    tokens, conf = greedy_tokens(logits)
     decided = batch.gen & ~batch.todo & batch.todo.any(-1, keepdim=True)  # rows still working
     chosen = commit_threshold(conf, batch.todo, batch.opts.threshold)
     apply_commit(dlm, batch, chosen, tokens)
     committed = chosen.sum(-1)
     if loo is not None:
         slot = torch.arange(chosen.shape[1], device=chosen.device)[None]
-        p_kept = torch.softmax(candidate_logits(dlm, loo), -1).gather(-1, batch.block_ids[..., None])[..., 0]
+        p_kept = torch.softmax(loo, -1).gather(-1, batch.block_ids[..., None])[..., 0]
         weak = decided & (slot < batch.eos_slot[:, None]) & (p_kept < batch.opts.remask_below)
         score = p_kept.masked_fill(~weak, float("inf"))
         rank = score.argsort(-1).argsort(-1)
@@ -164,5 +163,5 @@ def wino_step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
         batch.block_ids = batch.block_ids.masked_fill(remask, dlm.config.mask_token_id)
         batch.todo = batch.todo | remask
         committed = committed - remask.sum(-1)
-    keep_for_next_step(batch)
+    remember(batch)
     return committed, 1

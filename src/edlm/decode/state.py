@@ -1,7 +1,7 @@
 """The decoding state of a batch: per-row tensors, results and events.
 
 Every per-row tensor has the batch's rows as its first dimension; row r of each is the same
-request. Rows leave (`keep`) the moment they are done and join (`join`) between two steps.
+request. Rows leave (`select_rows`) the moment they are done and join (`join`) between two steps.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from edlm.decode.kv import KVRows
 from edlm.errors import EdlmError
 
 
@@ -56,8 +57,8 @@ class BlockEvent:
 
 
 class Outputs:
-    """Per-request token lists, text, stats and finish reason, with stop-string handling (the
-    engine and the verified drafter both end rows through it)."""
+    """Per-request token lists, text, stats and finish reason, with stop-string handling: every
+    decoder ends its rows through it (edlm.decode.loop)."""
 
     def __init__(self, dlm):
         self.dlm = dlm
@@ -102,15 +103,6 @@ class Outputs:
         self.stats[row].generated_tokens = len(self.tokens[row])
         return text[len(old_text):], done
 
-    def cut(self, row: int, tokens: list[int]) -> tuple[list[int], bool]:
-        """Tokens a token-by-token decoder accepted for `row`, cut to its budget left and after its
-        first EOS; and whether it hit that EOS."""
-        tokens = tokens[: self.budget[row] - len(self.tokens[row])]
-        eos = self.dlm.tokenizer.eos_token_id
-        if eos is not None and eos in tokens:
-            return tokens[: tokens.index(eos) + 1], True
-        return tokens, False
-
     def event(self, row: int, new: list[int], hit_eos: bool) -> BlockEvent:
         """add_block, then the row's event: with its finish reason and stats when it is done."""
         text, done = self.add_block(row, new, hit_eos)
@@ -151,58 +143,7 @@ def encode_prompts(dlm, prompts) -> list[list[int]]:
     return out
 
 
-class CacheRows:
-    """A KV cache shared by a batch's rows, with each key's logical position and validity per row
-    ([B, K]): rows of different lengths, rows that left and joins leave masked-out columns."""
-
-    def init_cache(self, n: int, device) -> None:
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache()
-        self.cache_pos = torch.zeros(n, 0, dtype=torch.long, device=device)
-        self.cache_valid = torch.zeros(n, 0, dtype=torch.bool, device=device)
-
-    def select_cache_rows(self, idx: torch.Tensor) -> None:
-        if self.cache.get_seq_length() == 0:
-            # nothing cached yet (every prompt shorter than a block); DynamicCache leaves empty
-            # layers at their old batch size here, which the next forward cannot extend
-            from transformers import DynamicCache
-
-            self.cache = DynamicCache()
-        else:
-            self.cache.batch_select_indices(idx)
-        self.cache_pos, self.cache_valid = self.cache_pos[idx], self.cache_valid[idx]
-
-    def add_cache_rows(self, n_new: int) -> None:
-        """Rows for `n_new` joining requests: copies of row 0's KV, all masked out."""
-        n_old, dev = self.cache_pos.shape[0], self.cache_pos.device
-        if n_old == 0:
-            self.init_cache(n_new, dev)
-            return
-        idx = torch.cat([torch.arange(n_old), torch.zeros(n_new, dtype=torch.long)]).to(dev)
-        self.select_cache_rows(idx)
-        self.cache_valid = self.cache_valid.clone()
-        self.cache_valid[n_old:] = False
-        self.cache_pos = self.cache_pos.clone()
-        self.cache_pos[n_old:] = -1
-
-    def drop_unseen_keys(self) -> None:
-        """Drop cache columns no remaining row attends (the left padding that rows of other
-        lengths or joins put there), so a long-lived batch stops paying for rows that left.
-        Positions are explicit (RoPE is applied when a key is written), so this is exact."""
-        seen = self.cache_valid.any(0)
-        layers = getattr(self.cache, "layers", [])
-        if seen.all() or any(getattr(layer, "is_sliding", False) for layer in layers):
-            return
-        if self.cache.get_seq_length() != seen.numel():
-            return  # nothing cached yet
-        cols = seen.nonzero().squeeze(1)
-        for layer in layers:
-            layer.keys, layer.values = layer.keys[:, :, cols], layer.values[:, :, cols]
-        self.cache_pos, self.cache_valid = self.cache_pos[:, cols], self.cache_valid[:, cols]
-
-
-class Batch(CacheRows):
+class Batch(KVRows):
     """Tensors of the rows still decoding, plus the KV cache of their finished blocks.
 
     pending_*: clean tokens whose KV the next forward writes (the prompt's complete blocks, or the
@@ -210,7 +151,7 @@ class Batch(CacheRows):
     the generated (not prompt) slots. Every slot of a block is a candidate even when a row's
     budget ends inside it, so a budget never changes the tokens it keeps (as in SGLang: decode the
     whole block, then cut); only slots past the model's last position are left out.
-    `kept` is what a strategy keeps between the steps of one block (edlm.decode.step.keep_for_next_step).
+    `memo` is what a strategy remembers between the steps of one block (edlm.decode.step.remember).
     """
 
     PER_ROW = ("pending_ids", "pending_pos", "block_start", "block_ids", "todo", "gen",
@@ -236,7 +177,7 @@ class Batch(CacheRows):
         self.todo = torch.zeros(n, bs, dtype=torch.bool, device=dev)  # masked, to generate
         self.gen = torch.zeros(n, bs, dtype=torch.bool, device=dev)  # generated (not prompt) slots
         self.carry = None  # [n, V] logits predicting slot 0 (shift models only)
-        self.kept = None  # a strategy's state between steps of a block
+        self.memo = None  # a strategy's state between steps of a block
         self.block_mask = None  # (positions, backend mask) of the current blocks, while the cache is unchanged
         self.eos_slot = torch.full((n,), bs, dtype=torch.long, device=dev)
         for r, (p, s) in enumerate(zip(prompts, starts, strict=True)):
@@ -275,10 +216,11 @@ class Batch(CacheRows):
         self.block_start = torch.where(rows, self.block_start + bs, self.block_start)
         self.prompt_tail = torch.where(rows, 0, self.prompt_tail)
 
-    def keep(self, idx: torch.Tensor) -> None:
-        """Drop finished rows everywhere (cache included): they cost nothing from now on."""
+    def select_rows(self, idx: list[int]) -> None:
+        """Keep only rows `idx` everywhere (cache included): finished rows cost nothing from now on."""
         self.block_mask = None
-        self.rows = self.rows[idx.cpu()]
+        self.rows = self.rows[idx]
+        idx = torch.tensor(idx, dtype=torch.long, device=self.block_ids.device)
         self.select_cache_rows(idx)
         for name in self.PER_ROW:
             setattr(self, name, getattr(self, name)[idx])

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from edlm.decode import rules
-from edlm.decode.selfverify import stream_self_verified
+from edlm.decode.selfverify import SelfVerifiedDecoder
 from edlm.decode.soft import soft_step
 from edlm.decode.speculative import lossless_step, psd_step, wino_step
-from edlm.decode.step import apply_commit, candidate_logits, denoise_step, skips_decided_slots
+from edlm.decode.step import apply_commit, denoise_step, skips_decided_slots
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,8 @@ class Strategy:
     needs_no_shift: bool = False
     revises: bool = False  # may re-mask committed slots: a row's block must then be decoded to its end
     rule: Callable | None = None  # plain strategies: (conf, entropy, todo, opts) -> commit mask
-    # a strategy that is not block by block runs its own loop over the resolved rows instead of `step`
-    loop: Callable | None = None  # (dlm, ids, budgets, stops, opts, result, admit, resolve) -> events
+    # a strategy that is not block by block brings its own decoder for edlm.decode.loop instead of `step`
+    decoder: Callable | None = None  # (dlm, opts, generator) -> a decoder (rows, add, step, advance)
     needs_ar_stream: bool = False  # verifies with the clean stream as an AR model (causal-clean or shift)
 
     @property
@@ -46,7 +46,7 @@ def rule_step(rule: Callable) -> Callable:
     def step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
         opts, todo = batch.opts, batch.todo
         want = todo if skips_decided_slots(dlm) else None  # [N, V]: undecided slots only
-        logits = candidate_logits(dlm, denoise_step(dlm, batch, want=want))
+        logits = denoise_step(dlm, batch, want=want)
         tokens, conf, entropy = rules.pick_tokens(logits, opts.temperature, opts.top_p, generator,
                                                   entropy="gamma" in opts.algorithm.reads)
         if want is not None:  # back to [B, bs]: decided slots are no candidates, what they hold is never read
@@ -85,7 +85,7 @@ _ALL = [
     Strategy("soft", soft_step, "DMax soft inputs: unsure drafts fed back as token/mask blends",
              greedy_only=True),
     Strategy("verified", None, "one model drafts by diffusion and verifies with its own AR stream in one forward "
-             "(TiDAR): token-identical to its greedy AR decode", greedy_only=True, loop=stream_self_verified,
+             "(TiDAR): token-identical to its greedy AR decode", greedy_only=True, decoder=SelfVerifiedDecoder,
              needs_ar_stream=True),
     Strategy("wino", wino_step, "WINO: commit wide at the threshold, re-mask drafts the context no longer supports",
              greedy_only=True, needs_no_shift=True, revises=True),

@@ -10,17 +10,18 @@ parent's greedy text. Both KV caches stay exact: the parent's cache keeps only a
 
 Rows are batched: both forwards serve every row of a batch; rows accept different numbers of
 drafts, so the parent keeps each row's rejected drafts' KV masked out (as `verified` does) and
-the dLM keeps per row how far its clean blocks are cached.
+the dLM keeps per row how far its clean blocks are cached. Reached as
+`dlm.generate(prompts, verifier=ar)` (edlm.decode.engine.stream drives `ParentVerifiedDecoder`
+through the one loop).
 """
 
 from __future__ import annotations
 
 import torch
 
-from edlm.decode.options import DEFAULT_MAX_NEW_TOKENS, resolve_rows
-from edlm.decode.selfverify import AcceptedRows, clean_inputs, emit_accepted, keep_accepted_kv
-from edlm.decode.state import CacheRows, GenerationResult, Outputs
-from edlm.decode.step import candidate_logits
+from edlm.decode.kv import KVRows, lag
+from edlm.decode.loop import Step
+from edlm.decode.selfverify import AcceptedRows, clean_inputs
 from edlm.errors import EdlmError
 from edlm.masks import position_block_mask
 
@@ -35,7 +36,7 @@ def check_pair(drafter, verifier) -> None:
         raise EdlmError("the dLM and its verifier must share a tokenizer (the dLM is converted from the verifier)")
 
 
-class _Drafts(CacheRows):
+class BlockDrafts(KVRows):
     """The dLM's side, batched: per row, a cache of its clean finished blocks ([0, cached[r])) and
     one-forward drafts of the rest of its current block."""
 
@@ -47,7 +48,9 @@ class _Drafts(CacheRows):
         self.add_cache_rows(n)
         self.cached += [0] * n
 
-    def keep(self, idx: list[int]) -> None:
+    def select(self, idx: list[int]) -> None:
+        if len(idx) == len(self.cached):
+            return
         self.select_cache_rows(torch.tensor(idx, dtype=torch.long, device=self.cache_pos.device))
         self.cached = [self.cached[i] for i in idx]
         self.drop_unseen_keys()
@@ -59,95 +62,85 @@ class _Drafts(CacheRows):
         One forward feeds, per row, its finished blocks not cached yet (clean, left-padded) and its
         current block [decided slots ; masks] (right-padded where the context ends); the block's
         KV is cropped after, the finished blocks' stays, as in the engine's denoise_step."""
-        dlm, bs, dev = self.dlm, self.bs, self.dlm.device
-        limit, mask_id = dlm.max_positions or 1 << 30, dlm.config.mask_token_id
+        dlm, bs = self.dlm, self.bs
+        limit = dlm.max_positions or 1 << 30
         starts = [len(s) // bs * bs for s in seqs]
+        ids, pos, n_clean = self._inputs(seqs, starts, limit)
+        k_pos, k_valid = self.keys_with(pos)
+        clean_q = None
+        if dlm.config.causal_clean:  # fed finished blocks are the clean stream: token-causal
+            clean_q = torch.arange(pos.shape[1], device=pos.device)[None].expand(len(seqs), -1) < n_clean
+        mask = position_block_mask(pos, k_pos, bs, k_valid, clean_q)
+        kept_from = 1 if n_clean else 0  # the kept logits: the last clean position (if fed), then the blocks
+        best = self.forward(dlm, pos, mask, n_clean, ids=ids, logits_to_keep=kept_from + bs).argmax(-1).tolist()
+        self.cached = starts
+        # slot i of a block is predicted at its slot i - 1 (shift; slot 0 at the last clean position,
+        # always fed when a row's accepted prefix ends on a block) or at slot i
+        slot0 = kept_from - lag(dlm)  # the kept index predicting slot 0
+        return [best[r][slot0 + len(s) - b: slot0 + min(b + bs, limit) - b]
+                for r, (s, b) in enumerate(zip(seqs, starts, strict=True))]
+
+    def _inputs(self, seqs, starts, limit):
+        """Ids and positions [B, Q]: each row's finished blocks not cached yet, then its block."""
+        bs, mask_id = self.bs, self.dlm.config.mask_token_id
         clean = [s[c:b] for s, c, b in zip(seqs, self.cached, starts, strict=True)]
-        wc = max(len(x) for x in clean)
+        n_clean = max(len(x) for x in clean)
         ids, pos = [], []
         for s, c, b, x in zip(seqs, self.cached, starts, clean, strict=True):
             end = min(b + bs, limit)
             block_pos = [q if q < end else -1 for q in range(b, b + bs)]
-            ids.append([mask_id] * (wc - len(x)) + x + s[b:] + [mask_id] * (b + bs - len(s)))
-            pos.append([-1] * (wc - len(x)) + list(range(c, b)) + block_pos)
-        ids, pos = (torch.tensor(v, dtype=torch.long, device=dev) for v in (ids, pos))
-        k_pos = torch.cat([self.cache_pos, pos], 1)
-        k_valid = torch.cat([self.cache_valid, pos >= 0], 1)
-        clean_q = None
-        if dlm.config.causal_clean:  # fed finished blocks are the clean stream: token-causal
-            clean_q = torch.arange(pos.shape[1], device=dev)[None].expand(len(seqs), -1) < wc
-        mask = position_block_mask(pos, k_pos, bs, k_valid, clean_q)
-        first = 1 if wc else 0  # the kept logits: the last clean position (if fed), then the blocks
-        out = dlm.model(input_ids=ids, attention_mask=dlm.backend_mask(mask), position_ids=pos.clamp_min(0),
-                        cache=self.cache, use_cache=True, logits_to_keep=first + bs)
-        self.cache.crop(-bs)  # the current blocks are not clean yet
-        self.cache_pos = torch.cat([self.cache_pos, pos[:, :wc]], 1)
-        self.cache_valid = torch.cat([self.cache_valid, pos[:, :wc] >= 0], 1)
-        self.cached = starts
-        # slot i of a block is predicted at its slot i - 1 (shift; slot 0 at the last clean position,
-        # always fed when a row's accepted prefix ends on a block) or at slot i
-        best = candidate_logits(dlm, out.logits.float()).argmax(-1).tolist()
-        at = first - (1 if dlm.config.shift else 0)  # the kept index predicting slot 0
-        return [best[r][at + len(s) - b: at + min(b + bs, limit) - b]
-                for r, (s, b) in enumerate(zip(seqs, starts, strict=True))]
+            ids.append([mask_id] * (n_clean - len(x)) + x + s[b:] + [mask_id] * (b + bs - len(s)))
+            pos.append([-1] * (n_clean - len(x)) + list(range(c, b)) + block_pos)
+        dev = self.dlm.device
+        return torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev), n_clean
 
 
 @torch.no_grad()
-def _parent_greedy(ar, rows: AcceptedRows):
+def parent_greedy(ar, rows: AcceptedRows) -> tuple[list[list[int]], int, int]:
     """One AR forward for every row over [accepted tokens not cached ; drafts]: per row, the
     parent's greedy token after its prefix and after each draft prefix (its drafts + 1 tokens);
-    and the fed clean part (positions, widths), which keep_accepted_kv trims once rows accepted."""
-    ids, pos, w, d = clean_inputs(rows, ar.tokenizer.pad_token_id or 0)
-    dev = ar.device
-    ids, pos = (torch.tensor(v, dtype=torch.long, device=dev) for v in (ids, pos))
+    and the widths of the fed clean part (new accepted tokens, drafts) for trim_to_accepted."""
+    ids, pos, n_new, n_drafts = clean_inputs(rows, ar.tokenizer.pad_token_id or 0)
+    ids, pos = (torch.tensor(v, dtype=torch.long, device=ar.device) for v in (ids, pos))
+    k_pos, k_valid = rows.keys_with(pos)
     # token-causal over valid keys: the block-causal rule at block size 1, as the engine's AR steps
-    mask = position_block_mask(pos, torch.cat([rows.cache_pos, pos], 1), 1, torch.cat([rows.cache_valid, pos >= 0], 1))
-    out = ar.model(input_ids=ids, attention_mask=ar.backend_mask(mask), position_ids=pos.clamp_min(0),
-                   cache=rows.cache, use_cache=True, logits_to_keep=d + 1)
-    greedy = candidate_logits(ar, out.logits.float()).argmax(-1).tolist()
-    return [g[: len(x) + 1] for g, x in zip(greedy, rows.drafts, strict=True)], (pos, w, d)
+    mask = position_block_mask(pos, k_pos, 1, k_valid)
+    greedy = rows.forward(ar, pos, mask, n_new + n_drafts, ids=ids, logits_to_keep=n_drafts + 1).argmax(-1).tolist()
+    return [g[: len(x) + 1] for g, x in zip(greedy, rows.drafts, strict=True)], n_new, n_drafts
 
 
-def stream_verified(drafter, verifier, prompts, max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS, stop=None,
-                    block_size: int | None = None, result: list | None = None, admit=None):
-    """Greedy decoding of `verifier` (the AR parent), drafted by `drafter` (its dLM), every row
-    in the same two forwards per step: a BlockEvent per row and step (the engine's event shape, so
-    a server can use either); the GenerationResult is appended to `result`. `admit` is called
-    after every step; its requests (prompts, max_new_tokens, stop) join from the next one.
+class ParentVerifiedDecoder:
+    """Greedy decoding of `verifier` (the AR parent), drafted by `drafter` (its dLM), as a decoder
+    of edlm.decode.loop: every row in the same two forwards per step.
 
     stats: model_calls counts verification steps (one AR forward each; the dLM's draft forward
-    per step comes on top), so tpf = tokens per verification step.
-    """
-    check_pair(drafter, verifier)
-    bs = block_size or drafter.config.block_size
-    out = Outputs(verifier)  # EOS, stop strings and budget end a row as in the engine
-    rows, drafts = AcceptedRows(verifier.device), _Drafts(drafter, bs)
+    per step comes on top), so tpf = tokens per verification step."""
 
-    def add(prompts, max_new_tokens, stop):
-        ids, budgets, stops = resolve_rows(verifier, prompts, max_new_tokens, stop)
-        rows.add(out.add_rows(budgets, stops), ids)
-        drafts.add(len(ids))
+    joinable = True
 
-    add(prompts, max_new_tokens, stop)
-    while rows.seq:
-        rows.drafts = drafts.draft(rows.seq)
-        greedy, (pos, w, d) = _parent_greedy(verifier, rows)
+    def __init__(self, drafter, verifier, block_size: int):
+        check_pair(drafter, verifier)
+        self.verifier = verifier
+        self.accepted, self.drafts = AcceptedRows(verifier.device), BlockDrafts(drafter, block_size)
+        self.eos = verifier.tokenizer.eos_token_id
+
+    @property
+    def rows(self) -> list[int]:
+        return self.accepted.ids
+
+    def add(self, first_row: int, ids: list[list[int]], budgets: list[int]) -> None:
+        self.accepted.add(first_row, ids, budgets)
+        self.drafts.add(len(ids))
+
+    def step(self) -> Step:
+        rows = self.accepted
+        rows.drafts = self.drafts.draft(rows.seq)
+        greedy, n_new, n_drafts = parent_greedy(self.verifier, rows)
         accepted, kept = rows.accept(greedy)
-        keep_accepted_kv(rows, pos, w, d, kept)
-        stay = yield from emit_accepted(rows, out, accepted)
-        if len(stay) < len(rows.seq):
-            rows.keep(stay)
-            drafts.keep(stay)
-        if admit is not None and (joining := admit()):
-            add(*joining)
-    if result is not None:
-        result.append(GenerationResult(out.text, out.tokens, out.stats, out.reason))
+        rows.trim_to_accepted(n_new, n_drafts, kept)
+        emitted = rows.emit(accepted, self.eos)
+        return Step(1, [len(emitted[i]) for i in range(len(emitted))], emitted)
 
-
-def generate_verified(drafter, verifier, prompts, max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS, stop=None,
-                      block_size: int | None = None) -> GenerationResult:
-    """All rows of `stream_verified` at once."""
-    result: list[GenerationResult] = []
-    for _ in stream_verified(drafter, verifier, prompts, max_new_tokens, stop, block_size, result):
-        pass
-    return result[0]
+    def advance(self, stay: list[int], room: list[int]) -> None:
+        self.accepted.select(stay, room)
+        self.drafts.select(stay)

@@ -72,9 +72,7 @@ def engine_runner(dlm, max_new_tokens: int, **decode):
 
 def verified_runner(dlm, ar, max_new_tokens: int):
     """The dLM drafts, the AR parent verifies (edlm.decode.verify); calls = verification steps."""
-    from edlm.decode.verify import generate_verified
-
-    return _result_runner(lambda prompts: generate_verified(dlm, ar, prompts, max_new_tokens))
+    return _result_runner(lambda prompts: dlm.generate(prompts, max_new_tokens=max_new_tokens, verifier=ar))
 
 
 def _result_runner(decode):

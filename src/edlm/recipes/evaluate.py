@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from edlm.decode.options import DecodeOptions
 from edlm.decode.scoring import ESTIMATORS, ScoringRow, left_to_right_row, masked_elbo_row, score_rows
-from edlm.decode.verify import generate_verified
 from edlm.errors import EdlmError
 from edlm.model import DiffusionLM
 
@@ -197,7 +196,8 @@ class EdlmLM(TemplateLM):
             for s in range(0, len(idx), self.batch_size):
                 chunk = idx[s : s + self.batch_size]
                 if self.verifier is not None:  # the parent's greedy text; sampling would need another rule
-                    res = generate_verified(self.dlm, self.verifier, [prompts[i] for i in chunk], budget, list(until))
+                    res = self.dlm.generate([prompts[i] for i in chunk], max_new_tokens=budget, stop=list(until),
+                                            verifier=self.verifier)
                 else:
                     res = self.dlm.generate([prompts[i] for i in chunk], max_new_tokens=budget, stop=list(until),
                                             temperature=temperature, seed=self.seed, **self.decode)

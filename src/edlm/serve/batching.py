@@ -210,9 +210,8 @@ class BatchingWorker:
 
         prompts, budgets, stops = engine_rows(jobs)
         if self.verifier is not None:
-            from edlm.decode.verify import stream_verified
-
-            events = stream_verified(self.dlm, self.verifier, prompts, budgets, stops, admit=admit)
+            events = self.dlm.stream(prompts, max_new_tokens=budgets, stop=stops, admit=admit, verifier=self.verifier,
+                                     block_size=jobs[0].options.block_size)
         else:
             events = self.dlm.stream(prompts, max_new_tokens=budgets, stop=stops, admit=admit,
                                      options=jobs[0].options)

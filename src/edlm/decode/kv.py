@@ -1,0 +1,131 @@
+"""The one seam between decoding and the model: `model_forward`, and the cache rows it writes.
+
+Every decoder and the likelihood scorer call the model through `model_forward` (gpt-fast's
+`model_forward`): masks in the backend's form, logical positions, the candidate set. It is the
+single place for a per-token adapter gate, compilation or a static cache later.
+
+`KVRows` is a KV cache shared by a batch's rows, with each key's logical position and validity
+per row ([B, K]): rows of different lengths, rows that left and joins leave masked-out columns.
+`KVRows.forward` feeds new tokens against it ("keys = cache ; new" is `keys_with`), keeps the KV
+of the first `keep_new` of them (clean tokens) and crops the rest (a block still being
+decoded, drafts), and counts the model calls.
+
+Token shift: a shift model predicts the token at position p from position p - 1 (`lag(dlm)` is
+that 1, else 0); a block's first slot then comes from the clean token before it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def lag(dlm) -> int:
+    """How many positions before a token the logits that predict it sit (1 with token shift)."""
+    return 1 if dlm.config.shift else 0
+
+
+def candidate_logits(dlm, logits: torch.Tensor) -> torch.Tensor:
+    """The mask token is never a candidate, nor are padded vocabulary rows beyond the tokenizer."""
+    limit = len(dlm.tokenizer) if dlm.tokenizer is not None else logits.shape[-1]
+    if limit < logits.shape[-1]:
+        logits[..., limit:] = float("-inf")
+    if dlm.config.mask_token_id is not None:
+        logits[..., dlm.config.mask_token_id] = float("-inf")
+    return logits
+
+
+def model_forward(dlm, positions: torch.Tensor, mask, ids: torch.Tensor | None = None,
+                  embeds: torch.Tensor | None = None, cache=None, logits_to_keep=0) -> torch.Tensor:
+    """Candidate logits (float32) of one model call: the only place decoding and scoring run the model.
+
+    positions [B, Q] logical (-1 = padding, fed as 0 and masked out as a key); mask [B, Q, K] bool
+    (True = attend; K = cached keys then the Q new ones), or already in the backend's form (4-D,
+    or a flex BlockMask), as a block's later steps reuse it; logits_to_keep as HF takes it (an int
+    for the last n queries, or a [B, Q] bool for chosen ones).
+    """
+    if torch.is_tensor(mask) and mask.dim() == 3:
+        mask = dlm.backend_mask(mask)
+    out = dlm.model(input_ids=ids, inputs_embeds=embeds, attention_mask=mask,
+                    position_ids=positions.clamp_min(0), cache=cache, use_cache=cache is not None,
+                    logits_to_keep=logits_to_keep)
+    return candidate_logits(dlm, out.logits.float())
+
+
+class KVRows:
+    """A KV cache shared by a batch's rows, each key's logical position and validity per row."""
+
+    calls = 0  # model calls made through `forward`
+
+    def init_cache(self, n: int, device) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache()
+        self.cache_pos = torch.zeros(n, 0, dtype=torch.long, device=device)  # [B, K]
+        self.cache_valid = torch.zeros(n, 0, dtype=torch.bool, device=device)  # [B, K]
+
+    def keys_with(self, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions and validity [B, K + Q] of the keys a forward of queries at q_pos sees: the
+        cached ones, then the new ones (padding, position -1, is no key)."""
+        return torch.cat([self.cache_pos, q_pos], 1), torch.cat([self.cache_valid, q_pos >= 0], 1)
+
+    def forward(self, dlm, q_pos: torch.Tensor, mask, keep_new: int, ids=None, embeds=None,
+                logits_to_keep=0) -> torch.Tensor:
+        """Feed new tokens (ids or embeds [B, Q(, H)] at q_pos) against the cache; their first
+        `keep_new` stay cached as clean keys, the KV of the rest is cropped. Candidate logits."""
+        logits = model_forward(dlm, q_pos, mask, ids=ids, embeds=embeds, cache=self.cache,
+                               logits_to_keep=logits_to_keep)
+        self.calls += 1
+        self.drop_last_keys(q_pos.shape[1] - keep_new, written=False)
+        kept = q_pos[:, :keep_new]
+        self.cache_pos = torch.cat([self.cache_pos, kept], 1)
+        self.cache_valid = torch.cat([self.cache_valid, kept >= 0], 1)
+        return logits
+
+    def drop_last_keys(self, n: int, written: bool = True) -> None:
+        """Crop the last n keys of the cache (with their positions, unless not recorded yet)."""
+        if n <= 0:
+            return  # DynamicCache.crop(0) would empty the cache
+        self.cache.crop(-n)
+        if written:
+            self.cache_pos, self.cache_valid = self.cache_pos[:, :-n], self.cache_valid[:, :-n]
+
+    def select_cache_rows(self, idx: torch.Tensor) -> None:
+        if self.cache.get_seq_length() == 0:
+            # nothing cached yet (every prompt shorter than a block); DynamicCache leaves empty
+            # layers at their old batch size here, which the next forward cannot extend
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache()
+        else:
+            self.cache.batch_select_indices(idx)
+        self.cache_pos, self.cache_valid = self.cache_pos[idx], self.cache_valid[idx]
+
+    def add_cache_rows(self, n_new: int) -> None:
+        """Rows for `n_new` joining requests: copies of row 0's KV, all masked out."""
+        n_old, dev = self.cache_pos.shape[0], self.cache_pos.device
+        if n_old == 0:
+            self.init_cache(n_new, dev)
+            return
+        idx = torch.cat([torch.arange(n_old), torch.zeros(n_new, dtype=torch.long)]).to(dev)
+        self.select_cache_rows(idx)
+        self.cache_valid = self.cache_valid.clone()
+        self.cache_valid[n_old:] = False
+        self.cache_pos = self.cache_pos.clone()
+        self.cache_pos[n_old:] = -1
+
+    def drop_unseen_keys(self) -> None:
+        """Drop cache columns no remaining row attends (the left padding that rows of other
+        lengths or joins put there), so a long-lived batch stops paying for rows that left.
+        Positions are explicit (RoPE is applied when a key is written), so this is exact."""
+        seen = self.cache_valid.any(0)
+        layers = getattr(self.cache, "layers", [])
+        if any(getattr(layer, "is_sliding", False) for layer in layers):
+            return
+        if self.cache.get_seq_length() != seen.numel():
+            return  # nothing cached yet
+        cols = seen.nonzero().squeeze(1)
+        if cols.numel() == seen.numel():
+            return
+        for layer in layers:
+            layer.keys, layer.values = layer.keys[:, :, cols], layer.values[:, :, cols]
+        self.cache_pos, self.cache_valid = self.cache_pos[:, cols], self.cache_valid[:, cols]
