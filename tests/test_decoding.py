@@ -1,7 +1,5 @@
 """Cached block decoding vs a no-cache reference, batching, strategies, EOS and stop strings."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -17,8 +15,39 @@ PLAIN = [name for name, s in STRATEGIES.items() if s.rule is not None]
 
 
 def commit(strategy, conf, entropy, todo, **opts):
-    """The registry's commit rule of a plain strategy, with engine defaults for unset options."""
-    return STRATEGIES[strategy].rule(conf, entropy, todo, SimpleNamespace(**{**ENGINE_DEFAULTS, **opts}))
+    """Each plain strategy's commit rule written out again in plain Python (loops over lists, nothing
+    from edlm.decode.rules or the registry), with engine defaults for unset options.
+    conf, entropy [B, S] float, todo [B, S] bool (the candidates) -> commit [B, S] bool."""
+    o = {**ENGINE_DEFAULTS, **opts}
+    out = []
+    for c, h, cand in zip(conf.tolist(), entropy.tolist(), todo.tolist(), strict=True):
+        slots = [j for j, is_cand in enumerate(cand) if is_cand]
+        by_conf = sorted(slots, key=lambda j: -c[j])  # most confident first; ties: leftmost first
+        if not slots:
+            chosen = []
+        elif strategy == "threshold":  # every candidate >= threshold, and always the top-1
+            chosen = [j for j in slots if c[j] >= o["threshold"]] + by_conf[:1]
+        elif strategy == "prefix":  # leftmost always, then each next candidate while all pass
+            chosen = [slots[0]]
+            for j in slots[1:]:
+                if c[j] < o["threshold"]:
+                    break
+                chosen.append(j)
+        elif strategy == "factor":  # top n, largest n with (n + 1)(1 - c_n) < factor, at least 1
+            n = max([k for k in range(1, len(by_conf) + 1) if (k + 1) * (1 - c[by_conf[k - 1]]) < o["factor"]],
+                    default=1)
+            chosen = by_conf[:n]
+        elif strategy == "entropy":  # lowest entropy first, largest k with sum(H) - max(H) <= gamma
+            by_ent = sorted(slots, key=lambda j: h[j])
+            ks = [k for k in range(1, len(by_ent) + 1)
+                  if sum(h[j] for j in by_ent[:k]) - max(h[j] for j in by_ent[:k]) <= o["gamma"]]
+            chosen = by_ent[:max(ks, default=1)]
+        elif strategy == "steps":  # the tokens_per_step most confident
+            chosen = by_conf[: o["tokens_per_step"]]
+        else:
+            raise AssertionError(f"no reference commit rule for plain strategy {strategy!r}: add one here")
+        out.append([j in chosen for j in range(len(cand))])
+    return torch.tensor(out, dtype=torch.bool).reshape(todo.shape)
 
 
 @pytest.fixture(params=["head on every slot", "head on undecided slots"])
