@@ -102,9 +102,11 @@ def test_every_option_has_a_generate_flag_with_its_default_in_the_help():
     for spec in declared_options():
         action = actions[flag(spec.name)]
         shown = "the model's" if spec.default is MISSING else f"the model's, else {spec.default}"
-        assert action.help == f"{spec.help} (default: {shown})"
+        span = "" if spec.kind is str else f", {spec.span()}"
+        assert action.help == f"{spec.help}{span} (default: {shown})"
         assert action.type is spec.kind and action.default is None  # unset: the checkpoint's config may win
-    assert "(default: the model's, else 0.9)" in actions["--remask-below"].help
+    assert actions["--remask-below"].help.endswith(", in (0, 1] (default: the model's, else 0.9)")
+    assert actions["--factor"].help.endswith(", > 0 (default: the model's, else 1.0)")
 
 
 @pytest.mark.parametrize("request_type", [CompletionRequest, ChatRequest])

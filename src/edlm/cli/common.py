@@ -16,8 +16,9 @@ def add_decode_flags(p, only=option_names()) -> None:
         raise ValueError(f"no decode option {unknown[0]!r}")
     for spec in (s for s in declared_options() if s.name in only):
         shown = "the model's" if spec.default is MISSING else f"the model's, else {spec.default}"
+        span = "" if spec.kind is str else f", {spec.span()}"
         p.add_argument("--" + spec.name.replace("_", "-"), type=spec.kind, default=None,
-                       help=f"{spec.help} (default: {shown})")
+                       help=f"{spec.help}{span} (default: {shown})")
 
 
 def decode_flags(args) -> dict:

@@ -27,8 +27,8 @@ from edlm.decode.strategies import STRATEGIES, Strategy, declare_reads, strategy
 from edlm.errors import EdlmError
 
 DEFAULT_MAX_NEW_TOKENS = 128
-EVERY = strategy_names()
-SAMPLING = tuple(n for n, s in STRATEGIES.items() if not s.greedy_only)  # the ones temperature / top_p / seed act in
+_EVERY = strategy_names()
+_SAMPLING = tuple(n for n, s in STRATEGIES.items() if not s.greedy_only)  # where temperature / top_p / seed act
 
 
 class DecodeOptionError(EdlmError):
@@ -101,13 +101,13 @@ class DecodeOptions:
 
     Each field is one option's only declaration; see the module docstring for what derives from it."""
 
-    block_size: int = _option(MISSING, "decode block size", kind=int, low=1, label="block size", read_by=EVERY)
+    block_size: int = _option(MISSING, "decode block size", kind=int, low=1, label="block size", read_by=_EVERY)
     strategy: str = _option("threshold", "commit rule: " + " | ".join(STRATEGIES), kind=str,
                             choices=strategy_names(), read_by=())  # it picks the strategy
-    threshold: float = _option(0.9, "commit confidence threshold in (0, 1]", low=0.0, high=1.0, low_open=True,
+    threshold: float = _option(0.9, "commit confidence threshold", low=0.0, high=1.0, low_open=True,
                                read_by=("threshold", "prefix", "psd", "soft", "wino"))
-    temperature: float = _option(0.0, "sampling temperature (0 = greedy)", low=0.0, high=2.0, read_by=SAMPLING)
-    top_p: float = _option(1.0, "nucleus sampling mass", low=0.0, high=1.0, low_open=True, read_by=SAMPLING)
+    temperature: float = _option(0.0, "sampling temperature (0 = greedy)", low=0.0, high=2.0, read_by=_SAMPLING)
+    top_p: float = _option(1.0, "nucleus sampling mass", low=0.0, high=1.0, low_open=True, read_by=_SAMPLING)
     factor: float = _option(1.0, "f of the factor strategy", low=0.0, low_open=True, read_by=("factor",))
     gamma: float = _option(0.5, "entropy budget of the entropy strategy", low=0.0, read_by=("entropy",))
     tokens_per_step: int = _option(1, "k of the steps strategy", kind=int, low=1, read_by=("steps",))
@@ -116,7 +116,7 @@ class DecodeOptions:
                                read_by=("lossless", "psd", "verified"))
     remask_below: float = _option(0.9, "WINO narrow-out: an earlier draft whose leave-one-out confidence is "
                                   "lower goes back to the mask", low=0.0, high=1.0, low_open=True, read_by=("wino",))
-    seed: int | None = _option(None, "sampling seed", kind=int, low=0, read_by=SAMPLING)
+    seed: int | None = _option(None, "sampling seed", kind=int, low=0, read_by=_SAMPLING)
 
     @property
     def algorithm(self) -> Strategy:
