@@ -151,7 +151,7 @@ def test_reads_derive_from_read_by():
 def test_remask_below_changes_wino_from_python_cli_and_server(sharp_dir, capsys):
     dlm = load(sharp_dir)
     loose = dlm.generate(PROMPTS, max_new_tokens=16, remask_below=1e-300, **WINO)  # nothing is that weak
-    strict = dlm.generate(PROMPTS, max_new_tokens=16, remask_below=1.0, **WINO)  # every earlier draft is
+    strict = dlm.generate(PROMPTS, max_new_tokens=16, remask_below=1.0, **WINO)  # every earlier draft is suspect
     assert loose.token_ids == dlm.generate(PROMPTS, max_new_tokens=16, threshold=0.5).token_ids
     calls = {bar: sum(s.model_calls for s in r.stats) for bar, r in ((1e-300, loose), (1.0, strict))}
     assert calls[1.0] > calls[1e-300]  # re-masking really happened, and costs forwards
