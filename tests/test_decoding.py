@@ -335,7 +335,7 @@ def test_rows_leaving_drop_cache_columns_nobody_sees():
     denoise_step(dlm, batch)
     short = int(batch.cache_valid[1].sum())
     assert 0 < short < batch.cache_valid.shape[1]  # the short row sees the long row's width as padding
-    batch.keep(torch.tensor([1]))
+    batch.select_rows([1])
     assert batch.cache.get_seq_length() == batch.cache_valid.shape[1] == short and batch.cache_valid.all()
 
 

@@ -64,14 +64,15 @@ class BlockDecoder:
 
     def step(self) -> Step:
         batch, bs = self.batch, self.opts.block_size
-        committed, calls = self.opts.algorithm.step(self.dlm, batch, self.generator)
+        calls = batch.calls
+        committed = self.opts.algorithm.step(self.dlm, batch, self.generator)
         moving = self._moving()
         # the step's one host read: what each row committed, whether it moves on, and its block
         host = torch.cat([committed[:, None], moving[:, None], batch.block_ids, batch.gen], 1).tolist()
         self.moved = [i for i, h in enumerate(host) if h[1]]
         emitted = {i: cut_tokens([t for t, g in zip(host[i][2:2 + bs], host[i][2 + bs:], strict=True) if g],
                                  self.room[i], self.eos) for i in self.moved}
-        return Step(calls, [h[0] for h in host], emitted)
+        return Step(batch.calls - calls, [h[0] for h in host], emitted)
 
     def _moving(self) -> torch.Tensor:
         """[B] rows done with their block: all of it decided, an EOS in it, or every slot they keep

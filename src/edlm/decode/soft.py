@@ -33,8 +33,8 @@ def soft_embeddings(dlm, block_ids: torch.Tensor, tokens: torch.Tensor, weight: 
 
 
 @torch.no_grad()
-def soft_step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
-    """One forward on the soft block, then the threshold rule commits; returns (committed [B], 1)."""
+def soft_step(dlm, batch, generator=None) -> torch.Tensor:
+    """One forward on the soft block, then the threshold rule commits; returns committed [B]."""
     drafts = recall(batch)
     if drafts is None:  # the block's first forward: nothing drafted yet, and it writes pending KV
         logits = denoise_step(dlm, batch)
@@ -46,4 +46,4 @@ def soft_step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
     chosen = commit_threshold(conf, batch.todo, batch.opts.threshold)
     apply_commit(dlm, batch, chosen, tokens)
     remember(batch, tokens=tokens, conf=conf)
-    return chosen.sum(-1), 1
+    return chosen.sum(-1)

@@ -1,7 +1,7 @@
 """Faster decoders on the block engine: self-speculation (lossless, psd) and re-masking (wino).
 
 Each is a strategy of `edlm.decode.strategies` (greedy only); its step returns (tokens committed
-per row [B], model calls it made).
+per row [B]; the batch counts its model calls).
 
 Verifying several candidate states of the current block costs ONE forward and no KV copy
 (`edlm.decode.step.forward_block`): the C candidate blocks are fed as one sequence of C*bs
@@ -29,11 +29,11 @@ from edlm.decode.step import (
 )
 
 
-def lossless_step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
+def lossless_step(dlm, batch, generator=None) -> torch.Tensor:
     return speculate(dlm, batch, lambda conf, todo: commit_steps(conf, todo, 1))
 
 
-def psd_step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
+def psd_step(dlm, batch, generator=None) -> torch.Tensor:
     threshold = batch.opts.threshold
     return speculate(dlm, batch, lambda conf, todo: commit_threshold(conf, todo, threshold))
 
@@ -47,7 +47,7 @@ def _after(dlm, state, chosen, tokens) -> SimpleNamespace:
 
 
 # ------------------------------------------------------------------ lossless and PSD
-def speculate(dlm, batch, rule) -> tuple[torch.Tensor, int]:
+def speculate(dlm, batch, rule) -> torch.Tensor:
     """Draft a chain of block states from one set of logits, verify them all in one forward.
 
     From state s_0 with logits L_0: s_1 = s_0 + rule(L_0); s_d = s_{d-1} + the most confident
@@ -64,21 +64,18 @@ def speculate(dlm, batch, rule) -> tuple[torch.Tensor, int]:
     threshold set of the true logits of the state that already holds the earlier drafts.
     draft_depth=1 is plain threshold decoding.
     """
-    calls = 0
     memo = recall(batch)
     if memo is None:
         tokens, conf = greedy_tokens(denoise_step(dlm, batch))
-        calls += 1
     else:
         tokens, conf = memo["tokens"], memo["conf"]
     states, depth = draft_chain(dlm, batch, rule, tokens, conf)
     if depth == 0:  # s_1 fills every row's block: nothing left to verify
         _move_to(batch, states[0])
         batch.memo = None
-        return states[0].chosen.sum(-1), calls
+        return states[0].chosen.sum(-1)
     drafts = torch.stack([s.block_ids for s in states], 1)  # [B, depth, bs]
     v_tokens, v_conf = greedy_tokens(forward_block(dlm, batch, ids=drafts.flatten(1), copies=depth))
-    calls += 1
     pick = accepted_depth(states, rule, tokens, v_tokens, v_conf) - 1  # [B] deepest accepted state
     rows = torch.arange(pick.shape[0], device=pick.device)
     committed = torch.stack([s.chosen.sum(-1) for s in states], 1)  # [B, depth]
@@ -87,7 +84,7 @@ def speculate(dlm, batch, rule) -> tuple[torch.Tensor, int]:
                                     todo=torch.stack([s.todo for s in states], 1)[rows, pick],
                                     eos_slot=torch.stack([s.eos_slot for s in states], 1)[rows, pick]))
     remember(batch, tokens=v_tokens[rows, pick], conf=v_conf[rows, pick])
-    return committed, calls
+    return committed
 
 
 def draft_chain(dlm, batch, rule, tokens, conf) -> tuple[list[SimpleNamespace], int]:
@@ -129,7 +126,7 @@ def leave_one_out_mask(bs: int) -> torch.Tensor:
     return torch.cat([top, torch.cat([~eye, eye], 1)])
 
 
-def wino_step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
+def wino_step(dlm, batch, generator=None) -> torch.Tensor:
     """WINO (wide in, narrow out): draft wide, re-mask drafts that the new context no longer supports.
 
     Each forward commits the threshold set (threshold is the wide, low bar: 0.5-0.7) and, in the
@@ -164,4 +161,4 @@ def wino_step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
         batch.todo = batch.todo | remask
         committed = committed - remask.sum(-1)
     remember(batch)
-    return committed, 1
+    return committed

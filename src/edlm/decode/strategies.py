@@ -1,7 +1,7 @@
 """The strategy registry: every decoding strategy, its step function and its constraints, once.
 
 A strategy's step runs one iteration on every row of a batch and returns (tokens committed per
-row [B], model calls it made). The engine looks strategies up here by name and never imports a
+row [B]; the batch counts the model calls, edlm.decode.kv.KVRows.forward). The engine looks strategies up here by name and never imports a
 strategy module itself; options are checked against `reads`, `greedy_only` and `needs_no_shift`
 in edlm.decode.options. Adding a strategy means adding one entry below (and naming it in the
 `read_by` of the options it reads: each option declares its readers, in edlm.decode.options).
@@ -24,7 +24,7 @@ from edlm.decode.step import apply_commit, denoise_step, skips_decided_slots
 @dataclass(frozen=True)
 class Strategy:
     name: str
-    step: Callable | None  # (dlm, batch, generator) -> (committed [B], model calls)
+    step: Callable | None  # (dlm, batch, generator) -> committed [B]
     help: str
     greedy_only: bool = False
     needs_no_shift: bool = False
@@ -43,7 +43,7 @@ class Strategy:
 def rule_step(rule: Callable) -> Callable:
     """A plain denoising step: one forward, then `rule(conf, entropy, todo, opts)` commits."""
 
-    def step(dlm, batch, generator=None) -> tuple[torch.Tensor, int]:
+    def step(dlm, batch, generator=None) -> torch.Tensor:
         opts, todo = batch.opts, batch.todo
         want = todo if skips_decided_slots(dlm) else None  # [N, V]: undecided slots only
         logits = denoise_step(dlm, batch, want=want)
@@ -54,7 +54,7 @@ def rule_step(rule: Callable) -> Callable:
             entropy = _on_slots(todo, entropy, float("inf")) if entropy is not None else None
         chosen = rule(conf, entropy, todo, opts)
         apply_commit(dlm, batch, chosen, tokens)
-        return chosen.sum(-1), 1
+        return chosen.sum(-1)
 
     return step
 
