@@ -75,3 +75,24 @@ def test_negative_half_life_masks_earlier_positions_more():
     g = torch.Generator().manual_seed(7)
     freq = sample_block_mask(torch.full((5000,), 0.25), 8, 8, half_life=-0.1, generator=g).float().mean(0)
     assert freq[0] > 3 * freq[-1]
+
+
+def test_noise_settings_masking_kinds():
+    """NoiseSettings names the masking kind: reverse is position masking mirrored, full masks every
+    maskable token, uniform ignores the half-life."""
+    from edlm.train.noise import NoiseSettings, sample_masks
+
+    ids = torch.zeros(3, 16, dtype=torch.long)
+    maskable = torch.ones(3, 16, dtype=torch.bool)
+    maskable[:, :3] = False
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(3)]  # noqa: E731
+    assert torch.equal(sample_masks(ids, maskable, 4, NoiseSettings(masking="full"), gens()), maskable)
+    for kind, half_life in (("position", 0.25), ("reverse", -0.25), ("uniform", None)):
+        noise = NoiseSettings(masking=kind, half_life=0.25)
+        assert noise.signed_half_life == half_life
+        got = sample_masks(ids, maskable, 4, noise, gens())
+        want = []
+        for i, g in enumerate(gens()):
+            t = sample_noise_level(1, None, noise.t_min, g)
+            want.append(sample_block_mask(t, 16, 4, half_life, g, maskable[i : i + 1]))
+        assert torch.equal(got, torch.cat(want)) and not (got & ~maskable).any()

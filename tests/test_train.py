@@ -18,7 +18,8 @@ from edlm.testing import make_tiny_causal_lm, make_tiny_tokenizer
 from edlm.train import TrainConfig, train
 from edlm.train.convert import convert_model
 from edlm.train.data import build_dataset
-from edlm.train.objective import NoiseSettings, diffusion_loss, row_generators
+from edlm.train.noise import NoiseSettings
+from edlm.train.objective import LossSettings, diffusion_loss, row_generators
 
 TEXT = "\n\n".join(f"the {w} jumps over the lazy dog {i % 7} times." for i, w in
                    enumerate(["fox", "cat", "cow", "hen"] * 30))
@@ -216,7 +217,7 @@ def test_repair_training_feeds_own_drafts_and_scores_them(tiny_ar_dir, corpus, t
     masked[:, 8:] = True
     x_t = torch.where(masked, torch.full_like(ids, dlm.config.mask_token_id), ids)
     gens = row_generators(0, 0, torch.arange(2))
-    drafted = with_own_drafts(dlm, x_t, ids, masked, NoiseSettings(repair_fraction=0.5), gens)
+    drafted = with_own_drafts(dlm, x_t, ids, masked, LossSettings(repair_fraction=0.5), gens)
     changed = drafted != x_t
     assert not changed[~masked].any()  # clean positions untouched
     assert 0 < changed.sum() < masked.sum()  # about half of the masked positions hold drafts
@@ -234,10 +235,10 @@ def test_loss_feeds_only_blocks_with_masks_and_is_unchanged(corpus):
     batch = build_dataset([str(corpus / "sft.jsonl")], dlm.tokenizer, seq_len=32)[:8]
     noise = NoiseSettings(t_per_block=True)
 
-    def loss_and_grads(noise=noise):
+    def loss_and_grads(settings=LossSettings()):
         model.zero_grad()
         loss, _ = diffusion_loss(dlm, batch["input_ids"], batch["maskable"], noise,
-                                 row_generators(0, 3, torch.arange(8)))
+                                 row_generators(0, 3, torch.arange(8)), settings)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
@@ -245,7 +246,7 @@ def test_loss_feeds_only_blocks_with_masks_and_is_unchanged(corpus):
     model.get_input_embeddings().register_forward_hook(lambda m, args, out: fed.append(args[0].shape[1]))
     loss, grads = loss_and_grads()
     assert fed[-1] < 64  # prompt-only blocks were left out of the noisy half
-    full_loss, full_grads = loss_and_grads(NoiseSettings(t_per_block=True, skip_unmasked_blocks=False))
+    full_loss, full_grads = loss_and_grads(LossSettings(skip_unmasked_blocks=False))
     assert fed[-1] == 64
     assert torch.allclose(loss, full_loss, rtol=1e-10)
     assert all(torch.allclose(g, h, atol=1e-10) for g, h in zip(grads, full_grads, strict=True))
@@ -272,7 +273,7 @@ def test_ar_loss_on_the_causal_clean_stream_is_the_causal_lm_loss(corpus, arch, 
     # the joint loss adds exactly a * L_AR to the diffusion loss
     gens = lambda: row_generators(0, 0, torch.arange(6))  # noqa: E731
     diff, _ = diffusion_loss(dlm, ids, maskable, NoiseSettings(), gens())
-    joint, _ = diffusion_loss(dlm, ids, maskable, NoiseSettings(ar_weight=0.5), gens())
+    joint, _ = diffusion_loss(dlm, ids, maskable, NoiseSettings(), gens(), LossSettings(ar_loss_weight=0.5))
     assert torch.allclose(joint - diff, 0.5 * plain, rtol=1e-6)
     dlm.config.causal_clean = False  # block-causal clean tokens see the token they would predict
     _, leaky = dlm.forward_noisy(x_t, ids, with_clean=True)

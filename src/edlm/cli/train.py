@@ -8,7 +8,7 @@ import types
 import typing
 from dataclasses import MISSING, fields
 
-from edlm.train.config import TrainConfig, flag, settings
+from edlm.train.config import TrainConfig, flag, flag_fields
 from edlm.train.data import DataFields
 
 FIELD_FLAGS = {f.name: f"--{f.name}-field" for f in fields(DataFields)}  # --text-field etc.
@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
                        description="Train MODEL (converted dir, or AR dir converted on the fly) on local data. "
                        "Multi-GPU: accelerate launch --config_file configs/ddp.yaml -m edlm.cli train ... "
                        "Example: edlm train ./qwen3-dlm --data corpus.jsonl --out runs/q --steps 1000")
-    for f in settings():
+    for f in flag_fields():
         if f.name == "fields":
             continue
         _add(p, f)
@@ -77,7 +77,7 @@ def _base_type(name: str) -> type:
 def run(args) -> None:
     from edlm.train import train
 
-    values = {f.name: getattr(args, f.name) for f in settings() if f.name != "fields"}
+    values = {f.name: getattr(args, f.name) for f in flag_fields() if f.name != "fields"}
     data_fields = DataFields(**{name: getattr(args, option[2:].replace("-", "_"))
                                 for name, option in FIELD_FLAGS.items()})
     final = train(TrainConfig(**values, fields=data_fields))

@@ -2,8 +2,9 @@
 
 `edlm train`'s flags are generated from these fields (edlm.cli.train), and recipes (study, the
 demo models, bench/train.py) build a TrainConfig directly: one owner for every default.
-Settings that a converted checkpoint already fixes (block size, shift, mask token) are None
-here, meaning "the checkpoint's"; when set they are reconciled with it in edlm.train.loop.
+Settings that a converted checkpoint already fixes (block size, shift, causal_clean, mask token)
+are None here, meaning "the checkpoint's"; edlm.train.settings.reconcile decides what a run uses.
+A TrainConfig is what the user asked for: training reads it and never writes it.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from edlm.config import DEFAULT_BLOCK_SIZE
 from edlm.errors import EdlmError
 from edlm.model import ATTENTION_VARIANTS
 from edlm.train.data import DataFields
-from edlm.train.objective import NoiseSettings
+from edlm.train.noise import MASKINGS
 
-MASKINGS = ("position", "uniform", "reverse", "full")
 OBJECTIVES = ("diffusion", "ar")
 WARMUP_FRACTION = 0.05  # warm-up when --warmup-steps is unset: a fraction of the run, as users expect
 
@@ -91,7 +91,8 @@ class TrainConfig:
     fields: DataFields = field(default_factory=DataFields, metadata={"help": "data column names"})
 
     def validate(self) -> None:
-        """Ranges of every setting and the data paths, before any model is loaded; names the flag."""
+        """Ranges of every setting, flags that exclude each other, and the data paths, before any model
+        is loaded; names the flag. What depends on the checkpoint: edlm.train.settings.reconcile."""
         for path in [*self.data, *(self.val_data or [])]:
             if not Path(path).exists():
                 raise EdlmError(f"data file not found: {path}")
@@ -130,9 +131,6 @@ class TrainConfig:
             raise EdlmError(f"--repair-fraction must be in [0, 1], got {self.repair_fraction}")
         if not 0.0 < self.t_min < 1.0:
             raise EdlmError(f"--t-min must be in (0, 1), got {self.t_min}")
-        if self.ar_loss_weight > 0 and self.causal_clean is False:
-            raise EdlmError("--ar-loss-weight needs --causal-clean: a block-causal clean stream sees the tokens "
-                            "it would predict")
         if (self.ar_loss_weight > 0 or self.causal_clean) and (self.attention != "clean"
                                                                 or self.objective != "diffusion"):
             raise EdlmError("--ar-loss-weight and --causal-clean apply to diffusion training with --attention clean")
@@ -148,20 +146,11 @@ class TrainConfig:
             return self.warmup_steps
         return max(1, round(WARMUP_FRACTION * self.steps))
 
-    def noise(self) -> NoiseSettings:
-        return NoiseSettings(
-            half_life={"position": self.half_life, "reverse": -self.half_life}.get(self.masking),
-            t_per_block=self.t_per_block, t_min=self.t_min,
-            complementary=self.complementary, attention=self.attention, repair_fraction=self.repair_fraction,
-            skip_unmasked_blocks=not self.all_noisy_blocks, full_mask=self.masking == "full",
-            ar_weight=self.ar_loss_weight,
-        )
-
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def settings() -> list:
+def flag_fields() -> list:
     """The fields that become `edlm train` flags, in order (dataclass fields)."""
     return list(fields(TrainConfig))

@@ -17,7 +17,6 @@ import os
 import shutil
 import time
 import zipfile
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,54 +25,36 @@ from edlm.config import CONFIG_KEY, DEFAULT_BLOCK_SIZE, DiffusionConfig
 from edlm.errors import EdlmError, first_line
 from edlm.files import copy_dir_atomically, publish_dir, release_run_lock, take_run_lock
 from edlm.model import DiffusionLM, load_causal_lm, read_checkpoint_config
-from edlm.train.config import TrainConfig, flag
+from edlm.train.config import TrainConfig
 from edlm.train.data import build_dataset
-from edlm.train.objective import NoiseSettings, causal_lm_loss, diffusion_loss, row_generators
+from edlm.train.objective import causal_lm_loss, diffusion_loss, row_generators
+from edlm.train.settings import TrainSettings, reconcile
 
 
 # ---------------------------------------------------------------- model set-up
-def load_for_training(cfg: TrainConfig, device) -> DiffusionLM:
-    """The model to train; settings the checkpoint fixes are reconciled with the flags, and
-    `cfg` is updated to what the run really uses (so trainer.json records the truth)."""
+def load_for_training(cfg: TrainConfig, device) -> tuple[DiffusionLM, TrainSettings]:
+    """The model to train and the settings the run uses. The checkpoint is loaded as stored (an AR
+    dir is converted with the flags, as `edlm convert` would), its settings are reconciled once with
+    the flags, and the model's config is set from the result here, the one place. `cfg` is only read."""
     raw = read_checkpoint_config(cfg.model)
+    converting = cfg.objective == "diffusion" and CONFIG_KEY not in raw
     if cfg.objective == "ar":
-        given = [flag(n) for n in ("block_size", "mask_token", "shift") if getattr(cfg, n) is not None]
-        if given:
-            print(f"edlm train: {', '.join(given)} apply to diffusion training; --objective ar does not use them")
-            cfg.block_size = cfg.mask_token = cfg.shift = None  # trainer.json records what the run used
         model, tok = load_causal_lm(cfg.model, device, torch.float32, cfg.attn_implementation)
-        return DiffusionLM(model, tok, DiffusionConfig.autoregressive(cfg.model))
-    if CONFIG_KEY in raw:
-        dlm = DiffusionLM.from_pretrained(cfg.model, device, torch.float32, cfg.attn_implementation)
-        reconcile_with_checkpoint(dlm, cfg)
-    else:
+        dlm = DiffusionLM(model, tok, DiffusionConfig.autoregressive(cfg.model))
+    elif converting:
         from edlm.train.convert import convert_model
 
         model, tok = load_causal_lm(cfg.model, device, torch.float32, cfg.attn_implementation)
         dlm = convert_model(model, tok, cfg.block_size or DEFAULT_BLOCK_SIZE, cfg.mask_token, bool(cfg.shift),
                             base_model=cfg.model)
-        dlm.config.causal_clean = bool(cfg.causal_clean)
-    if cfg.ar_loss_weight > 0 and not dlm.config.causal_clean:
-        print("edlm train: --ar-loss-weight turns on --causal-clean (the clean stream becomes an AR model); "
-              "the trained model records it")
-        dlm.config.causal_clean = True
-    cfg.block_size, cfg.shift, cfg.causal_clean = dlm.config.block_size, dlm.config.shift, dlm.config.causal_clean
-    if cfg.seq_len % dlm.config.block_size:
-        raise EdlmError(f"--seq-len {cfg.seq_len} must be a multiple of the block size {dlm.config.block_size}")
-    return dlm
-
-
-def reconcile_with_checkpoint(dlm: DiffusionLM, cfg: TrainConfig) -> None:
-    """A converted model fixes its mask token; block size and shift given on the command line are
-    applied (the saved model records them) and said, never dropped."""
-    if cfg.mask_token is not None and cfg.mask_token != dlm.tokenizer.convert_ids_to_tokens(dlm.config.mask_token_id):
-        raise EdlmError(f"{cfg.model} is already converted with mask token id {dlm.config.mask_token_id}; "
-                        "--mask-token applies when converting an AR checkpoint")
-    for name in ("block_size", "shift", "causal_clean"):
-        value, stored = getattr(cfg, name), getattr(dlm.config, name)
-        if value is not None and value != stored:
-            print(f"edlm train: {flag(name)} {value} replaces the checkpoint's {stored}; the trained model records it")
-            setattr(dlm.config, name, value)
+    else:
+        dlm = DiffusionLM.from_pretrained(cfg.model, device, torch.float32, cfg.attn_implementation)
+    mask_id = dlm.config.mask_token_id
+    mask_token = dlm.tokenizer.convert_ids_to_tokens(mask_id) if mask_id is not None else None
+    run = reconcile(cfg, dlm.config, mask_token, converted_here=converting)
+    for notice in run.notices:
+        print(f"edlm train: {notice}")
+    return DiffusionLM(dlm.model, dlm.tokenizer, run.model_config(dlm.config)), run
 
 
 def apply_lora(model, rank: int):
@@ -140,7 +121,7 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
 
-def save_checkpoint(accelerator, dlm: DiffusionLM, cfg: TrainConfig, step: int) -> Path:
+def save_checkpoint(accelerator, dlm: DiffusionLM, cfg: TrainConfig, run: TrainSettings, step: int) -> Path:
     out = Path(cfg.out)
     final = out / "checkpoints" / f"step-{step:08d}"
     tmp = out / "checkpoints" / f".tmp-step-{step:08d}"
@@ -155,7 +136,7 @@ def save_checkpoint(accelerator, dlm: DiffusionLM, cfg: TrainConfig, step: int) 
         accelerator.save_state(str(tmp / "state"))
         save_model(accelerator, dlm, tmp / "model")
         if accelerator.is_main_process:
-            (tmp / "trainer.json").write_text(json.dumps({"step": step, "config": _jsonable(cfg)}, indent=1))
+            (tmp / "trainer.json").write_text(json.dumps({"step": step, "config": run.record(cfg)}, indent=1, default=str))
             publish_dir(tmp, final)
             for old in checkpoint_dirs(out)[: -cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -288,27 +269,23 @@ def _full_weights_on_load(accelerator):
         plugin.set_deepspeed_weakref()
 
 
-def _jsonable(cfg: TrainConfig) -> dict:
-    return json.loads(json.dumps(asdict(cfg), default=str))
-
-
 # ---------------------------------------------------------------- the loop
-def compute_loss(dlm, model, batch, cfg: TrainConfig, noise: NoiseSettings, step: int, rows):
+def compute_loss(dlm, model, batch, cfg: TrainConfig, run: TrainSettings, step: int, rows):
     ids, maskable = batch["input_ids"], batch["maskable"]
-    if cfg.objective == "ar":
+    if run.objective == "ar":
         return causal_lm_loss(model, ids, maskable)
-    return diffusion_loss(dlm, ids, maskable, noise, row_generators(cfg.seed, step, rows))
+    return diffusion_loss(dlm, ids, maskable, run.noise, row_generators(cfg.seed, step, rows), run.loss)
 
 
 @torch.no_grad()
-def validate(dlm, model, val_ds, cfg, noise, device) -> float:
+def validate(dlm, model, val_ds, cfg, run, device) -> float:
     model.eval()
     losses = []
     n = min(len(val_ds), cfg.eval_batches * cfg.batch_size)
     for start in range(0, n, cfg.batch_size):
         rows = torch.arange(start, min(n, start + cfg.batch_size))
         batch = {k: v.to(device) for k, v in val_ds[rows].items()}
-        loss, _ = compute_loss(dlm, model, batch, cfg, noise, step=-1, rows=rows)  # fixed noise
+        loss, _ = compute_loss(dlm, model, batch, cfg, run, step=-1, rows=rows)  # fixed noise
         losses.append(loss.item())
     model.train()
     return sum(losses) / max(1, len(losses))
@@ -361,7 +338,7 @@ def _train(cfg: TrainConfig, accelerator, out: Path) -> Path:
     torch.manual_seed(cfg.seed)
 
     with _full_weights_on_load(accelerator):
-        dlm = load_for_training(cfg, device)
+        dlm, run = load_for_training(cfg, device)
     with accelerator.main_process_first():
         train_ds = build_dataset(cfg.data, dlm.tokenizer, cfg.seq_len, cfg.fields)
         val_ds = build_dataset(cfg.val_data, dlm.tokenizer, cfg.seq_len, cfg.fields) if cfg.val_data else None
@@ -401,7 +378,6 @@ def _train(cfg: TrainConfig, accelerator, out: Path) -> Path:
     accelerator.print(f"training {cfg.objective} on {accelerator.num_processes} process(es) "
                       f"({accelerator.distributed_type}), {len(train_ds)} sequences of {cfg.seq_len}, "
                       f"global batch {sampler.global_batch}")
-    noise = cfg.noise()
     metrics = out / "metrics.jsonl"
     writer = _tensorboard(out) if accelerator.is_main_process else None
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and accelerator.is_main_process),
@@ -414,7 +390,7 @@ def _train(cfg: TrainConfig, accelerator, out: Path) -> Path:
             rows = sampler.global_rows(step, micro, accelerator.process_index)
             batch = {k: v.to(device) for k, v in train_ds[sampler.indices(rows)].items()}
             with accelerator.accumulate(model):
-                loss, _ = compute_loss(dlm, model, batch, cfg, noise, step, rows)
+                loss, _ = compute_loss(dlm, model, batch, cfg, run, step, rows)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.grad_clip > 0:
                     accelerator.clip_grad_norm_(params, cfg.grad_clip)
@@ -428,7 +404,7 @@ def _train(cfg: TrainConfig, accelerator, out: Path) -> Path:
         tok_s = tokens_seen / (time.perf_counter() - t0)
         record = {"step": done, "loss": loss_sum / loss_steps, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s}
         if cfg.eval_every and val_ds is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
-            record["val_loss"] = validate(dlm, model, val_ds, cfg, noise, device)
+            record["val_loss"] = validate(dlm, model, val_ds, cfg, run, device)
         log_now = done % cfg.log_every == 0 or "val_loss" in record or done == cfg.steps
         if log_now and accelerator.num_processes > 1:  # every process reaches this at the same steps
             record["loss"] = accelerator.reduce(torch.tensor(record["loss"], device=device), "mean").item()
@@ -445,7 +421,7 @@ def _train(cfg: TrainConfig, accelerator, out: Path) -> Path:
                         if k != "step":
                             writer.add_scalar(k, v, done)
         if done % cfg.save_every == 0 or done == cfg.steps:
-            save_checkpoint(accelerator, dlm, cfg, done)
+            save_checkpoint(accelerator, dlm, cfg, run, done)
     bar.close()
     final = out / "model"
     if accelerator.is_main_process:

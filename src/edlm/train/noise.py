@@ -10,8 +10,30 @@ decoding unmasks a block; as t -> 1 the weights flatten to uniform.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+MASKINGS = ("position", "uniform", "reverse", "full")
+
+
+@dataclass(frozen=True)
+class NoiseSettings:
+    """Which tokens a training example gets masked: the noise, and nothing else."""
+
+    # position: Eq. 2 (the paper's); uniform; reverse: Eq. 2 mirrored (earlier positions masked
+    # more, the paper's right-to-left study); full: every maskable token of every block (t = 1),
+    # TiDAR's drafting blocks, a dense loss on predicting whole blocks from the clean earlier context.
+    masking: str = "position"
+    half_life: float = 0.1  # lambda of position/reverse masking
+    t_per_block: bool = False  # the paper draws one t per sequence
+    t_min: float = 1e-3
+    complementary: bool = False  # also each sample with the inverse mask
+
+    @property
+    def signed_half_life(self) -> float | None:
+        """sample_block_mask's half_life: None = uniform, negative = mirrored."""
+        return {"position": self.half_life, "reverse": -self.half_life}.get(self.masking)
 
 
 def position_weights(t: torch.Tensor | float, block_size: int, half_life: float) -> torch.Tensor:
@@ -84,3 +106,16 @@ def sample_noise_level(
     shape = (batch,) if n_blocks is None else (batch, n_blocks)
     u = torch.rand(shape, generator=generator, device=device)
     return t_min + (1.0 - t_min) * u
+
+
+def sample_masks(input_ids, maskable, block_size: int, noise: NoiseSettings, generators) -> torch.Tensor:
+    """[B, L] bool masked positions, each row drawn from its own generator."""
+    if noise.masking == "full":
+        return maskable.bool().clone()
+    seq_len = input_ids.shape[1]
+    n_blocks = -(-seq_len // block_size)
+    out = []
+    for i, gen in enumerate(generators):
+        t = sample_noise_level(1, n_blocks if noise.t_per_block else None, noise.t_min, gen)
+        out.append(sample_block_mask(t, seq_len, block_size, noise.signed_half_life, gen, maskable[i : i + 1].cpu()))
+    return torch.cat(out).to(input_ids.device)

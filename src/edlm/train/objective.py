@@ -11,16 +11,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from edlm.train.noise import sample_block_mask, sample_noise_level
+from edlm.train.noise import NoiseSettings, sample_masks
 
 
-@dataclass
-class NoiseSettings:
-    half_life: float | None = 0.1  # None = uniform masking
-    t_per_block: bool = False  # the paper draws one t per sequence
-    t_min: float = 1e-3
-    complementary: bool = False
-    attention: str = "clean"
+@dataclass(frozen=True)
+class LossSettings:
+    """How the diffusion loss is computed from a noised batch (the noise itself: NoiseSettings)."""
+
+    attention: str = "clean"  # the training layout (edlm.model.ATTENTION_VARIANTS)
+    # weight `a` of the AR next-token loss on the clean stream (needs config.causal_clean, which
+    # edlm.train.settings.reconcile turns on): L = a * L_AR(clean) + L_diffusion(noisy), from the
+    # same forward (MARS/TiDAR: keeping an AR loss keeps the parent's accuracy, and trains the
+    # verifier the `verified` strategy uses).
+    ar_loss_weight: float = 0.0
     # DMax-style on-policy repair: this fraction of the masked positions is filled with the
     # model's own argmax draft (one extra no-grad forward) and still scored, so the model learns
     # to keep right drafts and fix wrong ones, the input the soft/re-masking decoders create.
@@ -28,14 +31,6 @@ class NoiseSettings:
     # Feed only the noisy blocks that hold a masked token (exact: a noisy token attends only its
     # own noisy block). False feeds every block, the plain concat layout (benchmarks, tests).
     skip_unmasked_blocks: bool = True
-    # TiDAR's full-mask drafting blocks: every maskable token of every block is masked (t = 1), a
-    # dense loss on predicting whole blocks from the clean earlier context, which is what drafting
-    # for verification asks of the model (edlm.decode.selfverify).
-    full_mask: bool = False
-    # weight `a` of the AR next-token loss on the clean stream (needs config.causal_clean):
-    # L = a * L_AR(clean) + L_diffusion(noisy), from the same forward (MARS/TiDAR: keeping an AR
-    # loss keeps the parent's accuracy, and trains the verifier the `verified` strategy uses).
-    ar_weight: float = 0.0
 
 
 def row_generators(seed: int, step: int, rows: torch.Tensor) -> list[torch.Generator]:
@@ -43,19 +38,6 @@ def row_generators(seed: int, step: int, rows: torch.Tensor) -> list[torch.Gener
     (seed, step, its index in the global batch), so runs with any process count and any resume
     point draw identical masks."""
     return [torch.Generator().manual_seed(hash((seed, step, int(r))) & 0x7FFF_FFFF) for r in rows]
-
-
-def sample_masks(input_ids, maskable, block_size: int, noise: NoiseSettings, generators) -> torch.Tensor:
-    """[B, L] bool masked positions, each row drawn from its own generator."""
-    if noise.full_mask:
-        return maskable.bool().clone()
-    seq_len = input_ids.shape[1]
-    n_blocks = -(-seq_len // block_size)
-    out = []
-    for i, gen in enumerate(generators):
-        t = sample_noise_level(1, n_blocks if noise.t_per_block else None, noise.t_min, gen)
-        out.append(sample_block_mask(t, seq_len, block_size, noise.half_life, gen, maskable[i : i + 1].cpu()))
-    return torch.cat(out).to(input_ids.device)
 
 
 def inverse_time_weights(masked: torch.Tensor, maskable: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -73,9 +55,9 @@ def inverse_time_weights(masked: torch.Tensor, maskable: torch.Tensor, block_siz
     return w.repeat_interleave(block_size, dim=1)[:, :seq_len]
 
 
-def diffusion_loss(dlm, input_ids, maskable, noise: NoiseSettings, generators):
+def diffusion_loss(dlm, input_ids, maskable, noise: NoiseSettings, generators, loss: LossSettings = LossSettings()):
     """Eq. 1: E_t E_x_t [ (1/t) * sum_masked -log p(x_0[i] | x_t, clean earlier blocks) ],
-    normalised by the number of maskable tokens; plus `noise.ar_weight` times the clean stream's
+    normalised by the number of maskable tokens; plus `loss.ar_loss_weight` times the clean stream's
     next-token loss (causal-clean models), normalised as `causal_lm_loss` is."""
     block_size = dlm.config.block_size
     maskable = maskable.bool()
@@ -90,21 +72,21 @@ def diffusion_loss(dlm, input_ids, maskable, noise: NoiseSettings, generators):
         input_ids = torch.cat([input_ids, input_ids])
         maskable = torch.cat([maskable, maskable])
     x_t = torch.where(masked, torch.full_like(input_ids, dlm.config.mask_token_id), input_ids)
-    active = blocks_with_loss(masked, block_size) if noise.skip_unmasked_blocks else None
-    if noise.repair_fraction > 0:
-        x_t = with_own_drafts(dlm, x_t, input_ids, masked, noise, generators, active)
-    with_ar = noise.ar_weight > 0
-    logits = dlm.forward_noisy(x_t, input_ids, attention=noise.attention, active=active, with_clean=with_ar)
+    active = blocks_with_loss(masked, block_size) if loss.skip_unmasked_blocks else None
+    if loss.repair_fraction > 0:
+        x_t = with_own_drafts(dlm, x_t, input_ids, masked, loss, generators, active)
+    with_ar = loss.ar_loss_weight > 0
+    logits = dlm.forward_noisy(x_t, input_ids, attention=loss.attention, active=active, with_clean=with_ar)
     if with_ar:
         logits, clean = logits
     weights = inverse_time_weights(masked, maskable, block_size)
     ce = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")
     n_tokens = maskable.sum().clamp_min(1)
-    loss = (ce * weights[masked]).sum() / n_tokens
+    total = (ce * weights[masked]).sum() / n_tokens
     if with_ar:
         n = clean_ids.shape[0]  # complementary halves share one clean stream: score it once
-        loss = loss + noise.ar_weight * next_token_loss(clean[:n], clean_ids, clean_maskable)
-    return loss, int(masked.sum())
+        total = total + loss.ar_loss_weight * next_token_loss(clean[:n], clean_ids, clean_maskable)
+    return total, int(masked.sum())
 
 
 def next_token_loss(logits, input_ids, maskable):
@@ -122,13 +104,13 @@ def blocks_with_loss(masked: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def with_own_drafts(dlm, x_t, x_0, masked, noise: NoiseSettings, generators, active=None) -> torch.Tensor:
-    """Replace a random `repair_fraction` of the masked positions by the model's argmax draft."""
-    draft = dlm.forward_noisy(x_t, x_0, attention=noise.attention, active=active).argmax(-1)
+def with_own_drafts(dlm, x_t, x_0, masked, loss: LossSettings, generators, active=None) -> torch.Tensor:
+    """Replace a random `loss.repair_fraction` of the masked positions by the model's argmax draft."""
+    draft = dlm.forward_noisy(x_t, x_0, attention=loss.attention, active=active).argmax(-1)
     u = torch.stack([torch.rand(x_t.shape[1], generator=g) for g in generators]).to(x_t.device)
     if u.shape[0] != x_t.shape[0]:  # complementary halves reuse the row generators' draws
         u = torch.cat([u, 1 - u])
-    return torch.where(masked & (u < noise.repair_fraction), draft, x_t)
+    return torch.where(masked & (u < loss.repair_fraction), draft, x_t)
 
 
 def causal_lm_loss(model, input_ids, maskable):
