@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -116,27 +115,37 @@ def _cli_train(out, model, data, steps, extra=()):
             "--warmup-steps", "3", "--save-every", "5", "--no-progress", *extra]
 
 
-def test_sigkill_then_resume_equals_unbroken_run(tiny_ar_dir, corpus, tmp_path):
-    steps = 400
-    cmd = _cli_train(tmp_path / "killed", tiny_ar_dir, corpus / "train.txt", steps)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpts = tmp_path / "killed" / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if ckpts.is_dir() and len([p for p in ckpts.iterdir() if p.name.startswith("step-")]) >= 2:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "training finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step-"))
-    assert done and int(done[-1][5:]) < steps
-    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
+# `edlm train` in a process that SIGKILLs itself while publishing checkpoint argv[1] (its temp dir
+# fully written, not yet renamed): a crash at a chosen point, with no wall-clock race.
+KILLED_WHILE_SAVING = """
+import os, signal, sys
+import edlm.train.loop as loop
+from edlm.cli import main
+publish = loop.publish_dir
+def publish_or_die(tmp, final):
+    if final.name == sys.argv[1]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    publish(tmp, final)
+loop.publish_dir = publish_or_die
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigkill_then_resume_equals_unbroken_run(tiny_ar_dir, corpus, tmp_path, capsys):
+    steps, out = 20, tmp_path / "killed"
+    argv = _cli_train(out, tiny_ar_dir, corpus / "train.txt", steps)[3:]  # after `python -m edlm.cli`
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING, "step-00000010", *argv],
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    left = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert left == [".tmp-step-00000010", "step-00000005"]  # the half-saved one never published
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0
+    assert f"resumed from {out / 'checkpoints' / 'step-00000005'} at step 5" in capsys.readouterr().out
     unbroken = train(small(tmp_path / "unbroken", tiny_ar_dir, corpus / "train.txt", steps=steps, save_every=5,
                            lr=3e-3, min_lr=3e-6, warmup_steps=3))
-    a, b = weights(tmp_path / "killed" / "model"), weights(unbroken)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    a, b = weights(out / "model"), weights(unbroken)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
 
 
 def test_ddp_two_processes_matches_one(tiny_ar_dir, corpus, tmp_path):
