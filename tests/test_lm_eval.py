@@ -195,3 +195,12 @@ def test_verified_generation_is_the_parents_greedy_text(dirs):
             for i, q in enumerate(["1+2=", "Colour 3:"])]
     assert lm.generate_until(reqs, disable_tqdm=True) == ar.generate_until(reqs, disable_tqdm=True)
 
+
+
+def test_verified_generation_refuses_options_it_would_ignore(dirs):
+    """The two-model mode decodes the parent greedily: a threshold there is refused, as in the CLI
+    and the server (edlm.decode.options.resolve_parent_verified), not silently dropped."""
+    from edlm.decode.options import DecodeOptionError
+
+    with pytest.raises(DecodeOptionError, match="threshold"):
+        EdlmLM(pretrained=str(dirs["dlm_shift"]), verifier=str(dirs["ar"]), threshold=0.5, device="cpu")

@@ -21,7 +21,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from edlm.decode.options import DecodeOptions
+from edlm.decode.options import DecodeOptions, resolve_parent_verified
 from edlm.decode.scoring import ESTIMATORS, ScoringRow, left_to_right_row, masked_elbo_row, score_rows
 from edlm.errors import EdlmError
 from edlm.model import DiffusionLM
@@ -85,8 +85,12 @@ class EdlmLM(TemplateLM):
         self.estimator, self.mc_samples, self.seed = estimator, int(mc_samples), int(seed)
         self.batch_size = _batch_size(batch_size)
         # verifier: an AR parent dir; generate_until returns its greedy text, drafted by this dLM
-        self.verifier = None if verifier is None else DiffusionLM.from_pretrained(
-            str(verifier), device=device, dtype=_dtype(dtype), autoregressive=True)
+        # (only block_size applies there: the rule every entrance of the two-model mode shares)
+        self.verifier = None
+        if verifier is not None:
+            resolve_parent_verified(self.dlm, **self.decode)
+            self.verifier = DiffusionLM.from_pretrained(str(verifier), device=device, dtype=_dtype(dtype),
+                                                        autoregressive=True)
         self.pretrained, self.autoregressive = str(pretrained), bool(autoregressive)
         self.stats = {"generated_tokens": 0, "model_calls": 0}
         self._device = self.dlm.device
@@ -197,7 +201,7 @@ class EdlmLM(TemplateLM):
                 chunk = idx[s : s + self.batch_size]
                 if self.verifier is not None:  # the parent's greedy text; sampling would need another rule
                     res = self.dlm.generate([prompts[i] for i in chunk], max_new_tokens=budget, stop=list(until),
-                                            verifier=self.verifier)
+                                            verifier=self.verifier, block_size=self.decode.get("block_size"))
                 else:
                     res = self.dlm.generate([prompts[i] for i in chunk], max_new_tokens=budget, stop=list(until),
                                             temperature=temperature, seed=self.seed, **self.decode)
