@@ -66,8 +66,9 @@ def reconcile(cfg: TrainConfig, checkpoint: DiffusionConfig, checkpoint_mask_tok
     if cfg.objective == "ar":
         given = [flag(n) for n in ("block_size", "mask_token", "shift") if getattr(cfg, n) is not None]
         notices = (f"{', '.join(given)} apply to diffusion training; --objective ar does not use them",) if given else ()
-        run = TrainSettings("ar", checkpoint.block_size, checkpoint.shift, checkpoint.causal_clean,
-                            checkpoint.mask_token_id, noise, loss, notices)
+        run = TrainSettings("ar", block_size=checkpoint.block_size, shift=checkpoint.shift,
+                            causal_clean=checkpoint.causal_clean, mask_token_id=checkpoint.mask_token_id,
+                            noise=noise, loss=loss, notices=notices)
         _check(run, cfg)
         return run
     if cfg.mask_token is not None and cfg.mask_token != checkpoint_mask_token:
