@@ -46,7 +46,7 @@ class BlockDecoder:
         self.dlm, self.opts, self.generator = dlm, opts, generator
         self.batch: Batch | None = None
         self.rows: list[int] = []
-        self.room: list[int] = []  # new tokens each row may still emit (host copy of batch.room)
+        self.budget_left: list[int] = []  # new tokens each row may still emit (batch.budget_left on the host)
         self.moved: list[int] = []  # rows whose block the last step finished
         self.own_pace = opts.algorithm.rule is not None  # plain steps: each row opens its next block alone
         self.joinable = True
@@ -60,7 +60,7 @@ class BlockDecoder:
         else:
             self.batch.join(fresh)
         self.rows += range(first_row, first_row + len(ids))
-        self.room += budgets
+        self.budget_left += budgets
 
     def step(self) -> Step:
         batch, bs = self.batch, self.opts.block_size
@@ -71,7 +71,7 @@ class BlockDecoder:
         host = torch.cat([committed[:, None], moving[:, None], batch.block_ids, batch.gen], 1).tolist()
         self.moved = [i for i, h in enumerate(host) if h[1]]
         emitted = {i: cut_tokens([t for t, g in zip(host[i][2:2 + bs], host[i][2 + bs:], strict=True) if g],
-                                 self.room[i], self.eos) for i in self.moved}
+                                 self.budget_left[i], self.eos) for i in self.moved}
         return Step(batch.calls - calls, [h[0] for h in host], emitted)
 
     def _moving(self) -> torch.Tensor:
@@ -80,8 +80,8 @@ class BlockDecoder:
         unless the strategy revises committed slots)."""
         batch = self.batch
         block_done = ~batch.todo.any(-1)
-        kept_slots = batch.gen.cumsum(-1) <= batch.room[:, None]
-        ends_here = batch.room <= batch.gen.sum(-1)
+        kept_slots = batch.gen.cumsum(-1) <= batch.budget_left[:, None]
+        ends_here = batch.budget_left <= batch.gen.sum(-1)
         budget_done = ends_here & ~(batch.todo & (kept_slots | self.opts.algorithm.revises)).any(-1)
         finishing = (block_done & (batch.eos_slot < self.opts.block_size)) | budget_done
         moving = block_done | finishing
@@ -90,18 +90,18 @@ class BlockDecoder:
         # speculative strategies keep state across a block's steps: rows move on together
         return torch.where(moving.all(), moving, finishing)
 
-    def advance(self, stay: list[int], room: list[int]) -> None:
+    def advance(self, stay: list[int], budget_left: list[int]) -> None:
         batch, moved = self.batch, set(self.moved)
         if len(stay) < len(self.rows):
             batch.select_rows(stay)
             self.rows = [self.rows[i] for i in stay]
-        self.room = room
+        self.budget_left = budget_left
         advancing = [i in moved for i in stay]
         self.joinable = self.own_pace or all(advancing)
         if stay and any(advancing):
             dev = batch.block_ids.device
             step_on = torch.tensor(advancing, device=dev)
-            batch.room = torch.where(step_on, torch.tensor(room, device=dev), batch.room)
+            batch.budget_left = torch.where(step_on, torch.tensor(budget_left, device=dev), batch.budget_left)
             batch.next_blocks(step_on)
             batch.open_blocks(step_on)
 

@@ -76,9 +76,9 @@ class KVRows:
                                logits_to_keep=logits_to_keep)
         self.calls += 1
         self.drop_last_keys(q_pos.shape[1] - keep_new, written=False)
-        kept = q_pos[:, :keep_new]
-        self.cache_pos = torch.cat([self.cache_pos, kept], 1)
-        self.cache_valid = torch.cat([self.cache_valid, kept >= 0], 1)
+        clean = q_pos[:, :keep_new]
+        self.cache_pos = torch.cat([self.cache_pos, clean], 1)
+        self.cache_valid = torch.cat([self.cache_valid, clean >= 0], 1)
         return logits
 
     def drop_last_keys(self, n: int, written: bool = True) -> None:

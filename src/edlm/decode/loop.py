@@ -8,8 +8,9 @@ algorithm supplies a `step` to SGLang's dllm base:
 - `add(first_row, ids, budgets)`: new requests (token ids, budgets), row ids from first_row on;
 - `step() -> Step`: one iteration on every row: the model calls it made, the tokens each row
   committed, and the tokens each row emits now, already cut to its budget and after its EOS;
-- `advance(stay, room)`: the rows at these indices go on (the others are done and leave), with
-  `room` new tokens each still allowed; `joinable` says whether requests may join now.
+- `advance(stay, budget_left)`: the rows at these indices go on (the others are done and
+  leave), each with `budget_left` new tokens still allowed; `joinable` says whether requests may
+  join now.
 
 Everything a request sees (text, stop strings, finish reasons, stats) is the loop's, through
 `Outputs`, so every decoder ends rows the same way.

@@ -50,10 +50,10 @@ def accepted_drafts(drafts: list[int], greedy: list[int]) -> int:
     return n
 
 
-def cut_tokens(tokens: list[int], room: int, eos: int | None) -> list[int]:
-    """A row's new tokens as it emits them: at most `room` (its budget left), none after its first
-    EOS (which is kept: the caller's text drops it)."""
-    tokens = tokens[:room]
+def cut_tokens(tokens: list[int], budget_left: int, eos: int | None) -> list[int]:
+    """A row's new tokens as it emits them: at most `budget_left`, none after its first EOS (which
+    is kept: the caller's text drops it)."""
+    tokens = tokens[:budget_left]
     if eos is not None and eos in tokens:
         return tokens[: tokens.index(eos) + 1]
     return tokens

@@ -36,8 +36,8 @@ from edlm.masks import draft_blocks_mask
 
 class AcceptedRows(KVRows):
     """Per row: the accepted tokens (`seq`), how many of them have KV in the cache (`fed`), the
-    drafts that follow them and the new tokens it may still emit (`room`). Row r of every list and
-    cache row r are the same request (`ids`)."""
+    drafts that follow them and the new tokens it may still emit (`budget_left`). Row r of every
+    list and cache row r are the same request (`ids`)."""
 
     def __init__(self, device):
         self.init_cache(0, device)
@@ -45,7 +45,7 @@ class AcceptedRows(KVRows):
         self.seq: list[list[int]] = []
         self.fed: list[int] = []
         self.drafts: list[list[int]] = []
-        self.room: list[int] = []
+        self.budget_left: list[int] = []
 
     def add(self, first_row: int, prompts: list[list[int]], budgets: list[int]) -> None:
         self.add_cache_rows(len(prompts))
@@ -53,43 +53,43 @@ class AcceptedRows(KVRows):
         self.seq += [list(p) for p in prompts]
         self.fed += [0] * len(prompts)
         self.drafts += [[] for _ in prompts]
-        self.room += budgets
+        self.budget_left += budgets
 
     def accept(self, greedy: list[list[int]]) -> tuple[list[list[int]], list[int]]:
         """Greedy verification of every row's drafts against the verifier's tokens there: per row,
         the tokens accepted (its drafts up to the first mismatch, then the verifier's own) and how
-        many drafts that kept. The kept drafts' KV stays; the verifier's token is fed next step."""
-        accepted, kept = [], []
+        many drafts it accepted. The accepted drafts' KV stays; the verifier's token is fed next step."""
+        accepted, n_accepted = [], []
         for r, (drafts, g) in enumerate(zip(self.drafts, greedy, strict=True)):
             m = accepted_drafts(drafts, g)
             accepted.append(drafts[:m] + [g[m]])
-            kept.append(m)
+            n_accepted.append(m)
             self.fed[r] = len(self.seq[r]) + m
-        return accepted, kept
+        return accepted, n_accepted
 
     def emit(self, accepted: list[list[int]], eos: int | None) -> dict[int, list[int]]:
         """Each row's accepted tokens cut to its budget and after its EOS, appended to its sequence."""
         emitted = {}
         for i, tokens in enumerate(accepted):
-            emitted[i] = cut_tokens(tokens, self.room[i], eos)
+            emitted[i] = cut_tokens(tokens, self.budget_left[i], eos)
             self.seq[i] += emitted[i]
         return emitted
 
-    def trim_to_accepted(self, n_new: int, n_drafts: int, kept: list[int]) -> None:
+    def trim_to_accepted(self, n_new: int, n_drafts: int, n_accepted: list[int]) -> None:
         """After a verification forward that cached [accepted tokens not cached yet (n_new wide) ;
         drafts (n_drafts wide)]: the rejected drafts' KV goes, cropped where every row rejected
         them, masked out where only some rows did (rows of a batch accept different numbers)."""
-        self.drop_last_keys(n_drafts - max(kept))
-        width = n_new + max(kept)
+        self.drop_last_keys(n_drafts - max(n_accepted))
+        width = n_new + max(n_accepted)
         if width:
             slot = torch.arange(width, device=self.cache_pos.device)[None]
-            accepted = torch.tensor(kept, device=self.cache_pos.device)[:, None]
+            accepted = torch.tensor(n_accepted, device=self.cache_pos.device)[:, None]
             tail = self.cache_valid[:, -width:] & (slot < n_new + accepted)
             self.cache_valid = torch.cat([self.cache_valid[:, :-width], tail], 1)
 
-    def select(self, idx: list[int], room: list[int]) -> None:
+    def select(self, idx: list[int], budget_left: list[int]) -> None:
         """Keep rows `idx` (the others are done), with the new tokens each may still emit."""
-        self.room = room
+        self.budget_left = budget_left
         if len(idx) == len(self.ids):
             return
         self.select_cache_rows(torch.tensor(idx, dtype=torch.long, device=self.cache_pos.device))
@@ -118,7 +118,7 @@ def covered_lengths(n_drafts: int, depth: int | None) -> list[int]:
 
 @torch.no_grad()
 def verified_step(dlm, rows: AcceptedRows, bs: int, depth: int | None = None) -> list[list[int]]:
-    """One forward for every row; returns the tokens each row accepted (its drafts kept, then the
+    """One forward for every row; returns the tokens each row accepted (the drafts it accepted, then the
     AR's own token), and leaves each row's next drafts in rows.drafts.
 
     depth: mask blocks for acceptance lengths 0 and the `depth` longest ones only (None: all
@@ -135,15 +135,15 @@ def verified_step(dlm, rows: AcceptedRows, bs: int, depth: int | None = None) ->
     logits = rows.forward(dlm, pos, mask, n_new + n_drafts, ids=ids,
                           logits_to_keep=1 + n_drafts + n_blocks * bs)  # from the last accepted token on
     best = logits.argmax(-1).tolist()  # the step's one host read
-    accepted, kept = rows.accept([b[: n_drafts + 1] for b in best])  # the AR's token at p + j, j <= n_drafts
+    accepted, n_accepted = rows.accept([b[: n_drafts + 1] for b in best])  # the AR's token at p + j, j <= n_drafts
     limit = dlm.max_positions or 1 << 30
     first = 1 - lag(dlm)  # block slot i predicts p + j + i + 1 (shift) or p + j + i
-    for r, m in enumerate(kept):
-        b = max(i for i, j in enumerate(covered[r]) if j <= m)  # the block that assumed the most of what was kept
+    for r, m in enumerate(n_accepted):
+        b = max(i for i, j in enumerate(covered[r]) if j <= m)  # the block that assumed the most of what was accepted
         block = best[r][n_drafts + 1 + b * bs: n_drafts + 1 + (b + 1) * bs]
-        room = max(0, limit - (len(rows.seq[r]) + m + 1))
-        rows.drafts[r] = block[m - covered[r][b] + first: first + bs - 1][:room]
-    rows.trim_to_accepted(n_new, n_drafts, kept)
+        fits = max(0, limit - (len(rows.seq[r]) + m + 1))  # positions left in the context
+        rows.drafts[r] = block[m - covered[r][b] + first: first + bs - 1][:fits]
+    rows.trim_to_accepted(n_new, n_drafts, n_accepted)
     return accepted
 
 
@@ -190,5 +190,5 @@ class SelfVerifiedDecoder:
                                                    self.opts.draft_depth), self.eos)
         return Step(1, [len(emitted[i]) for i in range(len(emitted))], emitted)
 
-    def advance(self, stay: list[int], room: list[int]) -> None:
-        self.accepted.select(stay, room)
+    def advance(self, stay: list[int], budget_left: list[int]) -> None:
+        self.accepted.select(stay, budget_left)

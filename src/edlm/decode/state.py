@@ -155,7 +155,7 @@ class Batch(KVRows):
     """
 
     PER_ROW = ("pending_ids", "pending_pos", "block_start", "block_ids", "todo", "gen",
-               "eos_slot", "prompt_tail", "room")  # plus rows (cpu), the cache and carry
+               "eos_slot", "prompt_tail", "budget_left")  # plus rows (cpu), the cache and carry
 
     def __init__(self, dlm, prompts: list[list[int]], opts, budgets: list[int] | None = None, first_row: int = 0):
         self.dlm, self.opts = dlm, opts
@@ -185,7 +185,7 @@ class Batch(KVRows):
             self.block_ids[r, : len(tail)] = torch.tensor(tail, dtype=torch.long, device=dev)
         self.prompt_tail = torch.tensor([len(p) - s for p, s in zip(prompts, starts, strict=True)], device=dev)
         # new tokens each row may still emit (its budget left); the engine cuts a block's output to it
-        self.room = torch.tensor(budgets if budgets is not None else [bs] * n, device=dev)
+        self.budget_left = torch.tensor(budgets if budgets is not None else [bs] * n, device=dev)
 
     def open_blocks(self, rows: torch.Tensor | None = None) -> None:
         """Open the current block of `rows` ([B] bool, default all): every slot after the prompt

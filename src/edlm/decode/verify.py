@@ -71,12 +71,12 @@ class BlockDrafts(KVRows):
         if dlm.config.causal_clean:  # fed finished blocks are the clean stream: token-causal
             clean_q = torch.arange(pos.shape[1], device=pos.device)[None].expand(len(seqs), -1) < n_clean
         mask = position_block_mask(pos, k_pos, bs, k_valid, clean_q)
-        kept_from = 1 if n_clean else 0  # the kept logits: the last clean position (if fed), then the blocks
-        best = self.forward(dlm, pos, mask, n_clean, ids=ids, logits_to_keep=kept_from + bs).argmax(-1).tolist()
+        first = 1 if n_clean else 0  # logits of the last clean position (if fed), then of the blocks
+        best = self.forward(dlm, pos, mask, n_clean, ids=ids, logits_to_keep=first + bs).argmax(-1).tolist()
         self.cached = starts
         # slot i of a block is predicted at its slot i - 1 (shift; slot 0 at the last clean position,
         # always fed when a row's accepted prefix ends on a block) or at slot i
-        slot0 = kept_from - lag(dlm)  # the kept index predicting slot 0
+        slot0 = first - lag(dlm)  # the index of the logits predicting slot 0
         return [best[r][slot0 + len(s) - b: slot0 + min(b + bs, limit) - b]
                 for r, (s, b) in enumerate(zip(seqs, starts, strict=True))]
 
@@ -136,8 +136,8 @@ class ParentVerifiedDecoder:
         rows = self.accepted
         rows.drafts = self.drafts.draft(rows.seq)
         greedy, n_new, n_drafts = parent_greedy(self.verifier, rows)
-        accepted, kept = rows.accept(greedy)
-        rows.trim_to_accepted(n_new, n_drafts, kept)
+        accepted, n_accepted = rows.accept(greedy)
+        rows.trim_to_accepted(n_new, n_drafts, n_accepted)
         emitted = rows.emit(accepted, self.eos)
         return Step(1, [len(emitted[i]) for i in range(len(emitted))], emitted)
 
