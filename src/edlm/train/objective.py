@@ -44,7 +44,7 @@ def inverse_time_weights(masked: torch.Tensor, maskable: torch.Tensor, block_siz
     """1/t per position, with t the block's realised mask ratio k/m (= round(t L')/L').
 
     Using the realised ratio rather than the drawn t keeps the weight finite and exact when
-    rounding masks zero or few tokens (literal 1/t at t=1e-3 spikes the loss: env-notes).
+    rounding masks zero or few tokens (literal 1/t at t=1e-3 spiked the loss in a trial on the tiny model).
     """
     batch, seq_len = masked.shape
     n_blocks = -(-seq_len // block_size)
