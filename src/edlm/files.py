@@ -37,6 +37,33 @@ def publish_dir(tmp: Path, out: Path) -> None:
     tmp.rename(out)
 
 
+def check_output_target(out: str | Path) -> Path:
+    """Fail fast, before any model is loaded, when OUT cannot be written; returns OUT.
+
+    OUT must be a dir or not exist yet, and its nearest existing ancestor a writable dir on a real
+    file system: creating and removing a temp dir there is the only check that also catches
+    read-only mounts, /proc and /sys (where even root cannot create entries)."""
+    out = Path(out)
+    resolved = out.expanduser().resolve()
+    if resolved.exists() and not resolved.is_dir():
+        raise EdlmError(f"output path {out} exists and is not a directory")
+    if any(resolved.is_relative_to(p) for p in _PSEUDO_FS):
+        raise EdlmError(f"cannot write {out}: {resolved.parents[-2]} is a kernel pseudo-file system")
+    ancestor = resolved.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise EdlmError(f"cannot write {out}: {ancestor} is a file, not a directory")
+    try:
+        Path(tempfile.mkdtemp(prefix=".edlm-probe-", dir=ancestor)).rmdir()
+    except OSError as e:
+        raise EdlmError(f"cannot write {out}: {ancestor} is not writable ({e.strerror})") from None
+    return out
+
+
+_PSEUDO_FS = (Path("/proc"), Path("/sys"))  # not /dev: /dev/shm is a real tmpfs
+
+
 def copy_dir_atomically(src: str | Path, dst: str | Path) -> Path:
     """Publish a finished directory (a run's last model, a shipped demo model)."""
     return write_dir_atomically(dst, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
