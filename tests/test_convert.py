@@ -86,5 +86,7 @@ def test_cli_errors_write_nothing(tiny_ar_dir, tmp_path, capsys):
     assert main(["convert", str(notlm), str(tmp_path / "o3")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error" in err
-    assert main(["convert", str(tiny_ar_dir), str(busy), "--force"]) == 0
-    assert (busy / "config.json").exists()
+    earlier = tmp_path / "earlier"  # --force replaces an earlier output (see test_outputs for other dirs)
+    assert main(["convert", str(tiny_ar_dir), str(earlier)]) == 0
+    assert main(["convert", str(tiny_ar_dir), str(earlier), "--force", "--block-size", "8"]) == 0
+    assert json.loads((earlier / "config.json").read_text())["edlm"]["block_size"] == 8

@@ -147,7 +147,7 @@ def check_apart(out: str | Path, **sources: str | Path) -> None:
             continue
         src = Path(source).expanduser().resolve()
         if where == src:
-            raise EdlmError(f"OUT {out} is {label} {source}: choose another output directory")
+            raise EdlmError(f"OUT {out} is {label} {source}: OUT must differ from {label}")
         if src.is_relative_to(where):
             raise EdlmError(f"OUT {out} contains {label} {source}: writing it would delete {label}; "
                             "choose another output directory")

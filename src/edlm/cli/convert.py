@@ -23,7 +23,8 @@ def add_parser(sub) -> None:
                    help="BASE is a directory holding GGUF files: convert this one")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the written weights (default float32; conversion runs in float32)")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT when it holds an earlier edlm output or checkpoint (never other files)")
     p.set_defaults(func=run)
 
 

@@ -15,7 +15,8 @@ def add_parser(sub) -> None:
     p.add_argument("--threshold", type=float, default=None,
                    help="sdar only: confidence threshold written to dllm.yaml and the launch commands "
                    "(default: the model's, else the engine's)")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT when it holds an earlier edlm output or checkpoint (never other files)")
     p.set_defaults(func=run)
 
 

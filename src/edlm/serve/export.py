@@ -114,6 +114,15 @@ def load_for_export(path):
     return DiffusionLM(model.eval(), dlm.tokenizer, dlm.config)
 
 
+def _adapter_base(path) -> str | None:
+    """The local base model of a LoRA adapter dir (read too: OUT must keep clear of it), else None."""
+    try:
+        base = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return base if isinstance(base, str) and Path(base).is_dir() else None
+
+
 def training_layout(path) -> dict | None:
     """The TrainConfig of the `edlm train` run MODEL came from, or None when it is not from one.
 
@@ -297,7 +306,5 @@ def export(model, out, format: str, threshold: float | None = None, force: bool 
     _check_format(format, threshold)  # fail before loading a large model
     if threshold is not None and not 0.0 < threshold <= 1.0:
         raise EdlmError(f"--threshold must be in (0, 1], got {threshold}")
-    if Path(out).resolve() == Path(model).resolve():
-        raise EdlmError("OUT must differ from MODEL")
-    prepare_output_dir(out, force)
+    prepare_output_dir(out, force, MODEL=model, **({"BASE": base} if (base := _adapter_base(model)) else {}))
     return export_model(load_for_export(model), out, format, threshold, force, layout=training_layout(model))

@@ -39,10 +39,14 @@ def choose_mask_token(model, tokenizer, mask_token: str | None = None) -> int:
     (transformers' mean resizing), and all existing rows stay bit-identical.
     """
     vocab = tokenizer.get_vocab()
+    if mask_token is not None and not mask_token.strip():
+        raise EdlmError("--mask-token is empty: leave the flag out for the default (the tokenizer's mask "
+                        "token, else a new one), or name a token")
     if mask_token is None and tokenizer.mask_token is not None:
-        return int(tokenizer.mask_token_id)
+        return _check_mask_role(model, tokenizer, int(tokenizer.mask_token_id), tokenizer.mask_token)
     name = mask_token or new_mask_token_name(model)
     if name in vocab:
+        _check_mask_role(model, tokenizer, int(vocab[name]), name)
         if name not in tokenizer.get_added_vocab():  # legitimate only when no free token exists
             print(f"edlm convert: warning: mask token {name!r} is an ordinary token of the vocabulary: every "
                   "occurrence in text will read as a mask; name a special or reserved token, or a new one",
@@ -57,6 +61,20 @@ def choose_mask_token(model, tokenizer, mask_token: str | None = None) -> int:
     else:
         _fill_free_row(model, new_id, used_rows=new_id)
     return new_id
+
+
+def _check_mask_role(model, tokenizer, mask_id: int, name: str) -> int:
+    """Refuse a mask token that is also EOS, BOS or PAD: a decoded mask would read as the end of
+    the text (the model could never stop, or always stop) and padding would be trained as noise."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    roles = {"EOS": [tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])],
+             "BOS": [tokenizer.bos_token_id], "PAD": [tokenizer.pad_token_id]}
+    for role, ids in roles.items():
+        if mask_id in ids:
+            raise EdlmError(f"mask token {name!r} (id {mask_id}) is the tokenizer's {role} token: a mask must be "
+                            "a token of its own; name another (e.g. a reserved special token) or leave "
+                            "--mask-token out to add a new one")
+    return mask_id
 
 
 @torch.no_grad()
@@ -198,8 +216,9 @@ def convert(base, out, block_size: int = DEFAULT_BLOCK_SIZE, mask_token: str | N
         raise EdlmError(f"--block-size must be >= 1, got {block_size}")
     if dtype not in DTYPES:
         raise EdlmError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    out = prepare_output_dir(out, force)
     found = resolve_gguf(base, gguf_file)
+    source = found[0] / found[1] if found is not None else Path(base)
+    out = prepare_output_dir(out, force, **({"BASE": source} if source.exists() else {}))
     if found is not None:
         model, tokenizer = load_gguf_causal_lm(*found, attn_implementation=attn_implementation)
     else:
