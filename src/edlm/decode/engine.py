@@ -35,15 +35,17 @@ import torch
 from edlm.decode.loop import Step, decode_loop
 from edlm.decode.options import DEFAULT_MAX_NEW_TOKENS, DecodeOptions, resolve_parent_verified, resolve_rows
 from edlm.decode.rules import cut_tokens
-from edlm.decode.state import Batch, GenerationResult, Outputs
+from edlm.decode.state import Batch, GenerationResult, Outputs, token_logprobs
 from edlm.errors import EdlmError
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 
 
 class BlockDecoder:
     """The block engine as a decoder of edlm.decode.loop: a Batch and its strategy's step."""
 
-    def __init__(self, dlm, opts: DecodeOptions, generator=None):
-        self.dlm, self.opts, self.generator = dlm, opts, generator
+    def __init__(self, dlm, opts: DecodeOptions, generator=None, logprobs: int | None = None):
+        self.dlm, self.opts, self.generator, self.logprob_k = dlm, opts, generator, logprobs
         self.batch: Batch | None = None
         self.rows: list[int] = []
         self.budget_left: list[int] = []  # new tokens each row may still emit (batch.budget_left on the host)
@@ -53,7 +55,7 @@ class BlockDecoder:
         self.eos = dlm.tokenizer.eos_token_id if dlm.tokenizer is not None else None
 
     def add(self, first_row: int, ids: list[list[int]], budgets: list[int]) -> None:
-        fresh = Batch(self.dlm, ids, self.opts, budgets, first_row=first_row)
+        fresh = Batch(self.dlm, ids, self.opts, budgets, first_row=first_row, logprob_k=self.logprob_k)
         fresh.open_blocks()
         if self.batch is None:
             self.batch = fresh
@@ -72,7 +74,20 @@ class BlockDecoder:
         self.moved = [i for i, h in enumerate(host) if h[1]]
         emitted = {i: cut_tokens([t for t, g in zip(host[i][2:2 + bs], host[i][2 + bs:], strict=True) if g],
                                  self.budget_left[i], self.eos) for i in self.moved}
-        return Step(batch.calls - calls, [h[0] for h in host], emitted)
+        return Step(batch.calls - calls, [h[0] for h in host], emitted, self._logprobs(host, emitted))
+
+    def _logprobs(self, host: list[list[int]], emitted: dict[int, list[int]]) -> dict:
+        """The emitted tokens' TokenLogprobs (a second host read, only when the call asked for them)."""
+        if self.logprob_k is None or not emitted:
+            return {}
+        batch, bs = self.batch, self.opts.block_size
+        lp, top_ids, top_lp = (getattr(batch, name).tolist() for name in batch.LOGPROB_ROWS)
+        out = {}
+        for i, tokens in emitted.items():
+            slots = [j for j in range(bs) if host[i][2 + bs + j]][: len(tokens)]
+            out[i] = token_logprobs(tokens, [lp[i][j] for j in slots], [top_ids[i][j] for j in slots],
+                                    [top_lp[i][j] for j in slots])
+        return out
 
     def _moving(self) -> torch.Tensor:
         """[B] rows done with their block: all of it decided, an EOS in it, or every slot they keep
@@ -108,7 +123,7 @@ class BlockDecoder:
 
 def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NEW_TOKENS, stop=None,
            result: list | None = None, admit=None, options: DecodeOptions | None = None, verifier=None,
-           **given):
+           logprobs: int | None = None, **given):
     """Yield a BlockEvent per committed piece and row; append the GenerationResult to `result`.
 
     given: decode options (block_size, strategy, threshold, temperature, top_p, factor, gamma,
@@ -116,6 +131,8 @@ def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NE
     the checkpoint, then the engine. options: an already resolved DecodeOptions instead (a server).
     verifier: the AR parent (loaded with autoregressive=True): `dlm` drafts, the parent verifies,
     and the text is the parent's greedy text (edlm.decode.verify); only block_size applies.
+    logprobs: k >= 0 to report each generated token's log-probability and its k most likely
+    alternatives (TokenLogprob on events and results; None: off, nothing computed).
     admit: called after every step (speculative strategies: every block boundary) while rows are
     decoding; returns None or more requests for this call as (prompts, max_new_tokens, stop), in
     the forms the arguments take. They get the next row ids and decode exactly as they would
@@ -124,17 +141,21 @@ def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NE
     if options is not None and (set_too := [k for k, v in given.items() if v is not None]):
         raise EdlmError(f"decode options are given resolved (options=) and one by one ({set_too[0]}=): "
                         "pass one or the other")
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                 or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+        raise EdlmError(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] (top alternatives per token), "
+                        f"got {logprobs!r}")
     if verifier is not None:
         from edlm.decode.verify import ParentVerifiedDecoder
 
-        decoder = ParentVerifiedDecoder(dlm, verifier, resolve_parent_verified(dlm, **given))
+        decoder = ParentVerifiedDecoder(dlm, verifier, resolve_parent_verified(dlm, **given), logprobs)
         model = verifier  # rows are the parent's: its tokenizer, context and EOS
     else:
         opts = options if options is not None else DecodeOptions.resolve(dlm, **given)
         generator = torch.Generator(device=dlm.device).manual_seed(opts.seed) if opts.seed is not None else None
         make = opts.algorithm.decoder or BlockDecoder
-        decoder, model = make(dlm, opts, generator), dlm
-    out = Outputs(model)
+        decoder, model = make(dlm, opts, generator, logprobs), dlm
+    out = Outputs(model, logprobs=logprobs is not None)
     ids, budget, stops = resolve_rows(model, prompts, max_new_tokens, stop)
     decoder.add(out.add_rows(budget, stops), ids, budget)
     yield from decode_loop(decoder, out, admit, lambda *joining: resolve_rows(model, *joining), result)

@@ -28,6 +28,7 @@ class Step:
     calls: int  # model calls of this step (each serves every row)
     committed: list[int]  # tokens each row committed in it (the tokens-per-step histogram)
     emitted: dict[int, list[int]] = field(default_factory=dict)  # row index -> tokens it emits now
+    logprobs: dict[int, list] = field(default_factory=dict)  # row index -> their TokenLogprobs (when asked)
 
 
 def decode_loop(decoder, out: Outputs, admit=None, resolve=None, result: list | None = None):
@@ -45,7 +46,8 @@ def decode_loop(decoder, out: Outputs, admit=None, resolve=None, result: list | 
             out.stats[r].add_step(committed, step.calls)
         done = set()
         for i, tokens in sorted(step.emitted.items()):
-            event = out.event(rows[i], tokens, hit_eos=eos is not None and bool(tokens) and tokens[-1] == eos)
+            event = out.event(rows[i], tokens, eos is not None and bool(tokens) and tokens[-1] == eos,
+                              step.logprobs.get(i))
             if event.done:
                 done.add(i)
             yield event
@@ -57,4 +59,4 @@ def decode_loop(decoder, out: Outputs, admit=None, resolve=None, result: list | 
             ids, budgets, stops = resolve(*joining)
             decoder.add(out.add_rows(budgets, stops), ids, budgets)
     if result is not None:
-        result.append(GenerationResult(out.text, out.tokens, out.stats, out.reason))
+        result.append(GenerationResult(out.text, out.tokens, out.stats, out.reason, out.logprobs))

@@ -50,6 +50,14 @@ def accepted_drafts(drafts: list[int], greedy: list[int]) -> int:
     return n
 
 
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, k: int):
+    """log p(tokens) [...] and the k most likely tokens with their log-probs [..., k] under logits
+    [..., V] (forbidden ids already at -inf): what a generated token reports as its logprobs."""
+    logp = logits.float().log_softmax(-1)
+    top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[..., :0], tokens[..., None][..., :0])
+    return logp.gather(-1, tokens[..., None])[..., 0], top_ids, top_lp
+
+
 def cut_tokens(tokens: list[int], budget_left: int, eos: int | None) -> list[int]:
     """A row's new tokens as it emits them: at most `budget_left`, none after its first EOS (which
     is kept: the caller's text drops it)."""

@@ -30,7 +30,8 @@ import torch
 
 from edlm.decode.kv import KVRows, lag
 from edlm.decode.loop import Step
-from edlm.decode.rules import accepted_drafts, cut_tokens
+from edlm.decode.rules import accepted_drafts, cut_tokens, logprobs_of
+from edlm.decode.state import token_logprobs
 from edlm.masks import draft_blocks_mask
 
 
@@ -39,8 +40,9 @@ class AcceptedRows(KVRows):
     drafts that follow them and the new tokens it may still emit (`budget_left`). Row r of every
     list and cache row r are the same request (`ids`)."""
 
-    def __init__(self, device):
+    def __init__(self, device, logprob_k: int | None = None):
         self.init_cache(0, device)
+        self.logprob_k = logprob_k  # report TokenLogprobs of accepted tokens (the verifier's)
         self.ids: list[int] = []  # request ids
         self.seq: list[list[int]] = []
         self.fed: list[int] = []
@@ -74,6 +76,17 @@ class AcceptedRows(KVRows):
             emitted[i] = cut_tokens(tokens, self.budget_left[i], eos)
             self.seq[i] += emitted[i]
         return emitted
+
+    def verifier_logprobs(self, logits: torch.Tensor, emitted: dict[int, list[int]]) -> dict:
+        """TokenLogprobs of each row's emitted tokens from the verifier's logits [B, >= n, V] at
+        them (accepted token j is the verifier's own token at position j)."""
+        if self.logprob_k is None:
+            return {}
+        width = max(len(t) for t in emitted.values())
+        tokens = logits[:, :width].argmax(-1)
+        lp, top_ids, top_lp = (x.tolist() for x in logprobs_of(logits[:, :width], tokens, self.logprob_k))
+        return {i: token_logprobs(t, lp[i][: len(t)], top_ids[i][: len(t)], top_lp[i][: len(t)])
+                for i, t in emitted.items()}
 
     def trim_to_accepted(self, n_new: int, n_drafts: int, n_accepted: list[int]) -> None:
         """After a verification forward that cached [accepted tokens not cached yet (n_new wide) ;
@@ -134,6 +147,7 @@ def verified_step(dlm, rows: AcceptedRows, bs: int, depth: int | None = None) ->
     n_blocks = max(len(x) for x in covered)
     logits = rows.forward(dlm, pos, mask, n_new + n_drafts, ids=ids,
                           logits_to_keep=1 + n_drafts + n_blocks * bs)  # from the last accepted token on
+    rows.verifier_logits = logits[:, : n_drafts + 1] if rows.logprob_k is not None else None
     best = logits.argmax(-1).tolist()  # the step's one host read
     accepted, n_accepted = rows.accept([b[: n_drafts + 1] for b in best])  # the AR's token at p + j, j <= n_drafts
     limit = dlm.max_positions or 1 << 30
@@ -173,9 +187,9 @@ class SelfVerifiedDecoder:
 
     joinable = True  # every step ends on accepted tokens: a request may join at any step
 
-    def __init__(self, dlm, opts, generator=None):
+    def __init__(self, dlm, opts, generator=None, logprobs: int | None = None):
         self.dlm, self.opts = dlm, opts
-        self.accepted = AcceptedRows(dlm.device)
+        self.accepted = AcceptedRows(dlm.device, logprobs)
         self.eos = dlm.tokenizer.eos_token_id if dlm.tokenizer is not None else None
 
     @property
@@ -186,9 +200,10 @@ class SelfVerifiedDecoder:
         self.accepted.add(first_row, ids, budgets)
 
     def step(self) -> Step:
-        emitted = self.accepted.emit(verified_step(self.dlm, self.accepted, self.opts.block_size,
-                                                   self.opts.draft_depth), self.eos)
-        return Step(1, [len(emitted[i]) for i in range(len(emitted))], emitted)
+        rows = self.accepted
+        emitted = rows.emit(verified_step(self.dlm, rows, self.opts.block_size, self.opts.draft_depth), self.eos)
+        logprobs = rows.verifier_logprobs(rows.verifier_logits, emitted) if rows.logprob_k is not None else {}
+        return Step(1, [len(emitted[i]) for i in range(len(emitted))], emitted, logprobs)
 
     def advance(self, stay: list[int], budget_left: list[int]) -> None:
         self.accepted.select(stay, budget_left)

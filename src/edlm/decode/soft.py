@@ -20,7 +20,9 @@ from edlm.decode.step import (
     forward_block,
     greedy_tokens,
     recall,
+    record_logprobs,
     remember,
+    slot_logprobs,
 )
 
 
@@ -45,5 +47,6 @@ def soft_step(dlm, batch, generator=None) -> torch.Tensor:
     tokens, conf = greedy_tokens(logits)
     chosen = commit_threshold(conf, batch.todo, batch.opts.threshold)
     apply_commit(dlm, batch, chosen, tokens)
+    record_logprobs(batch, chosen, slot_logprobs(batch, logits, tokens))
     remember(batch, tokens=tokens, conf=conf)
     return chosen.sum(-1)

@@ -25,7 +25,9 @@ from edlm.decode.step import (
     forward_block,
     greedy_tokens,
     recall,
+    record_logprobs,
     remember,
+    slot_logprobs,
 )
 
 
@@ -66,16 +68,20 @@ def speculate(dlm, batch, rule) -> torch.Tensor:
     """
     memo = recall(batch)
     if memo is None:
-        tokens, conf = greedy_tokens(denoise_step(dlm, batch))
+        logits = denoise_step(dlm, batch)
+        tokens, conf = greedy_tokens(logits)
+        logprobs = slot_logprobs(batch, logits, tokens)
     else:
-        tokens, conf = memo["tokens"], memo["conf"]
+        tokens, conf, logprobs = memo["tokens"], memo["conf"], memo.get("logprobs")
     states, depth = draft_chain(dlm, batch, rule, tokens, conf)
     if depth == 0:  # s_1 fills every row's block: nothing left to verify
         _move_to(batch, states[0])
+        record_logprobs(batch, states[0].chosen, logprobs)
         batch.memo = None
         return states[0].chosen.sum(-1)
     drafts = torch.stack([s.block_ids for s in states], 1)  # [B, depth, bs]
-    v_tokens, v_conf = greedy_tokens(forward_block(dlm, batch, ids=drafts.flatten(1), copies=depth))
+    v_logits = forward_block(dlm, batch, ids=drafts.flatten(1), copies=depth)
+    v_tokens, v_conf = greedy_tokens(v_logits)
     pick = accepted_depth(states, rule, tokens, v_tokens, v_conf) - 1  # [B] deepest accepted state
     rows = torch.arange(pick.shape[0], device=pick.device)
     committed = torch.stack([s.chosen.sum(-1) for s in states], 1)  # [B, depth]
@@ -83,8 +89,21 @@ def speculate(dlm, batch, rule) -> torch.Tensor:
     _move_to(batch, SimpleNamespace(block_ids=drafts[rows, pick],
                                     todo=torch.stack([s.todo for s in states], 1)[rows, pick],
                                     eos_slot=torch.stack([s.eos_slot for s in states], 1)[rows, pick]))
-    remember(batch, tokens=v_tokens[rows, pick], conf=v_conf[rows, pick])
+    v_logprobs = slot_logprobs(batch, v_logits, v_tokens)
+    _record_chain_logprobs(batch, states, pick, logprobs, v_logprobs)
+    remember(batch, tokens=v_tokens[rows, pick], conf=v_conf[rows, pick],
+             **({"logprobs": tuple(x[rows, pick] for x in v_logprobs)} if v_logprobs is not None else {}))
     return committed
+
+
+def _record_chain_logprobs(batch, states, pick, logprobs, v_logprobs) -> None:
+    """s_1's tokens report L_0's log-probs; the slot an accepted s_{d+1} adds reports L_d's, the
+    true logits of the state it was checked in (so lossless reports what one-token steps do)."""
+    if logprobs is None:
+        return
+    record_logprobs(batch, states[0].chosen, logprobs)
+    for d in range(1, len(states)):
+        record_logprobs(batch, states[d].chosen & (pick >= d)[:, None], tuple(x[:, d - 1] for x in v_logprobs))
 
 
 def draft_chain(dlm, batch, rule, tokens, conf) -> tuple[list[SimpleNamespace], int]:
@@ -149,6 +168,7 @@ def wino_step(dlm, batch, generator=None) -> torch.Tensor:
     decided = batch.gen & ~batch.todo & batch.todo.any(-1, keepdim=True)  # rows still working
     chosen = commit_threshold(conf, batch.todo, batch.opts.threshold)
     apply_commit(dlm, batch, chosen, tokens)
+    record_logprobs(batch, chosen, slot_logprobs(batch, logits, tokens))
     committed = chosen.sum(-1)
     if loo is not None:
         slot = torch.arange(chosen.shape[1], device=chosen.device)[None]

@@ -37,11 +37,29 @@ class RowStats:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability: the dLM's at the step it was committed (for `verified`
+    and the two-model mode the AR verifier's, so in AR mode HF's), and the `top` most likely
+    tokens there with theirs, over the decoder's candidates (never the mask token)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def token_logprobs(ids: list[int], logprob: list[float], top_ids: list[list[int]],
+                   top_lp: list[list[float]]) -> list[TokenLogprob]:
+    return [TokenLogprob(t, lp, list(zip(ti, tl, strict=True)))
+            for t, lp, ti, tl in zip(ids, logprob, top_ids, top_lp, strict=True)]
+
+
+@dataclass
 class GenerationResult:
     texts: list[str]
     token_ids: list[list[int]]
     stats: list[RowStats]
     finish_reasons: list[str]
+    logprobs: list[list[TokenLogprob]] | None = None  # per row, aligned with token_ids (logprobs=k asked)
 
 
 @dataclass
@@ -54,14 +72,16 @@ class BlockEvent:
     finish_reason: str | None = None  # "stop" or "length"
     stats: RowStats | None = None
     final_text: str | None = None  # the row's whole text (a stop string may cut into earlier blocks)
+    logprobs: list[TokenLogprob] | None = None  # aligned with token_ids, when logprobs were asked for
 
 
 class Outputs:
     """Per-request token lists, text, stats and finish reason, with stop-string handling: every
     decoder ends its rows through it (edlm.decode.loop)."""
 
-    def __init__(self, dlm):
+    def __init__(self, dlm, logprobs: bool = False):
         self.dlm = dlm
+        self.logprobs: list[list[TokenLogprob]] | None = [] if logprobs else None
         self.budget: list[int] = []
         self.stops: list[list[str]] = []
         self.tokens: list[list[int]] = []
@@ -80,13 +100,18 @@ class Outputs:
         self.stats += [RowStats() for _ in range(n)]
         self.reason += ["length"] * n
         self.started += [time.perf_counter()] * n
+        if self.logprobs is not None:
+            self.logprobs += [[] for _ in range(n)]
         return first
 
-    def add_block(self, row: int, new: list[int], hit_eos: bool) -> tuple[str, bool]:
+    def add_block(self, row: int, new: list[int], hit_eos: bool,
+                  logprobs: list[TokenLogprob] | None = None) -> tuple[str, bool]:
         """Append a finished block's tokens (already cut to the budget); returns (new text, row is done)."""
         tok = self.dlm.tokenizer
         old_text = self.text[row]
         self.tokens[row].extend(new)
+        if self.logprobs is not None:
+            self.logprobs[row].extend(logprobs or [])
         body = self.tokens[row][:-1] if hit_eos else self.tokens[row]
         text = tok.decode(body, skip_special_tokens=True)
         done = hit_eos
@@ -103,19 +128,22 @@ class Outputs:
         self.stats[row].generated_tokens = len(self.tokens[row])
         return text[len(old_text):], done
 
-    def event(self, row: int, new: list[int], hit_eos: bool) -> BlockEvent:
+    def event(self, row: int, new: list[int], hit_eos: bool,
+              logprobs: list[TokenLogprob] | None = None) -> BlockEvent:
         """add_block, then the row's event: with its finish reason and stats when it is done."""
-        text, done = self.add_block(row, new, hit_eos)
+        text, done = self.add_block(row, new, hit_eos, logprobs)
         self.stats[row].seconds = time.perf_counter() - self.started[row]
         if done:
-            return BlockEvent(row, text, new, True, self.reason[row], self.stats[row], self.text[row])
-        return BlockEvent(row, text, new)
+            return BlockEvent(row, text, new, True, self.reason[row], self.stats[row], self.text[row], logprobs)
+        return BlockEvent(row, text, new, logprobs=logprobs)
 
     def _trim_tokens(self, row: int, text: str) -> None:
         toks = self.tokens[row]
         for n in range(len(toks) + 1):
             if len(self.dlm.tokenizer.decode(toks[:n], skip_special_tokens=True)) >= len(text):
                 self.tokens[row] = toks[:n]
+                if self.logprobs is not None:
+                    self.logprobs[row] = self.logprobs[row][:n]
                 return
 
 
@@ -157,8 +185,11 @@ class Batch(KVRows):
     PER_ROW = ("pending_ids", "pending_pos", "block_start", "block_ids", "todo", "gen",
                "eos_slot", "prompt_tail", "budget_left")  # plus rows (cpu), the cache and carry
 
-    def __init__(self, dlm, prompts: list[list[int]], opts, budgets: list[int] | None = None, first_row: int = 0):
-        self.dlm, self.opts = dlm, opts
+    LOGPROB_ROWS = ("slot_lp", "slot_top_ids", "slot_top_lp")  # per slot: what its token reports (logprobs=k)
+
+    def __init__(self, dlm, prompts: list[list[int]], opts, budgets: list[int] | None = None, first_row: int = 0,
+                 logprob_k: int | None = None):
+        self.dlm, self.opts, self.logprob_k = dlm, opts, logprob_k
         bs = opts.block_size
         dev = dlm.device
         n = len(prompts)
@@ -186,6 +217,14 @@ class Batch(KVRows):
         self.prompt_tail = torch.tensor([len(p) - s for p, s in zip(prompts, starts, strict=True)], device=dev)
         # new tokens each row may still emit (its budget left); the engine cuts a block's output to it
         self.budget_left = torch.tensor(budgets if budgets is not None else [bs] * n, device=dev)
+        if logprob_k is not None:
+            self.slot_lp = torch.zeros(n, bs, device=dev)
+            self.slot_top_ids = torch.zeros(n, bs, logprob_k, dtype=torch.long, device=dev)
+            self.slot_top_lp = torch.zeros(n, bs, logprob_k, device=dev)
+
+    @property
+    def per_row(self) -> tuple[str, ...]:
+        return self.PER_ROW + (self.LOGPROB_ROWS if self.logprob_k is not None else ())
 
     def open_blocks(self, rows: torch.Tensor | None = None) -> None:
         """Open the current block of `rows` ([B] bool, default all): every slot after the prompt
@@ -222,7 +261,7 @@ class Batch(KVRows):
         self.rows = self.rows[idx]
         idx = torch.tensor(idx, dtype=torch.long, device=self.block_ids.device)
         self.select_cache_rows(idx)
-        for name in self.PER_ROW:
+        for name in self.per_row:
             setattr(self, name, getattr(self, name)[idx])
         if self.carry is not None:
             self.carry = self.carry[idx]
@@ -245,7 +284,7 @@ class Batch(KVRows):
             b.pending_ids = torch.nn.functional.pad(b.pending_ids, (pad, 0))
             b.pending_pos = torch.nn.functional.pad(b.pending_pos, (pad, 0), value=-1)
         self.rows = torch.cat([self.rows, new.rows])
-        for name in self.PER_ROW:
+        for name in self.per_row:
             setattr(self, name, torch.cat([getattr(self, name), getattr(new, name)]))
         if self.carry is not None:
             self.carry = torch.cat([self.carry, self.carry.new_zeros(n_new, self.carry.shape[1])])

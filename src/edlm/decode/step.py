@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from edlm.decode.kv import lag
-from edlm.decode.rules import pick_tokens
+from edlm.decode.rules import logprobs_of, pick_tokens
 from edlm.masks import position_block_mask
 
 # Below this vocabulary the LM head on a block's decided slots costs less than leaving it out
@@ -166,6 +166,23 @@ def apply_commit(dlm, batch, chosen: torch.Tensor, tokens: torch.Tensor) -> None
     batch.todo = batch.todo & (slot < batch.eos_slot[:, None])  # never fill after an EOS
 
 
+def slot_logprobs(batch, logits: torch.Tensor, tokens: torch.Tensor):
+    """(log p(tokens), top ids, top log-probs) under the logits the tokens came from, where the call
+    asked for logprobs (batch.logprob_k); else None and nothing is computed."""
+    return None if batch.logprob_k is None else logprobs_of(logits, tokens, batch.logprob_k)
+
+
+def record_logprobs(batch, chosen: torch.Tensor, logprobs) -> None:
+    """What the chosen slots' tokens report as their logprobs (from slot_logprobs): their values at
+    the step that committed them."""
+    if logprobs is None:
+        return
+    token_lp, top_ids, top_lp = logprobs
+    batch.slot_lp = torch.where(chosen, token_lp, batch.slot_lp)
+    batch.slot_top_ids = torch.where(chosen[..., None], top_ids, batch.slot_top_ids)
+    batch.slot_top_lp = torch.where(chosen[..., None], top_lp, batch.slot_top_lp)
+
+
 # ------------------------------------------------------------------ a strategy's memo between steps
 @dataclass
 class Memo:
@@ -187,4 +204,4 @@ def recall(batch) -> dict | None:
     here = torch.isin(memo.rows, batch.rows).to(batch.block_start.device)
     if not torch.equal(memo.block_start[here], batch.block_start):
         return None
-    return {k: v[here] for k, v in memo.tensors.items()}
+    return {k: tuple(x[here] for x in v) if isinstance(v, tuple) else v[here] for k, v in memo.tensors.items()}

@@ -18,7 +18,7 @@ from edlm.decode import rules
 from edlm.decode.selfverify import SelfVerifiedDecoder
 from edlm.decode.soft import soft_step
 from edlm.decode.speculative import lossless_step, psd_step, wino_step
-from edlm.decode.step import apply_commit, denoise_step, skips_decided_slots
+from edlm.decode.step import apply_commit, denoise_step, record_logprobs, skips_decided_slots, slot_logprobs
 
 
 @dataclass(frozen=True)
@@ -49,18 +49,24 @@ def rule_step(rule: Callable) -> Callable:
         logits = denoise_step(dlm, batch, want=want)
         tokens, conf, entropy = rules.pick_tokens(logits, opts.temperature, opts.top_p, generator,
                                                   entropy="gamma" in opts.algorithm.reads)
+        logprobs = slot_logprobs(batch, logits, tokens)
         if want is not None:  # back to [B, bs]: decided slots are no candidates, what they hold is never read
             tokens, conf = _on_slots(todo, tokens, 0), _on_slots(todo, conf, 0.0)
             entropy = _on_slots(todo, entropy, float("inf")) if entropy is not None else None
+            logprobs = tuple(_on_slots(todo, x, 0) for x in logprobs) if logprobs is not None else None
         chosen = rule(conf, entropy, todo, opts)
         apply_commit(dlm, batch, chosen, tokens)
+        record_logprobs(batch, chosen, logprobs)
         return chosen.sum(-1)
 
     return step
 
 
 def _on_slots(todo: torch.Tensor, values: torch.Tensor, fill) -> torch.Tensor:
-    return torch.full(todo.shape, fill, dtype=values.dtype, device=values.device).masked_scatter(todo, values)
+    """Values [N, ...] of the todo slots (row-major) placed on their slots [B, bs, ...]."""
+    shape = (*todo.shape, *values.shape[1:])
+    where = todo.view(*todo.shape, *[1] * (values.dim() - 1)).expand(shape)
+    return torch.full(shape, fill, dtype=values.dtype, device=values.device).masked_scatter(where, values)
 
 
 def plain(name: str, rule: Callable, help: str) -> Strategy:

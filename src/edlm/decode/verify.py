@@ -105,7 +105,9 @@ def parent_greedy(ar, rows: AcceptedRows) -> tuple[list[list[int]], int, int]:
     k_pos, k_valid = rows.keys_with(pos)
     # token-causal over valid keys: the block-causal rule at block size 1, as the engine's AR steps
     mask = position_block_mask(pos, k_pos, 1, k_valid)
-    greedy = rows.forward(ar, pos, mask, n_new + n_drafts, ids=ids, logits_to_keep=n_drafts + 1).argmax(-1).tolist()
+    logits = rows.forward(ar, pos, mask, n_new + n_drafts, ids=ids, logits_to_keep=n_drafts + 1)
+    rows.verifier_logits = logits if rows.logprob_k is not None else None
+    greedy = logits.argmax(-1).tolist()
     return [g[: len(x) + 1] for g, x in zip(greedy, rows.drafts, strict=True)], n_new, n_drafts
 
 
@@ -118,10 +120,10 @@ class ParentVerifiedDecoder:
 
     joinable = True
 
-    def __init__(self, drafter, verifier, block_size: int):
+    def __init__(self, drafter, verifier, block_size: int, logprobs: int | None = None):
         check_pair(drafter, verifier)
         self.verifier = verifier
-        self.accepted, self.drafts = AcceptedRows(verifier.device), BlockDrafts(drafter, block_size)
+        self.accepted, self.drafts = AcceptedRows(verifier.device, logprobs), BlockDrafts(drafter, block_size)
         self.eos = verifier.tokenizer.eos_token_id
 
     @property
@@ -139,7 +141,8 @@ class ParentVerifiedDecoder:
         accepted, n_accepted = rows.accept(greedy)
         rows.trim_to_accepted(n_new, n_drafts, n_accepted)
         emitted = rows.emit(accepted, self.eos)
-        return Step(1, [len(emitted[i]) for i in range(len(emitted))], emitted)
+        logprobs = rows.verifier_logprobs(rows.verifier_logits, emitted) if rows.logprob_k is not None else {}
+        return Step(1, [len(emitted[i]) for i in range(len(emitted))], emitted, logprobs)
 
     def advance(self, stay: list[int], room: list[int]) -> None:
         self.accepted.select(stay, room)
