@@ -49,6 +49,8 @@ def world(tmp_path_factory, tiny_ar_dir):
     (d / "mixed.jsonl").write_text(json.dumps({"text": "a fox"}) + "\n" + json.dumps({"text": 123}) + "\n")
     (d / "badjson.jsonl").write_text(json.dumps({"text": "a fox"}) + "\n{\"text\": \"unterminated\n")
     (d / "latin1.txt").write_bytes("a fox\n\ncaf\u00e9 au lait\n".encode("latin-1"))
+    (d / "sft.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}: the fox", "response": TEXT[:60]}) + "\n"
+                                         for i in range(20)))
     (d / "notok").mkdir()
     for f in Path(tiny_ar_dir).iterdir():
         if f.name == "config.json" or f.suffix == ".safetensors":
@@ -109,6 +111,22 @@ BAD_INPUTS = [
     (["--data", "{w}/train.txt", "--out", "{w}/corrupt", "--resume"],
      "no intact checkpoint in {w}/corrupt/checkpoints to resume from: step-00000002: trainer.json is unreadable"),
     (["--data", "{w}/train.txt", "--out", "{w}/locked"], "in use by another job (pid 1 on elsewhere"),
+    # OUT that cannot be written, or would be written into the model; mask tokens that cannot work
+    (["--data", "{w}/train.txt", "--out", "/proc/edlm-run"], "cannot write /proc/edlm-run: /proc is a kernel"),
+    (["--data", "{w}/train.txt", "--out", "/sys/edlm-run"], "cannot write /sys/edlm-run: /sys is a kernel"),
+    (["--data", "{w}/train.txt", "--out", "{w}/afile/sub"], "{w}/afile is a file, not a directory"),
+    (["--data", "{w}/train.txt", "--out", "{m}/run"], "lies inside MODEL {m}"),
+    (["--data", "{w}/train.txt", "--out", "{w}/new", "--mask-token", "<eos>"], "is the tokenizer's EOS token"),
+    (["--data", "{w}/train.txt", "--out", "{w}/new", "--mask-token", ""], "--mask-token is empty"),
+    (["--data", "{w}/train.txt", "--out", "{w}/new", "--seed", str(2**64)], "--seed must be in [0, 2**63)"),
+    (["--data", "{w}/train.txt", "--out", "{w}/new", "--seed", "-1"], "--seed must be in [0, 2**63)"),
+    (["--data", "{w}/sft.jsonl", "--out", "{w}/new", "--text-field", "nope"],
+     "--text-field 'nope': the data has no such field (fields present: prompt, response)"),
+    (["--data", "{w}/train.txt", "--out", "{w}/new", "--messages-field", "chat"],
+     "--messages-field 'chat': the data has no such field (fields present: text)"),
+    # resuming with settings that define the model: refused (other changes only warn, see below)
+    (["--data", "{w}/train.txt", "--out", "{w}/done", "--resume", "--steps", "3", "--lora-rank", "2"],
+     "--resume: --lora-rank 0 -> 2 differ from the run in {w}/done"),
     ("MODEL={w}/nomodel", "model directory not found"),
     ("MODEL={w}/notok", "no tokenizer files in {w}/notok"),
 ]
@@ -210,6 +228,41 @@ def test_resume_skips_corrupt_checkpoints_and_equals_the_unbroken_run(world, tin
     assert "trainer.json is unreadable" in printed and "at step 1" in printed
     resumed = weights(out / "model")
     assert max((resumed[k] - unbroken[k]).abs().max().item() for k in unbroken) <= 1e-6
+
+
+def test_resume_skips_a_truncated_model_dir_and_lists_changed_settings(world, tiny_ar_dir, tmp_path, capsys):
+    """model/ is what users load: a checkpoint whose copy is truncated is no resume point either."""
+    out = tmp_path / "run"
+    shutil.copytree(world / "done", out)
+    weights_file = out / "checkpoints" / "step-00000002" / "model" / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:-100])
+    capsys.readouterr()
+    train(small(out, tiny_ar_dir, world / "train.txt", steps=3, save_every=1, lr=1e-3, resume=True))
+    printed = capsys.readouterr().out
+    assert "skipping checkpoint" in printed and "model/model.safetensors is truncated or corrupt" in printed
+    assert "resumed from" in printed and "at step 1" in printed
+    assert "with changed settings: --steps 2 -> 3, --lr 0.003 -> 0.001" in printed
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_temp_dir(world, tiny_ar_dir, tmp_path,
+                                                                              monkeypatch, capsys):
+    """torch.save on a full disk raises a bare RuntimeError; the free space says what happened."""
+    from accelerate import Accelerator
+
+    def full(self, *a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing "
+                           "file data/3: file write failed")
+
+    monkeypatch.setattr(Accelerator, "save_state", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=10**9, free=20 * 10**6))
+    out = tmp_path / "run"
+    code = main(["train", str(tiny_ar_dir), "--data", str(world / "train.txt"), "--out", str(out), *FAST,
+                 "--steps", "2", "--save-every", "1", "--log-every", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert (f"no space left on device writing {out}/checkpoints/step-00000001 (20 MB free); earlier checkpoints "
+            "are untouched") in err
+    assert not list(out.rglob(".tmp-*")) and not (out / "checkpoints" / "step-00000001").exists()
 
 
 def test_resume_without_checkpoint_starts_at_0_and_logged_loss_is_the_mean_since_the_last_line(

@@ -121,6 +121,8 @@ class TrainConfig:
         for name in ("lr", "min_lr", "weight_decay", "grad_clip", "eval_every", "lora_rank", "ar_loss_weight"):
             if getattr(self, name) < 0:
                 raise EdlmError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**63:  # torch.manual_seed takes a 64-bit seed, numpy/python more
+            raise EdlmError(f"--seed must be in [0, 2**63), got {self.seed}")
         if self.lr == 0:
             raise EdlmError("--lr must be > 0")
         if self.min_lr > self.lr:

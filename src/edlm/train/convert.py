@@ -67,13 +67,14 @@ def _check_mask_role(model, tokenizer, mask_id: int, name: str) -> int:
     """Refuse a mask token that is also EOS, BOS or PAD: a decoded mask would read as the end of
     the text (the model could never stop, or always stop) and padding would be trained as noise."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    roles = {"EOS": [tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])],
-             "BOS": [tokenizer.bos_token_id], "PAD": [tokenizer.pad_token_id]}
-    for role, ids in roles.items():
-        if mask_id in ids:
-            raise EdlmError(f"mask token {name!r} (id {mask_id}) is the tokenizer's {role} token: a mask must be "
-                            "a token of its own; name another (e.g. a reserved special token) or leave "
-                            "--mask-token out to add a new one")
+    roles = [("the tokenizer's EOS token", tokenizer.eos_token_id), ("the tokenizer's BOS token", tokenizer.bos_token_id),
+             ("the tokenizer's PAD token", tokenizer.pad_token_id),
+             *(("an EOS token of the model's generation config", e) for e in (eos if isinstance(eos, list) else [eos]))]
+    clashes = list(dict.fromkeys(role for role, role_id in roles if role_id is not None and role_id == mask_id))
+    if clashes:
+        raise EdlmError(f"mask token {name!r} (id {mask_id}) is {' and '.join(clashes)}: a mask must be a token "
+                        "of its own; name another (e.g. a reserved special token) or leave --mask-token out "
+                        "to add a new one")
     return mask_id
 
 

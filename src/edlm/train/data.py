@@ -152,6 +152,20 @@ def _check_types(raw, kind: str, fields: DataFields, where: str) -> None:
 
 
 def detect_format(columns: list[str], fields: DataFields) -> str:
+    """The data's format from its columns. A field name the user set (not the default) must be
+    there: otherwise another format's columns would be trained on without a word."""
+    defaults, chosen = DataFields(), []
+    for name in ("text", "prompt", "response", "messages"):
+        value = getattr(fields, name)
+        if value != getattr(defaults, name):
+            if value not in columns:
+                raise EdlmError(f"--{name}-field {value!r}: the data has no such field (fields present: "
+                                f"{', '.join(columns)})")
+            chosen.append(name)
+    if "text" in chosen and not {"prompt", "response", "messages"} & set(chosen):
+        return "text"
+    if "messages" in chosen and not {"prompt", "response"} & set(chosen):
+        return "chat"
     if fields.prompt in columns and fields.response in columns:
         return "sft"
     if fields.messages in columns:

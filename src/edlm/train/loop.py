@@ -4,7 +4,9 @@ One loop for 1 CPU, DDP, FSDP or DeepSpeed (`accelerate launch -m edlm.cli train
 Determinism by construction: the examples of global step s and the noise each example gets are
 functions of (seed, s, example index) only, so a resumed run, or a run with a different process
 count and the same global batch, sees exactly the same data and masks.
-Checkpoints are written to a temp dir and renamed: a crash mid-save leaves the last one intact.
+Checkpoints are written to a temp dir and renamed: a crash mid-save leaves the last one intact;
+a full disk is one line and leaves no temp dir. --resume checks state/ and model/ of the newest
+checkpoint (falling back past a broken one) and compares its recorded settings with the new ones.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ import torch
 
 from edlm.config import CONFIG_KEY, DEFAULT_BLOCK_SIZE, DiffusionConfig
 from edlm.errors import EdlmError, first_line
-from edlm.files import copy_dir_atomically, publish_dir, release_run_lock, take_run_lock
+from edlm.files import (
+    check_apart,
+    check_output_target,
+    copy_dir_atomically,
+    publish_dir,
+    release_run_lock,
+    take_run_lock,
+    write_failure,
+)
 from edlm.model import DiffusionLM, load_causal_lm, read_checkpoint_config
 from edlm.train.config import TrainConfig
 from edlm.train.data import build_dataset
@@ -140,11 +150,13 @@ def save_checkpoint(accelerator, dlm: DiffusionLM, cfg: TrainConfig, run: TrainS
             publish_dir(tmp, final)
             for old in checkpoint_dirs(out)[: -cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
+    except Exception as exc:
+        failure = write_failure(exc, final)  # before the clean-up frees the space it reports
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise EdlmError(f"could not write checkpoint {final} ({exc.strerror or exc}); "
-                        "earlier checkpoints are untouched") from None
+        if failure is None:
+            raise
+        raise EdlmError(f"{failure}; earlier checkpoints are untouched") from None
     accelerator.wait_for_everyone()
     return final
 
@@ -177,26 +189,75 @@ def checkpoint_problem(ckpt: Path) -> str | None:
         return "trainer.json is missing"
     except (ValueError, KeyError, TypeError, OSError) as exc:
         return f"trainer.json is unreadable ({first_line(exc)})"
-    state = ckpt / "state"
-    if not state.is_dir():
-        return "state/ is missing"
-    for f in sorted(state.rglob("*")):
+    for part in ("state", "model"):  # model/: the loadable copy; --resume reads state/, users model/
+        if not (ckpt / part).is_dir():
+            return f"{part}/ is missing"
+    if not (ckpt / "model" / "config.json").is_file():
+        return "model/config.json is missing"
+    for f in sorted([*(ckpt / "state").rglob("*"), *(ckpt / "model").rglob("*")]):
         if f.suffix in (".bin", ".pkl", ".pt", ".pth") and f.is_file() and not zipfile.is_zipfile(f):
             return f"{f.relative_to(ckpt)} is truncated or corrupt"
         if f.suffix == ".safetensors" and f.is_file():
-            try:
-                from safetensors import safe_open
-
-                with safe_open(str(f), "pt") as st:
-                    st.keys()
-            except Exception as exc:  # noqa: BLE001 - any failure means unreadable
-                return f"{f.relative_to(ckpt)} is truncated or corrupt ({first_line(exc)})"
+            problem = safetensors_problem(f)
+            if problem:
+                return f"{f.relative_to(ckpt)} is truncated or corrupt ({problem})"
     return None
 
 
-def resume_from(accelerator, out: Path) -> int:
+def safetensors_problem(f: Path) -> str | None:
+    """Why a .safetensors file is unreadable, from its header alone: the header's last tensor must end
+    exactly at the end of the file (a truncated copy ends early; safe_open only maps the file)."""
+    try:
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        return f"unreadable header: {first_line(exc)}"
+    size = f.stat().st_size
+    return None if size == 8 + n + end else f"{size} bytes, the header says {8 + n + end}"
+
+
+# Settings a resumed run must share with the run it continues: they define the model being trained
+# (its config or its LoRA layout), so the saved state cannot carry on under other values.
+FIXED_ON_RESUME = ("model", "objective", "block_size", "mask_token", "shift", "causal_clean", "lora_rank")
+# Settings that only say how a run reports and saves: changing them on resume is routine.
+BOOKKEEPING = ("out", "resume", "progress", "log_every", "save_every", "keep_last", "eval_every", "eval_batches")
+
+
+def changed_settings(recorded: dict, now: dict) -> dict[str, tuple]:
+    """{setting: (recorded, now)} for every non-bookkeeping setting that differs; paths compared resolved."""
+    def norm(name, value):
+        if name in ("model", "data", "val_data") and value is not None:
+            return [str(Path(v).resolve()) for v in value] if isinstance(value, list) else str(Path(value).resolve())
+        return value
+
+    now = json.loads(json.dumps(now, default=str))  # as trainer.json stores it (tuples -> lists, paths -> str)
+    return {k: (recorded.get(k), v) for k, v in now.items()
+            if k not in BOOKKEEPING and norm(k, recorded.get(k)) != norm(k, v)}
+
+
+def check_resumed_settings(ckpt: Path, now: dict) -> dict[str, tuple]:
+    """Refuse a resume that changes what the model is (before its state is loaded: it would not
+    fit); return every other change, for a warning (lr, data, seed...: the run continues, but is
+    no longer the one an unbroken run would be)."""
+    recorded = json.loads((ckpt / "trainer.json").read_text()).get("config") or {}
+    changed = changed_settings(recorded, now)
+    fixed = {k: v for k, v in changed.items() if k in FIXED_ON_RESUME}
+    if fixed:
+        raise EdlmError(f"--resume: {_describe(fixed)} differ from the run in {ckpt.parent.parent}, and define "
+                        "the model it trains; keep them, or start a new run with another --out")
+    return changed
+
+
+def _describe(changed: dict[str, tuple]) -> str:
+    return ", ".join(f"{'--' + k.replace('_', '-')} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+
+
+def resume_from(accelerator, out: Path, settings: dict | None = None) -> int:
     """Load the newest intact checkpoint; a corrupt newer one is skipped with a warning. Returns its
-    step; 0 with a notice when OUT holds no checkpoint (so a job script may always pass --resume)."""
+    step; 0 with a notice when OUT holds no checkpoint (so a job script may always pass --resume).
+    `settings`: this run's trainer.json record, checked against the checkpoint's (check_resumed_settings)."""
     ckpts = checkpoint_dirs(out)
     if not ckpts:
         accelerator.print(f"edlm train: no checkpoint in {out}: starting from step 0")
@@ -205,6 +266,7 @@ def resume_from(accelerator, out: Path) -> int:
     for ckpt in reversed(ckpts):
         problem = checkpoint_problem(ckpt)
         if problem is None:
+            changed = check_resumed_settings(ckpt, settings) if settings is not None else {}
             try:
                 accelerator.load_state(str(ckpt / "state"))
             except Exception as exc:  # noqa: BLE001 - a file that passed the cheap check but does not load
@@ -214,6 +276,8 @@ def resume_from(accelerator, out: Path) -> int:
             accelerator.print(f"edlm train: warning: skipping checkpoint {ckpt}: {problem}")
             continue
         step = json.loads((ckpt / "trainer.json").read_text())["step"]
+        if changed:
+            accelerator.print(f"edlm train: warning: resuming {ckpt} with changed settings: {_describe(changed)}")
         accelerator.print(f"resumed from {ckpt} at step {step}")
         return step
     raise EdlmError(f"no intact checkpoint in {out / 'checkpoints'} to resume from: {'; '.join(bad)}")
@@ -299,9 +363,8 @@ def train(cfg: TrainConfig) -> Path:
     from accelerate import Accelerator
 
     cfg.validate()
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise EdlmError(f"--out {out} exists and is not a directory")
+    out = check_output_target(cfg.out)
+    check_apart(out, MODEL=cfg.model)
     if not cfg.resume and checkpoint_dirs(out):
         raise EdlmError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
     use_cuda = torch.cuda.is_available()
@@ -370,7 +433,7 @@ def _train(cfg: TrainConfig, accelerator, out: Path) -> Path:
     accelerator.register_for_checkpointing(scheduler)
     dlm = DiffusionLM(model, dlm.tokenizer, dlm.config)
 
-    start = resume_from(accelerator, out) if cfg.resume else 0
+    start = resume_from(accelerator, out, run.record(cfg)) if cfg.resume else 0
     if start >= cfg.steps:
         raise EdlmError(f"{out} is already trained to step {start} >= --steps {cfg.steps}")
 
@@ -414,8 +477,11 @@ def _train(cfg: TrainConfig, accelerator, out: Path) -> Path:
         if log_now:
             loss_sum, loss_steps = 0.0, 0
             if accelerator.is_main_process:
-                with metrics.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                try:
+                    with metrics.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                except OSError as exc:
+                    raise write_failure(exc, metrics) from None
                 if writer is not None:
                     for k, v in record.items():
                         if k != "step":
