@@ -66,6 +66,16 @@ def test_max_length_truncates(dlm):
     torch.testing.assert_close(embed(dlm, "abcdefgh", max_length=3), embed(dlm, "abc"))
 
 
+def test_a_text_over_the_context_is_refused_not_cut(dlm, dlm_dir, capsys):
+    """It used to embed the first 256 tokens silently; generate refuses an over-long prompt, so does embed."""
+    limit = dlm.max_positions
+    embed(dlm, "x" * limit)  # exactly the context: fine
+    with pytest.raises(EdlmError, match=f"text 1 is {limit + 1} tokens, over the model's {limit} positions"):
+        embed(dlm, ["ok", "x" * (limit + 1)])
+    assert main(["embed", str(dlm_dir), "--text", "x" * 5000]) == 2
+    assert f"over the model's {limit} positions" in capsys.readouterr().err
+
+
 def test_bad_inputs(dlm):
     with pytest.raises(EdlmError, match="no text"):
         embed(dlm, [])

@@ -34,8 +34,8 @@ def bidirectional_hidden_states(dlm, input_ids: torch.Tensor, key_padding: torch
 
 
 def tokenize_for_embedding(dlm, texts: list[str], max_length: int | None = None) -> list[list[int]]:
-    """Token ids per text, cut to max_length (default: the model's positions)."""
-    limit = max_length or dlm.max_positions
+    """Token ids per text. A text longer than the model's positions is refused, not cut: a vector of
+    its first part would pass for the whole text's. `max_length` cuts on purpose."""
     out = []
     for i, text in enumerate(texts):
         if not isinstance(text, str):
@@ -43,7 +43,12 @@ def tokenize_for_embedding(dlm, texts: list[str], max_length: int | None = None)
         ids = dlm.tokenizer(text, add_special_tokens=True)["input_ids"]
         if not ids:
             raise EdlmError(f"text {i} is empty")
-        out.append(ids[:limit] if limit else ids)
+        if max_length:
+            ids = ids[:max_length]
+        elif dlm.max_positions and len(ids) > dlm.max_positions:
+            raise EdlmError(f"text {i} is {len(ids)} tokens, over the model's {dlm.max_positions} positions: "
+                            "shorten or split it")
+        out.append(ids)
     return out
 
 

@@ -38,6 +38,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def read_checkpoint_config(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_file():  # e.g. a .gguf or a weights file given for the model's folder
+        raise EdlmError(f"{path} is a file, not a model directory (a checkpoint folder holding config.json)")
     if not path.is_dir():
         raise EdlmError(f"model directory not found: {path}")
     cfg = path / "config.json"
@@ -93,6 +95,8 @@ def load_causal_lm(path, device=None, dtype=None, attn_implementation: str = "sd
 
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
+    if Path(path).is_file():
+        raise EdlmError(f"{path} is a file, not a model directory (a checkpoint folder holding config.json)")
     if not Path(path).exists() and not _is_hub_id(str(path)):
         raise EdlmError(f"model directory not found: {path}")
     sdar = _sdar_as_qwen3(path)  # also for AutoTokenizer, which reads the model config too
