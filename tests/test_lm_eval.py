@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,3 +206,29 @@ def test_verified_generation_refuses_options_it_would_ignore(dirs):
 
     with pytest.raises(DecodeOptionError, match="threshold"):
         EdlmLM(pretrained=str(dirs["dlm_shift"]), verifier=str(dirs["ar"]), threshold=0.5, device="cpu")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_shipped_reasoning_task_runs_as_the_readme_shows(tmp_path, capsys, monkeypatch):
+    """`edlm eval models/dlm --tasks edlm_reasoning --include-path tasks/`: the task ships in tasks/,
+    its problems are edlm.recipes.reasoning's held-out split, scored on the final answer."""
+    from edlm.recipes import reasoning
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "res.json"
+    assert main(["eval", "models/dlm", "--tasks", "edlm_reasoning", "--include-path", "tasks/", "--limit", "2",
+                 "--out", str(out)]) == 0
+    assert "edlm_reasoning" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["n-samples"]["edlm_reasoning"]["effective"] == 2
+    assert res["results"]["edlm_reasoning"]["exact_match,none"] == 1.0  # the demo dLM solves both (93% overall)
+    spec = importlib.util.spec_from_file_location("edlm_reasoning_utils", REPO / "tasks/edlm_reasoning/utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    docs = utils.held_out_problems()["test"]
+    first = reasoning.test_problems(1)[0]
+    assert len(docs) == reasoning.TEST_SIZE and docs[0]["prompt"] == first.prompt
+    assert utils.process_results(docs[0], [first.response]) == {"exact_match": 1.0}
+    assert utils.process_results(docs[0], [f" #### {first.answer + 1}"]) == {"exact_match": 0.0}
