@@ -30,6 +30,7 @@ def dirs(tiny_ar_dir, tmp_path_factory):
     (root / "out" / "keep.txt").write_text("keep me")
     (root / "long.txt").write_text("x" * 250)  # 250 of the tiny model's 256 positions
     (root / "data.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    (root / "ar.gguf").write_bytes(b"GGUF")
     return {"root": root, "ar": tiny_ar_dir}
 
 
@@ -39,6 +40,12 @@ CASES = [  # (what was tried, argv, a word the message must hold)
     ("binary prompt file", ["generate", "{root}/dlm", "--prompt-file", "{root}/binary.bin"], "UTF-8"),
     ("missing prompt file", ["generate", "{root}/dlm", "--prompt-file", "{root}/nope.txt"], "not found"),
     ("missing model", ["generate", "{root}/nope", "--prompt", "hi"], "not found"),
+    ("a file as MODEL", ["generate", "{root}/existing.txt", "--prompt", "hi"], "is a file, not a model directory"),
+    ("a .gguf file as --verifier", [*GEN, "--verifier", "{root}/ar.gguf"], "ar.gguf is a file, not a model directory"),
+    ("a directory as --prompt-file", ["generate", "{root}/dlm", "--prompt-file", "{root}/out"], "is a directory"),
+    ("--chat without a chat template", [*GEN, "--chat"], "chat template"),
+    ("embed a text over the context", ["embed", "{root}/dlm", "--text", "x" * 300], "over the model's 256 positions"),
+    ("convert a file that is not GGUF", ["convert", "{root}/existing.txt", "{root}/c4"], "is a file"),
     ("threshold 0", [*GEN, "--threshold", "0"], "threshold"),
     ("threshold 1.5", [*GEN, "--threshold", "1.5"], "threshold"),
     ("factor -1", [*GEN, "--strategy", "factor", "--factor", "-1"], "factor"),
@@ -97,3 +104,50 @@ def test_bad_cli_input_is_one_line_and_exit_2(dirs, capsys, what, argv, word):
     assert len(lines) == 1 and "Traceback" not in err, err
     assert word in lines[0], lines[0]
     assert snapshot(dirs["root"]) == before  # nothing already on disk changed, nothing half-written left
+
+
+EARLY = [  # (what was tried, argv, a word the message must hold): refused before any model is loaded
+    ("study --steps -1", ["study", "--base", "{ar}", "--data", "{root}/data.jsonl", "--out", "{root}/s1",
+                          "--steps", "-1"], "--steps"),
+    ("study --limit 0", ["study", "--base", "{ar}", "--data", "{root}/data.jsonl", "--out", "{root}/s2",
+                         "--limit", "0"], "--limit"),
+    ("study --lr 0", ["study", "--base", "{ar}", "--data", "{root}/data.jsonl", "--out", "{root}/s3", "--lr", "0"],
+     "--lr"),
+    ("study --out in /proc", ["study", "--base", "{ar}", "--data", "{root}/data.jsonl", "--out", "/proc/x"], "/proc"),
+    ("study --out under a file", ["study", "--base", "{ar}", "--data", "{root}/data.jsonl", "--out",
+                                  "{root}/existing.txt/sub"], "existing.txt"),
+    ("bench --out in /proc", ["bench", "{root}/dlm", "--base", "{ar}", "--out", "/proc/x"], "/proc"),
+    ("bench --out under a file", ["bench", "{root}/dlm", "--base", "{ar}", "--out", "{root}/existing.txt/sub"],
+     "existing.txt"),
+    ("bench --strategies magic", ["bench", "{root}/dlm", "--base", "{ar}", "--strategies", "magic"],
+     "unknown strategy"),
+    ("bench --thresholds 2", ["bench", "{root}/dlm", "--base", "{ar}", "--thresholds", "2"], "threshold"),
+    ("bench --repeats 0", ["bench", "{root}/dlm", "--base", "{ar}", "--repeats", "0"], "--repeats"),
+    ("bench --block-sizes 0", ["bench", "{root}/dlm", "--base", "{ar}", "--block-sizes", "0"], "--block-sizes"),
+    ("bench an AR model as MODEL", ["bench", "{ar}", "--base", "{ar}"], "edlm convert"),
+    ("demo --threads 0", ["demo", "--threads", "0"], "--threads"),
+    ("demo --out in /proc", ["demo", "--out", "/proc/x"], "/proc"),
+    ("eval --out in /proc", ["eval", "{root}/dlm", "--tasks", "x", "--out", "/proc/x/res.json"], "/proc"),
+    ("eval --out under a file", ["eval", "{root}/dlm", "--tasks", "x", "--out", "{root}/existing.txt/res.json"],
+     "existing.txt"),
+    ("eval --out a directory", ["eval", "{root}/dlm", "--tasks", "x", "--out", "{root}/out"], "is a directory"),
+]
+
+
+@pytest.mark.parametrize(("what", "argv", "word"), EARLY, ids=[c[0] for c in EARLY])
+def test_bad_arguments_are_refused_before_any_work(dirs, capsys, monkeypatch, what, argv, word):
+    """bench, eval, study and demo used to load models and decode (or train) first, then fail on an
+    argument or at the final write, losing the work."""
+    from edlm.model import DiffusionLM
+
+    def work(*args, **kwargs):
+        raise AssertionError(f"{what}: work started before the arguments were checked")
+
+    monkeypatch.setattr(DiffusionLM, "from_pretrained", work)
+    monkeypatch.setattr("edlm.train.train", work)
+    before = snapshot(dirs["root"])
+    code = main([a.format(**dirs) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and word in lines[0], err
+    assert snapshot(dirs["root"]) == before

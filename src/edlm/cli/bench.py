@@ -15,13 +15,15 @@ def add_parser(sub) -> None:
     p.add_argument("--task", default="reasoning", help="reasoning | FILE.jsonl (prompt/answer) | lm-eval:TASK")
     p.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLD_SWEEP),
                    help=f"thresholds of the strategies that read one (default {' '.join(map(str, THRESHOLD_SWEEP))})")
-    p.add_argument("--strategies", nargs="+", default=["threshold"])
-    p.add_argument("--block-sizes", type=int, nargs="+", default=[None], help="decode block sizes (default: "
+    p.add_argument("--strategies", nargs="+", default=None,
+                   help="decode strategies to measure (default: threshold, and the checkpoint's own from its "
+                   "config.json, e.g. verified on models/dlm)")
+    p.add_argument("--block-sizes", type=int, nargs="+", default=None, help="decode block sizes (default: "
                    "the model's)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="batch sizes, each measured apart")
+    p.add_argument("--limit", type=int, default=50, help="number of task examples")
+    p.add_argument("--repeats", type=int, default=1, help="timed passes per setting (median reported)")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="budget of new tokens per example")
     p.add_argument("--verified", action="store_true", help="also the dLM drafting for its AR parent (output = "
                    "the parent's greedy text; TPF = tokens per verification step)")
     p.add_argument("--no-hf", dest="hf_baselines", action="store_false", help="skip the HF generate baselines")
@@ -33,6 +35,6 @@ def add_parser(sub) -> None:
 def run(args) -> None:
     from edlm.recipes.bench import run_bench
 
-    run_bench(args.model, args.base, args.task, args.thresholds, args.strategies, args.block_sizes,
+    run_bench(args.model, args.base, args.task, args.thresholds, args.strategies, args.block_sizes or (None,),
               args.batch_sizes, args.limit, args.repeats, args.max_new_tokens, args.out, args.hf_baselines,
               args.verified, dtype_flag(args))

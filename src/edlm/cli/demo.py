@@ -11,13 +11,14 @@ def add_parser(sub) -> None:
                        "at several thresholds; print a table and write a PNG. Example: edlm demo --limit 50")
     p.add_argument("--models", default=None, help="dir holding ar/ and dlm/ (default: ./models, else the "
                    "source checkout's)")
-    p.add_argument("--limit", type=int, default=100, help="number of held-out problems (default 100)")
-    p.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS))
+    p.add_argument("--limit", type=int, default=100, help="number of held-out problems")
+    p.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS),
+                   help="confidence thresholds each commit rule is run at, in (0, 1]")
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES),
                    help="commit rules to show: threshold (the paper's: any slot above the threshold) and prefix "
                    "(left to right while slots pass it)")
     p.add_argument("--out", default="demo-out", help="where results.json, results.md and pareto.png go")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, >= 1 (default: torch's choice)")
     p.set_defaults(func=run)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,9 +24,9 @@ def add_parser(sub) -> None:
     add_decode_flags(p, only=("strategy", "threshold", "block_size"))
     p.add_argument("--max-gen-toks", type=int, default=256, help="generation budget when a task sets none")
     p.add_argument("--estimator", default="ltr", choices=["ltr", "elbo"],
-                   help="loglikelihood: ltr = exact left-to-right unmasking (default), elbo = Monte-Carlo bound")
+                   help="loglikelihood estimator: ltr = exact left-to-right unmasking, elbo = Monte-Carlo bound")
     p.add_argument("--mc-samples", type=int, default=32, help="samples of the elbo estimator")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="requests decoded or scored together")
     p.add_argument("--verifier", default=None, help="AR_DIR: generate_until returns this AR parent's greedy text, "
                    "drafted by MODEL (loglikelihood stays MODEL's)")
     p.add_argument("--ar", action="store_true", help="MODEL is a plain AR checkpoint (block size 1 baseline)")
@@ -33,14 +34,35 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def check_out_file(out: str) -> Path:
+    """--out is a file: its folder must be writable (edlm.files.check_output_target) and the file
+    itself a writable file or not there yet; checked before any work, so results are never lost."""
+    from edlm.files import check_output_target
+
+    path = Path(out)
+    if path.is_dir():
+        raise EdlmError(f"--out {out} is a directory; give a file name, e.g. {path / 'results.json'}")
+    check_output_target(path.parent)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise EdlmError(f"cannot write {out}: the file is read-only")
+    return path
+
+
 def run(args) -> None:
+    if args.limit is not None and args.limit <= 0:
+        raise EdlmError(f"--limit must be > 0, got {args.limit}")
+    for flag, value in (("--max-gen-toks", args.max_gen_toks), ("--mc-samples", args.mc_samples),
+                        ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise EdlmError(f"{flag} must be >= 1, got {value}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise EdlmError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    out = check_out_file(args.out) if args.out else None
     try:
         from edlm.recipes.evaluate import evaluate_tasks
     except ImportError as exc:
         raise EdlmError(f"lm-evaluation-harness is not installed ({exc}): pip install 'edlm[eval]'") from None
 
-    if args.limit is not None and args.limit <= 0:
-        raise EdlmError(f"--limit must be > 0, got {args.limit}")
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     results = evaluate_tasks(args.model, tasks, limit=limit, num_fewshot=args.num_fewshot,
@@ -57,8 +79,7 @@ def run(args) -> None:
     if gen["model_calls"]:
         print(f"generate_until: {gen['generated_tokens']} tokens in {gen['model_calls']} model calls "
               f"(TPF {gen['tpf']:.2f})")
-    if args.out:
-        out = Path(args.out)
+    if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
         print(f"results written to {out}", file=sys.stderr)

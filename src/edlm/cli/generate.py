@@ -19,6 +19,8 @@ def add_parser(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", help="file holding the prompt text")
+    p.add_argument("--chat", action="store_true", help="the prompt is one user message, rendered by the "
+                   "tokenizer's chat template as the server's chat endpoint renders it")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                    help=f"budget of new tokens (default {DEFAULT_MAX_NEW_TOKENS})")
     add_decode_flags(p)
@@ -35,17 +37,10 @@ def add_parser(sub) -> None:
 def run(args) -> None:
     from edlm.model import DiffusionLM
 
-    if args.prompt_file is not None:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise EdlmError(f"prompt file not found: {path}")
-        try:
-            prompt = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise EdlmError(f"prompt file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-    else:
-        prompt = args.prompt
+    prompt = read_prompt_file(args.prompt_file) if args.prompt_file is not None else args.prompt
     dlm = DiffusionLM.from_pretrained(args.model, autoregressive=args.ar, dtype=dtype_flag(args))
+    if args.chat:
+        prompt = chat_prompt_ids(dlm.tokenizer, prompt)
     kwargs = dict(max_new_tokens=args.max_new_tokens, stop=args.stop, **decode_flags(args))
     if args.verifier is not None:
         if args.ar:
@@ -64,6 +59,31 @@ def run(args) -> None:
         sys.stdout.flush()
 
     _print(dlm.generate(prompt, on_block=show, **kwargs), False, streamed=True)
+
+
+def read_prompt_file(name: str) -> str:
+    path = Path(name)
+    if path.is_dir():
+        raise EdlmError(f"--prompt-file {path} is a directory, not a file")
+    if not path.is_file():
+        raise EdlmError(f"prompt file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise EdlmError(f"prompt file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+
+
+def chat_prompt_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of TEXT as one user turn, rendered as the server's /v1/chat/completions renders a
+    chat (edlm.train.data.chat_prompt). Ids, not text: the template writes its own special tokens,
+    which encoding the text again would double."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise EdlmError("--chat needs a chat template, and this model's tokenizer has none (no chat_template in "
+                        "tokenizer_config.json or chat_template.jinja): drop --chat and write the prompt as the "
+                        "model was trained")
+    from edlm.train.data import chat_prompt
+
+    return tokenizer(chat_prompt(tokenizer, [{"role": "user", "content": text}]), add_special_tokens=False)["input_ids"]
 
 
 def _print(res, as_json: bool, streamed: bool = False) -> None:

@@ -372,18 +372,56 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 THRESHOLD_SWEEP = (0.9, 0.7, 0.5)
 
 
-def run_bench(model: str, base: str, task: str = "reasoning", thresholds=THRESHOLD_SWEEP, strategies=("threshold",),
-              block_sizes=(None,), batch_sizes=(1,), limit: int = 50, repeats: int = 1, max_new_tokens: int = 96,
-              out: str = "bench-out", hf_baselines: bool = True, verified: bool = False, dtype=None) -> list[dict]:
-    from edlm.model import DiffusionLM, read_checkpoint_config
+def default_strategies(model: str) -> tuple[str, ...]:
+    """`threshold` (the paper's rule, swept over the thresholds) and the checkpoint's own strategy
+    (config.json -> "edlm" -> "decoding"), which `edlm generate MODEL` uses when given none."""
+    from edlm.config import DiffusionConfig
+    from edlm.model import read_checkpoint_config
 
-    if repeats < 1 or limit < 1 or any(b < 1 for b in batch_sizes):
-        raise EdlmError("--repeats, --limit and --batch-sizes must be >= 1")
+    own = DiffusionConfig.from_dict(read_checkpoint_config(model).get(CONFIG_KEY, {})).decoding.get("strategy")
+    return ("threshold",) if own in (None, "threshold") else ("threshold", own)
+
+
+def check_bench_args(model: str, base: str, task: str, thresholds, strategies, block_sizes, batch_sizes, limit: int,
+                     repeats: int, max_new_tokens: int, out: str) -> Path:
+    """Every argument, before a model is loaded: a typo never waits for the measurement. Returns OUT."""
+    from edlm.decode.options import declared_options
+    from edlm.files import check_output_target
+    from edlm.model import read_checkpoint_config
+
+    if not batch_sizes or not strategies or not thresholds:
+        raise EdlmError("--batch-sizes, --strategies and --thresholds need at least one value each")
+    for flag, values in (("--repeats", [repeats]), ("--limit", [limit]), ("--batch-sizes", batch_sizes),
+                         ("--max-new-tokens", [max_new_tokens]),
+                         ("--block-sizes", [b for b in block_sizes if b is not None])):
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise EdlmError(f"{flag} must be >= 1, got {v}")
+    spec = {s.name: s for s in declared_options()}
+    for s in strategies:
+        spec["strategy"].check(s)
+    for t in thresholds:
+        spec["threshold"].check(t)
+    out_dir = check_output_target(out)
+    if not task.startswith("lm-eval:"):
+        load_examples(task, limit)  # cheap: a bad task file fails here
     if CONFIG_KEY in read_checkpoint_config(base):
         raise EdlmError(f"--base {base} is a converted dLM; pass the AR model it came from")
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise EdlmError(f"--out {out_dir} exists and is not a directory")
+    if CONFIG_KEY not in read_checkpoint_config(model):
+        raise EdlmError(f"{model} is not a converted edlm model (run `edlm convert {model} OUT` first)")
+    return out_dir
+
+
+def run_bench(model: str, base: str, task: str = "reasoning", thresholds=THRESHOLD_SWEEP, strategies=None,
+              block_sizes=(None,), batch_sizes=(1,), limit: int = 50, repeats: int = 1, max_new_tokens: int = 96,
+              out: str = "bench-out", hf_baselines: bool = True, verified: bool = False, dtype=None) -> list[dict]:
+    """`strategies` None: `default_strategies(model)`."""
+    from edlm.decode.options import DecodeOptions
+    from edlm.model import DiffusionLM
+
+    strategies = tuple(strategies) if strategies is not None else default_strategies(model)
+    out_dir = check_bench_args(model, base, task, thresholds, strategies, block_sizes, batch_sizes, limit, repeats,
+                               max_new_tokens, out)
     rows: list[dict] = []
     settings = [(s, t, b) for s in strategies for b in block_sizes
                 for t in (thresholds if s in strategies_reading("threshold") else [None])]
@@ -398,6 +436,8 @@ def run_bench(model: str, base: str, task: str = "reasoning", thresholds=THRESHO
         examples = load_examples(task, limit)
         ar = DiffusionLM.from_pretrained(base, autoregressive=True, dtype=dtype)
         dlm = DiffusionLM.from_pretrained(model, dtype=dtype)
+        for s, t, b in settings:  # the strategies' constraints on this model, before any setting is timed
+            DecodeOptions.resolve(dlm, strategy=s, threshold=t, block_size=b)
         clock = ForwardClock(ar.model, dlm.model)
         for bs in batch_sizes:
             timed = [("AR engine", engine_runner(ar, max_new_tokens))]

@@ -33,6 +33,7 @@ def run_demo(models=None, limit: int = 100, thresholds=THRESHOLDS, strategies=ST
     import torch
 
     from edlm.decode.options import DecodeOptions
+    from edlm.files import check_output_target
     from edlm.model import DiffusionLM
     from edlm.recipes import reasoning
     from edlm.recipes.bench import (
@@ -44,13 +45,19 @@ def run_demo(models=None, limit: int = 100, thresholds=THRESHOLDS, strategies=ST
         verified_runner,
     )
 
-    models = find_demo_models(models)
     if not 1 <= limit <= reasoning.TEST_SIZE:
         raise EdlmError(f"--limit must be in [1, {reasoning.TEST_SIZE}], got {limit}")
     for t in thresholds:
         if not 0 < t <= 1:
             raise EdlmError(f"--thresholds must be in (0, 1], got {t}")
-    if threads:
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise EdlmError(f"--strategies: unknown {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
+    if threads is not None and threads < 1:
+        raise EdlmError(f"--threads must be >= 1, got {threads}")
+    out = check_output_target(out)
+    models = find_demo_models(models)
+    if threads is not None:
         torch.set_num_threads(threads)
     examples = load_examples("reasoning", limit)
     ar = DiffusionLM.from_pretrained(models / "ar", autoregressive=True)
@@ -73,7 +80,6 @@ def run_demo(models=None, limit: int = 100, thresholds=THRESHOLDS, strategies=ST
     rows = measure_together(timed, examples)  # interleaved: machine noise hits every setting alike
     table = markdown(rows)
     print(table)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=1))

@@ -77,20 +77,12 @@ def run_study(base: str, data: list[str], out: str, studies=tuple(STUDIES), step
     log-likelihood per token when revealed left to right, block by block (the decoder's own
     view of the answer): at small scale accuracy can sit at 0 for several variants while the
     NLL still ranks them."""
-    from edlm.config import CONFIG_KEY
-    from edlm.model import DiffusionLM, read_checkpoint_config
+    from edlm.model import DiffusionLM
     from edlm.recipes.bench import engine_runner, load_examples, measure, verified_runner
     from edlm.train import train
 
-    if CONFIG_KEY in read_checkpoint_config(base):
-        raise EdlmError(f"--base {base} is a converted dLM; every variant starts from the AR parent")
-    unknown = [s for s in studies if s not in STUDIES]
-    if unknown:
-        raise EdlmError(f"unknown study {unknown[0]!r}; choose from {', '.join(STUDIES)}")
-    missing = [d for d in data if not Path(d).exists()]
-    if missing:
-        raise EdlmError(f"training data not found: {missing[0]}")
-    out_dir = Path(out)
+    out_dir = check_study_args(base, data, out, studies, steps, limit, block_size, seq_len, batch_size, lr,
+                               max_new_tokens, shift)
     examples = load_examples("reasoning", limit)
     ar_model = DiffusionLM.from_pretrained(base, autoregressive=True)
     ar = measure("AR parent", engine_runner(ar_model, max_new_tokens), examples, progress=progress)
@@ -132,6 +124,40 @@ def run_study(base: str, data: list[str], out: str, studies=tuple(STUDIES), step
                       f"masking hl=0.1, block {block_size}, {'shift' if shift else 'no shift'}), then decodes "
                       f"{limit} held-out problems.", shift)
     return results
+
+
+def check_study_args(base: str, data: list[str], out: str, studies, steps: int, limit: int, block_size: int,
+                     seq_len: int, batch_size: int, lr: float, max_new_tokens: int, shift: bool) -> Path:
+    """Every argument, before the first model is loaded (a study trains for an hour): the base,
+    the studies, the evaluation's numbers, OUT, and each variant's whole training config, checked
+    as `edlm train` checks it. Returns OUT."""
+    from edlm.config import CONFIG_KEY
+    from edlm.files import check_output_target
+    from edlm.model import read_checkpoint_config
+    from edlm.recipes.reasoning import TEST_SIZE
+
+    unknown = [s for s in studies if s not in STUDIES]
+    if unknown or not studies:
+        raise EdlmError(f"unknown study {unknown[0]!r}; choose from {', '.join(STUDIES)}" if unknown
+                        else f"no study given; choose from {', '.join(STUDIES)}")
+    if not 1 <= limit <= TEST_SIZE:
+        raise EdlmError(f"--limit must be in [1, {TEST_SIZE}] (the held-out problems), got {limit}")
+    for flag, value in (("--steps", steps), ("--block-size", block_size), ("--batch-size", batch_size),
+                        ("--max-new-tokens", max_new_tokens)):
+        if value < 1:
+            raise EdlmError(f"{flag} must be >= 1, got {value}")
+    if not lr > 0:
+        raise EdlmError(f"--lr must be > 0, got {lr}")
+    if seq_len < block_size:
+        raise EdlmError(f"--seq-len {seq_len} must be at least --block-size {block_size}")
+    out_dir = check_output_target(out)
+    if CONFIG_KEY in read_checkpoint_config(base):
+        raise EdlmError(f"--base {base} is a converted dLM; every variant starts from the AR parent")
+    for study in studies:
+        for v in STUDIES[study]:
+            variant_config(v, base, data, out_dir / "runs" / "check", steps, block_size, seq_len, batch_size, lr,
+                           shift).validate()
+    return out_dir
 
 
 def variant_config(v: Variant, base: str, data: list[str], run_dir: Path, steps: int, block_size: int, seq_len: int,
