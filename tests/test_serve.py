@@ -12,6 +12,7 @@ import torch
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
 openai = pytest.importorskip("openai")
 
 from edlm.cli import main  # noqa: E402
@@ -216,15 +217,17 @@ BAD_REQUESTS = [
     # a no-shift model trained without --ar-loss-weight has no AR stream to verify with
     ("/v1/completions", {"model": NAME, "prompt": "ab", "strategy": "verified"}, 400, "invalid_value", "strategy"),
     # OpenAI fields edlm does not implement are refused by name, never silently ignored
-    ("/v1/completions", {"model": NAME, "prompt": "ab", "logprobs": 2}, 400, "invalid_value", "logprobs"),
+    ("/v1/completions", {"model": NAME, "prompt": "ab", "logprobs": 21}, 400, "invalid_value", "logprobs"),
+    ("/v1/completions", {"model": NAME, "prompt": "ab", "logprobs": 1, "echo": True}, 400, "invalid_value",
+     "logprobs"),
     ("/v1/completions", {"model": NAME, "prompt": "ab", "best_of": 3}, 400, "invalid_value", "best_of"),
     ("/v1/completions", {"model": NAME, "prompt": "ab", "presence_penalty": 0.5}, 400, "invalid_value",
      "presence_penalty"),
     ("/v1/completions", {"model": NAME, "prompt": "ab", "suffix": "x"}, 400, "invalid_value", "suffix"),
     ("/v1/completions", {"model": NAME, "prompt": "ab", "seed": "x"}, 400, "invalid_value", "seed"),
     ("/v1/completions", {"model": NAME, "prompt": "ab", "frobnicate": 1}, 400, "invalid_value", "frobnicate"),
-    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "a"}], "logprobs": True}, 400,
-     "invalid_value", "logprobs"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, 400,
+     "invalid_value", "top_logprobs"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "a"}],
                               "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "invalid_value",
      "tools"),

@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP server for a converted dLM (FastAPI; `edlm serve MODEL`).
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /v1/embeddings,
-GET /health. Every decode option of edlm.decode.options is a request field, generated from its
+GET|HEAD /health, GET /metrics (Prometheus text format). Every decode option of edlm.decode.options is a request field, generated from its
 declaration with the same range (temperature, top_p and seed keep their OpenAI names; threshold,
 block_size, strategy, ... are extensions). Usage adds model_calls to the OpenAI token counts, so
 clients can compute tokens per forward. Unset decode options resolve as everywhere else (the
@@ -10,21 +10,36 @@ means greedy, as in `edlm generate`. With a verifier (`edlm serve --verifier`) r
 two-model rule of `edlm generate --verifier` (edlm.decode.options.resolve_parent_verified).
 
 Every field of a request is either honoured or refused with a 400 that names it: OpenAI fields
-edlm does not implement (logprobs, tools, penalties, ...) are declared only to be refused when
-set to anything but their no-op value, and unknown fields are refused too.
+edlm does not implement (tools, penalties, ...) are declared only to be refused when set to
+anything but their no-op value, and unknown fields are refused too.
+
+logprobs (completions: `logprobs` k in 0..20; chat: `logprobs` true, `top_logprobs` k in 0..20)
+come in OpenAI's shapes, streamed too. A committed token's logprob is the log-probability the dLM
+gave it at the step it was committed (for `verified` and the two-model `--verifier` mode: the AR
+verifier's log-probability, so in AR mode, `edlm serve --ar`, it equals HF's); top lists the k most
+likely tokens at that slot. They cover the tokens of the returned text (a closing EOS is left out).
+Prompt scoring (echo with logprobs) is refused.
+
+Exposing it (edlm.serve.app.HttpGuard, before any route runs): with an API key every /v1 endpoint
+and /metrics need `Authorization: Bearer KEY` (401); a body over max_request_bytes is refused
+with 413 (from Content-Length, or while it is read), one not received within body_timeout seconds
+with 408 and the connection closed, so a slow or huge upload holds no worker and no memory.
+Tokenizing runs off the event loop, after a length check by characters alone.
 
 All model work goes through one `BatchingWorker` thread (edlm.serve.batching): concurrent requests with
 the same settings are decoded as one batch, a request that arrives while one runs joins it at the
 next step (speculative strategies: block boundary), and a full queue answers 429. Streaming sends one server-sent event per committed block.
 
 Every bad request gets an OpenAI-style error body {"error": {message, type, param, code}} with a
-4xx status, checked before it is queued, so one bad request never fails a batch.
+4xx status, checked before it is queued, so one bad request never fails a batch; a full queue
+answers 429 with Retry-After.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import json
 import time
 import uuid
@@ -35,7 +50,9 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edlm.decode.options import (
@@ -51,18 +68,23 @@ from edlm.serve.batching import BatchingWorker, Job, QueueFull, RowResult
 from edlm.train.data import chat_prompt
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_REQUEST_BYTES = 4 << 20  # 4 MiB: far above any prompt that fits a context, far below what hurts
+BODY_TIMEOUT = 30.0  # seconds to receive a whole request body
+MAX_LOGPROBS = 20  # OpenAI's bound for logprobs / top_logprobs
+RETRY_AFTER = "1"  # seconds a client told 429 waits: the queue moves at the speed of one call
 
 
 # ------------------------------------------------------------------ errors
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 def _validation_error(exc: RequestValidationError) -> ApiError:
@@ -77,9 +99,33 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
 
 
 # ------------------------------------------------------------------ request bodies
+def _check_unicode(value):
+    """JSON's \\ud800 escape parses to a lone surrogate, which no tokenizer (and no UTF-8 answer)
+    can take: refuse it here, by field, instead of failing later with a 500."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"text holds a lone surrogate (U+{ord(value[exc.start]):04X}) at index {exc.start}; "
+                             "send valid Unicode") from None
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _check_unicode(v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_unicode(k)
+            _check_unicode(v)
+    return value
+
+
 class _Body(BaseModel):
     # strict: "8" is not an int, as in the OpenAI API; a field we do not know is refused, not ignored
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, value):
+        return _check_unicode(value)
 
     def refuse_unsupported(self, allowed: dict) -> None:
         """400 for each declared-but-unimplemented field set to anything but its no-op value."""
@@ -102,6 +148,8 @@ def _option_field(spec: OptionSpec):
         bounds["gt" if spec.low_open else "ge"] = spec.low
     if spec.high < float("inf"):
         bounds["lt" if spec.high_open else "le"] = spec.high
+    elif spec.kind is int:  # a seed reaches torch as a signed 64-bit integer
+        bounds["le"] = 2**63 - 1
     return spec.kind | None, Field(None, description=spec.help, **bounds)
 
 
@@ -132,11 +180,11 @@ class CompletionRequest(_DecodeBody):
     prompt: str | list[str]
     max_tokens: int | None = Field(None, ge=1)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
-    UNSUPPORTED: ClassVar[dict] = {**_DecodeBody.UNSUPPORTED, "logprobs": (), "best_of": (1,), "suffix": ("",)}
+    UNSUPPORTED: ClassVar[dict] = {**_DecodeBody.UNSUPPORTED, "best_of": (1,), "suffix": ("",)}
 
 
 class TextPart(_Body):
@@ -160,13 +208,18 @@ class ChatRequest(_DecodeBody):
     max_tokens: int | None = Field(None, ge=1)  # None: until EOS or the end of the context
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list | None = None
     tool_choice: str | dict | None = None
     response_format: dict | None = None
 
-    UNSUPPORTED: ClassVar[dict] = {**_DecodeBody.UNSUPPORTED, "logprobs": (False,), "top_logprobs": (0,), "tools": ([],),
-                   "tool_choice": ("none",), "response_format": ({"type": "text"},)}
+    UNSUPPORTED: ClassVar[dict] = {**_DecodeBody.UNSUPPORTED, "tools": ([],), "tool_choice": ("none",),
+                                   "response_format": ({"type": "text"},)}
+
+    def logprobs_k(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class EmbeddingRequest(_Body):
@@ -182,6 +235,31 @@ def render_chat(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a chat, rendered as training renders `messages` data (edlm.train.data.chat_prompt)."""
     templated = bool(getattr(tokenizer, "chat_template", None))  # a template writes its own specials
     return tokenizer(chat_prompt(tokenizer, messages), add_special_tokens=not templated)["input_ids"]
+
+
+def chars_per_token_bound(tokenizer) -> int:
+    """A generous bound on the characters one token covers: twice the longest vocabulary entry (a
+    byte-level entry is at least as long as the text it stands for). Text longer than the context
+    times this cannot fit, whatever it says, so it is refused without tokenizing."""
+    return 2 * max(4, max(map(len, tokenizer.get_vocab()), default=0))
+
+
+def _check_chars(dlm, texts: list[str], param: str, chars_per_token: int) -> None:
+    limit = dlm.max_positions
+    if limit is None:
+        return
+    for text in texts:
+        if len(text) > limit * chars_per_token:
+            raise ApiError(400, f"{param} has {len(text)} characters, more than {limit} positions of this model "
+                           f"can hold (a token covers at most {chars_per_token} characters)",
+                           param=param, code="context_length_exceeded")
+
+
+async def _tokenize(dlm, texts: list[str], param: str) -> list[list[int]]:
+    """Token ids of each text, checked against the context; in a thread, so a long text never
+    stalls the event loop (every other client, /health included)."""
+    ids = await asyncio.to_thread(lambda: [dlm.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts])
+    return [_check_length(dlm, i, param) for i in ids]
 
 
 def _check_length(dlm, ids: list[int], param: str) -> list[int]:
@@ -205,11 +283,18 @@ def _listed(value: str | list[str], param: str, most: int) -> list[str]:
     return items
 
 
+def _stops(body: _DecodeBody) -> tuple[str, ...]:
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if any(not s for s in stop):  # "" would end every answer before its first token
+        raise ApiError(400, "stop holds an empty string", param="stop", code="invalid_value")
+    return stop
+
+
 def _job(dlm, body: _DecodeBody, ids: list[list[int]], max_tokens: int | None, param: str,
-         verified: bool = False) -> Job:
+         verified: bool = False, logprobs: int | None = None) -> Job:
     """Resolve and check everything before queueing: a bad request never reaches (or fails) a batch."""
     body.refuse_unsupported(type(body).UNSUPPORTED)
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(s for s in body.stop or () if s)
+    stop = _stops(body)
     try:
         if verified:  # the AR parent's greedy text: only the drafts' block size acts (the worker reads it)
             options = DecodeOptions(block_size=resolve_parent_verified(dlm, **body.decode_options()))
@@ -222,13 +307,55 @@ def _job(dlm, body: _DecodeBody, ids: list[list[int]], max_tokens: int | None, p
         raise ApiError(400, str(exc).replace("max_new_tokens", "max_tokens"), param=field, code=code) from None
     except EdlmError as exc:
         raise ApiError(400, str(exc), code="invalid_value") from None
-    return Job("generate", ids, options, budgets, stop, streaming=body.stream)
+    return Job("generate", ids, options, budgets, stop, streaming=body.stream, logprobs=logprobs)
 
 
 def _usage(prompt_tokens: int, rows: list[RowResult]) -> dict:
     completion = sum(r.completion_tokens for r in rows)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion, "model_calls": sum(r.model_calls for r in rows)}
+
+
+# ------------------------------------------------------------------ logprobs in OpenAI's shapes
+def _logprob(value: float) -> float:
+    return max(value, -9999.0)  # -inf (a token top-p cut) is not JSON; vLLM answers -9999.0 too
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+def completion_logprobs(tokenizer, lps, offset: int) -> dict | None:
+    """Completions' shape; `offset` is where the first token's text starts in the choice's text. The
+    top dict also holds the chosen token, as OpenAI's does (up to k + 1 entries)."""
+    if lps is None:
+        return None
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for lp in lps:
+        text = _token_text(tokenizer, lp.token_id)
+        top = {}
+        for token_id, value in lp.top:
+            top.setdefault(_token_text(tokenizer, token_id), _logprob(value))
+        top.setdefault(text, _logprob(lp.logprob))
+        out["tokens"].append(text)
+        out["token_logprobs"].append(_logprob(lp.logprob))
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def chat_logprobs(tokenizer, lps) -> dict | None:
+    """Chat's shape: {content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+    if lps is None:
+        return None
+
+    def entry(token_id, value):
+        text = _token_text(tokenizer, token_id)
+        return {"token": text, "logprob": _logprob(value), "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for lp in lps]}
 
 
 # ------------------------------------------------------------------ talking to the worker
@@ -264,13 +391,13 @@ def _sse(payload) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def _streaming_response(job: Job, meta: dict, choice, n_prompt: int, include_usage: bool,
+def _streaming_response(job: Job, meta: dict, choice, n_prompt: int, include_usage: bool, record,
                         opening: list | None = None) -> StreamingResponse:
-    """SSE for completions and chat alike; `choice(index, text, finish)` is the endpoint's choice
-    object (text None on a row's closing chunk)."""
+    """SSE for completions and chat alike; `choice(index, text, finish, logprobs)` is the endpoint's
+    choice object (text None on a row's closing chunk); `record(usage)` counts it for /metrics."""
 
-    def chunk(index, text, finish=None):
-        return {**meta, "choices": [choice(index, text, finish)]}
+    def chunk(index, text, finish=None, logprobs=None):
+        return {**meta, "choices": [choice(index, text, finish, logprobs)]}
 
     async def events():
         try:
@@ -279,13 +406,15 @@ def _streaming_response(job: Job, meta: dict, choice, n_prompt: int, include_usa
             while True:
                 kind, *rest = await job.get()
                 if kind == "block":
-                    yield _sse(chunk(*rest))
+                    row, text, logprobs = rest
+                    yield _sse(chunk(row, text, None, logprobs))
                 elif kind == "done":
                     rows = rest[0]
                     for i, r in enumerate(rows):
                         yield _sse(chunk(i, None, r.finish_reason))
+                    usage = record(_usage(n_prompt, rows))
                     if include_usage:
-                        yield _sse({**meta, "choices": [], "usage": _usage(n_prompt, rows)})
+                        yield _sse({**meta, "choices": [], "usage": usage})
                     break
                 elif kind == "error":
                     yield _sse({"error": {"message": f"decoding failed: {rest[0]}", "type": "server_error",
@@ -298,14 +427,148 @@ def _streaming_response(job: Job, meta: dict, choice, n_prompt: int, include_usa
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+# ------------------------------------------------------------------ metrics and the HTTP guard
+class _WorkerCollector:
+    """The worker's own counters and gauges, read at scrape time."""
+
+    def __init__(self, worker: BatchingWorker):
+        self.worker = worker
+
+    def collect(self):
+        stats = self.worker.stats
+        for name, key, doc in (("engine_calls", "batches", "engine calls (batches) started"),
+                               ("rows", "rows", "rows decoded or embedded"),
+                               ("joined", "joined", "requests that joined a running call"),
+                               ("dropped", "dropped", "queued requests dropped undecoded: their client left"),
+                               ("abandoned", "abandoned", "calls stopped early: every client left")):
+            yield CounterMetricFamily(f"edlm_{name}", doc, value=stats[key])
+        yield GaugeMetricFamily("edlm_queue_depth", "requests waiting for the model", value=self.worker.queued)
+        yield GaugeMetricFamily("edlm_running_rows", "rows decoding now", value=stats["running"])
+
+
+class ServerMetrics:
+    """Prometheus metrics of one app, in its own registry: several apps in one process never collide.
+    edlm_generation_tokens / edlm_model_calls is the served tokens per forward (TPF)."""
+
+    ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics")
+
+    def __init__(self, worker: BatchingWorker):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("edlm_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=r)
+        self.latency = Histogram("edlm_request_duration_seconds", "time from a request's arrival to its last byte",
+                                 ["endpoint"], registry=r,
+                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        self.prompt_tokens = Counter("edlm_prompt_tokens", "prompt tokens of answered requests", registry=r)
+        self.generation_tokens = Counter("edlm_generation_tokens", "tokens generated for answered requests",
+                                         registry=r)
+        self.model_calls = Counter("edlm_model_calls", "model calls of answered rows, counted per row as in usage",
+                                   registry=r)
+        r.register(_WorkerCollector(worker))
+
+    def record(self, usage: dict) -> dict:
+        self.prompt_tokens.inc(usage["prompt_tokens"])
+        self.generation_tokens.inc(usage.get("completion_tokens", 0))
+        self.model_calls.inc(usage.get("model_calls", 0))
+        return usage
+
+    def endpoint(self, path: str) -> str:
+        return path if path in self.ENDPOINTS else "other"  # a label per unknown path would grow forever
+
+
+class HttpGuard:
+    """ASGI middleware in front of every route: counts and times each request, checks the API key,
+    and reads the whole body itself, bounded in size (413) and in time (408), before the app sees
+    it. uvicorn bounds neither: without this a client holds a connection and its memory as long as
+    it likes. Refusals are sent before the body is read and close the connection."""
+
+    def __init__(self, app, metrics: ServerMetrics, api_key: str | None, max_request_bytes: int,
+                 body_timeout: float):
+        self.app, self.metrics, self.max_bytes, self.body_timeout = app, metrics, max_request_bytes, body_timeout
+        self.api_key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500  # 500: the app raised before answering
+
+        async def counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, counted)
+        finally:
+            endpoint = self.metrics.endpoint(scope["path"])
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+    async def _guarded(self, scope, receive, send):
+        headers = dict(scope["headers"])
+        path = scope["path"]
+        if self.api_key and (path.startswith("/v1/") or path == "/metrics"):
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, b"Bearer " + self.api_key):
+                return await self._refuse(ApiError(
+                    401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                    code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}), scope, receive, send)
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await self._refuse(self._too_large(int(length)), scope, receive, send)
+        chunks, size = [], 0
+        deadline = time.monotonic() + self.body_timeout
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                return await self._refuse(ApiError(
+                    408, f"the request body did not arrive within {self.body_timeout:g} s", code="timeout"),
+                    scope, receive, send)
+            if message["type"] == "http.disconnect":
+                return  # nobody left to answer
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:  # chunked, or more than its Content-Length said
+                return await self._refuse(self._too_large(size, at_least=True), scope, receive, send)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: disconnect notices, for cancelling
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self, size: int, at_least: bool = False) -> ApiError:
+        return ApiError(413, f"request body of {'over ' if at_least else ''}{size} bytes; this server takes at "
+                        f"most {self.max_bytes} (edlm serve --max-request-bytes)", code="request_too_large")
+
+    @staticmethod
+    async def _refuse(error: ApiError, scope, receive, send):
+        error.headers = {**(error.headers or {}), "Connection": "close"}  # the unread body is not ours to drain
+        await error.response()(scope, receive, send)
+
+
 # ------------------------------------------------------------------ the app
-def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256, aliases=(), verifier=None) -> FastAPI:
+def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256, aliases=(), verifier=None,
+               api_key: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
+               body_timeout: float = BODY_TIMEOUT) -> FastAPI:
     """The server for one loaded DiffusionLM; clients pass `model_name` (listed by /v1/models) or
     one of `aliases` as `model`. One request holds at most max_batch prompts, each within the
-    model's context: that bounds the memory one request can take."""
+    model's context, in a body of at most max_request_bytes: that bounds the memory one request can
+    take. With `api_key` every /v1 endpoint and /metrics need it as a bearer token."""
     served = {model_name, *aliases}
     worker = BatchingWorker(dlm, max_batch=max_batch, max_queue=max_queue, verifier=verifier)
+    metrics = ServerMetrics(worker)
     created = int(time.time())
+    tokenizer = dlm.tokenizer
+    chars_per_token = chars_per_token_bound(tokenizer)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -315,6 +578,9 @@ def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256, 
 
     app = FastAPI(title="edlm", lifespan=lifespan)
     app.state.worker = worker
+    app.state.metrics = metrics
+    app.add_middleware(HttpGuard, metrics=metrics, api_key=api_key, max_request_bytes=max_request_bytes,
+                       body_timeout=body_timeout)
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
@@ -343,16 +609,20 @@ def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256, 
             worker.submit(job)
         except QueueFull as exc:
             raise ApiError(429, f"server busy ({exc}); retry later", "rate_limit_error",
-                           code="queue_full") from None
+                           code="queue_full", headers={"Retry-After": RETRY_AFTER}) from None
         return job
 
     def head(kind: str, prefix: str) -> dict:
         return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()),
                 "model": model_name}
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok", "model": model_name, "queued": worker.queued, **worker.stats}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():
@@ -362,57 +632,76 @@ def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256, 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
+        if body.echo and body.logprobs is not None:
+            raise ApiError(400, "echo with logprobs (scoring the prompt) is not supported by edlm; "
+                           "score text with `edlm eval`", param="logprobs", code="invalid_value")
         prompts = _listed(body.prompt, "prompt", max_batch)
-        ids = [_check_length(dlm, dlm.tokenizer(p, add_special_tokens=True)["input_ids"], "prompt")
-               for p in prompts]
-        job = submit(_job(dlm, body, ids, body.max_tokens or COMPLETION_MAX_TOKENS, "prompt", verifier is not None))
+        _check_chars(dlm, prompts, "prompt", chars_per_token)
+        _stops(body)  # a bad stop is refused before the tokenizer's work
+        ids = await _tokenize(dlm, prompts, "prompt")
+        job = submit(_job(dlm, body, ids, body.max_tokens or COMPLETION_MAX_TOKENS, "prompt", verifier is not None,
+                          body.logprobs))
         n_prompt = sum(len(i) for i in ids)
         echo = prompts if body.echo else [""] * len(prompts)  # echo: the prompt comes before the completion
         if body.stream:
+            offsets = [len(e) for e in echo]  # where each choice's next token starts in its streamed text
+
+            def choice(i, text, finish, lps=None):
+                out = completion_logprobs(tokenizer, lps, offsets[i])
+                offsets[i] += len(text or "")
+                return {"index": i, "text": text or "", "logprobs": out, "finish_reason": finish}
+
             opening = [{**head("text_completion", "cmpl"), "choices": [
                 {"index": i, "text": p, "logprobs": None, "finish_reason": None}]} for i, p in enumerate(echo) if p]
             return _streaming_response(
-                job, head("text_completion", "cmpl"),
-                lambda i, text, finish: {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish},
-                n_prompt, bool(body.stream_options and body.stream_options.include_usage), opening)
+                job, head("text_completion", "cmpl"), choice, n_prompt,
+                bool(body.stream_options and body.stream_options.include_usage), metrics.record, opening)
         rows = await _answer_unless_gone(request, job, _rows)
         if rows is None:
             return Response(status_code=499)  # nobody is there to read it
         return {**head("text_completion", "cmpl"),
-                "choices": [{"index": i, "text": echo[i] + r.text, "logprobs": None, "finish_reason": r.finish_reason}
+                "choices": [{"index": i, "text": echo[i] + r.text, "finish_reason": r.finish_reason,
+                             "logprobs": completion_logprobs(tokenizer, r.logprobs, len(echo[i]))}
                             for i, r in enumerate(rows)],
-                "usage": _usage(n_prompt, rows)}
+                "usage": metrics.record(_usage(n_prompt, rows))}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         check_model(body.model)
+        k = body.logprobs_k()
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            ids = render_chat(dlm.tokenizer, messages)
-        except Exception as exc:  # noqa: BLE001 - chat templates raise anything (jinja, bad roles)
-            raise ApiError(400, f"cannot apply the chat template: {first_line(exc)}", param="messages",
-                           code="invalid_value") from None
-        _check_length(dlm, ids, "messages")
+        _check_chars(dlm, ["".join(m["content"] for m in messages)], "messages", chars_per_token)
+        _stops(body)
+
+        def tokenize():
+            try:
+                return render_chat(tokenizer, messages)
+            except Exception as exc:  # noqa: BLE001 - chat templates raise anything (jinja, bad roles)
+                raise ApiError(400, f"cannot apply the chat template: {first_line(exc)}", param="messages",
+                               code="invalid_value") from None
+
+        ids = _check_length(dlm, await asyncio.to_thread(tokenize), "messages")
         max_tokens = body.max_completion_tokens or body.max_tokens
-        job = submit(_job(dlm, body, [ids], max_tokens, "messages", verifier is not None))
+        job = submit(_job(dlm, body, [ids], max_tokens, "messages", verifier is not None, k))
         if body.stream:
             meta = head("chat.completion.chunk", "chatcmpl")
 
-            def choice(i, text, finish, delta=None):
-                return {"index": i, "delta": delta or ({} if text is None else {"content": text}), "logprobs": None,
-                        "finish_reason": finish}
+            def choice(i, text, finish, lps=None, delta=None):
+                return {"index": i, "delta": delta or ({} if text is None else {"content": text}),
+                        "logprobs": chat_logprobs(tokenizer, lps), "finish_reason": finish}
 
-            opening = [{**meta, "choices": [choice(0, None, None, {"role": "assistant", "content": ""})]}]
+            opening = [{**meta, "choices": [choice(0, None, None, None, {"role": "assistant", "content": ""})]}]
             return _streaming_response(job, meta, choice, len(ids),
-                                       bool(body.stream_options and body.stream_options.include_usage), opening)
+                                       bool(body.stream_options and body.stream_options.include_usage),
+                                       metrics.record, opening)
         rows = await _answer_unless_gone(request, job, _rows)
         if rows is None:
             return Response(status_code=499)
         r = rows[0]
         return {**head("chat.completion", "chatcmpl"),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text},
-                             "logprobs": None, "finish_reason": r.finish_reason}],
-                "usage": _usage(len(ids), rows)}
+                             "logprobs": chat_logprobs(tokenizer, r.logprobs), "finish_reason": r.finish_reason}],
+                "usage": metrics.record(_usage(len(ids), rows))}
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request):
@@ -422,7 +711,8 @@ def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256, 
         if body.dimensions is not None and body.dimensions > width:
             raise ApiError(400, f"dimensions {body.dimensions} exceeds the model's {width}", param="dimensions",
                            code="invalid_value")
-        ids = [_check_length(dlm, dlm.tokenizer(t, add_special_tokens=True)["input_ids"], "input") for t in texts]
+        _check_chars(dlm, texts, "input", chars_per_token)
+        ids = await _tokenize(dlm, texts, "input")
         job = submit(Job("embed", ids))
 
         async def vectors(job):
@@ -443,6 +733,6 @@ def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256, 
         n_prompt = sum(len(i) for i in ids)
         return {"object": "list", "model": model_name,
                 "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
-                "usage": {"prompt_tokens": n_prompt, "total_tokens": n_prompt}}
+                "usage": metrics.record({"prompt_tokens": n_prompt, "total_tokens": n_prompt})}
 
     return app

@@ -18,7 +18,12 @@ stream of newer compatible requests.
   a request is answered as soon as all of its rows are done, not when the whole call ends.
 
 Cancellation: a request whose client left before its batch starts is dropped undecoded; a running
-call whose clients have all left is stopped at its next committed block.
+call whose unanswered requests' clients have all left is stopped at its next committed block (the
+one thing `abandoned` counts: a request already answered is never a client that left).
+
+Log-probabilities: the call asks the engine for the largest k of its requests (`logprobs=k`) and
+each request gets its own k of them; a request that wants logprobs joins only a call that computes
+at least as many.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from edlm.errors import first_line
 
@@ -44,24 +49,27 @@ class RowResult:
     completion_tokens: int
     finish_reason: str
     model_calls: int
+    logprobs: list | None = None  # [TokenLogprob] of the tokens of `text` (a closing EOS left out)
 
 
 class Job:
     """One HTTP request: its inputs and a channel from the worker thread back to its event loop.
 
-    Messages: ("block", row, text) when streaming, ("done", [RowResult]) or ("embeddings", tensor),
-    ("error", message).
+    Messages: ("block", row, text, logprobs) when streaming, ("done", [RowResult]) or
+    ("embeddings", tensor), ("error", message).
     """
 
     def __init__(self, kind: str, inputs: list[list[int]], options=None, budgets: list[int] | None = None,
-                 stop: tuple[str, ...] = (), streaming: bool = False):
+                 stop: tuple[str, ...] = (), streaming: bool = False, logprobs: int | None = None):
         self.kind = kind  # "generate" | "embed"
         self.inputs = inputs  # token ids per row
         self.options = options  # DecodeOptions (resolved): what an engine call shares
         self.budgets = budgets or []  # max new tokens per row
         self.stop = stop
         self.streaming = streaming
+        self.logprobs = logprobs  # top-k log-probs per token (None: none)
         self.cancelled = False
+        self.answered = False  # set by the worker with its "done": its client leaving later abandons nothing
         self._loop = asyncio.get_running_loop()
         self._messages: asyncio.Queue = asyncio.Queue()
 
@@ -79,7 +87,8 @@ class Job:
         self.cancelled = True
 
     def batches_with(self, other: Job) -> bool:
-        return self.kind == other.kind == "generate" and self.options == other.options
+        return (self.kind == other.kind == "generate" and self.options == other.options
+                and (self.logprobs is None) == (other.logprobs is None))
 
 
 class BatchingWorker:
@@ -149,12 +158,14 @@ class BatchingWorker:
             self._waiting = rest
             return batch
 
-    def _joining(self, first: Job) -> list[Job]:
-        """Jobs from the head of the queue that join the running call of `first` (between two steps)."""
+    def _joining(self, first: Job, logprobs: int | None) -> list[Job]:
+        """Jobs from the head of the queue that join the running call of `first` (between two steps);
+        the call computes `logprobs` top log-probs per token."""
         with self._cv:
             self._drop_cancelled()
             joining, rows = [], self.stats["running"]
             while self._waiting and first.batches_with(self._waiting[0]) and \
+                    (self._waiting[0].logprobs or 0) <= (logprobs or 0) and \
                     rows + len(self._waiting[0].inputs) <= self.max_batch:
                 joining.append(self._waiting.popleft())
                 rows += len(joining[-1].inputs)
@@ -190,6 +201,8 @@ class BatchingWorker:
     def _decode(self, jobs: list[Job]) -> None:
         owners: list[tuple[Job, int]] = []  # engine row -> (job, row in job); the engine numbers rows in order
         finished: dict[int, dict[int, RowResult]] = {}
+        top_k = max((j.logprobs for j in jobs if j.logprobs is not None), default=None)
+        row_logprobs: dict[int, list] = {}  # engine row -> its tokens' log-probs so far
 
         def engine_rows(new: list[Job]) -> tuple[list[list[int]], list[int], list[list[str]]]:
             for job in new:
@@ -200,7 +213,7 @@ class BatchingWorker:
                     [list(job.stop) for job in new for _ in job.inputs])
 
         def admit():  # called by the engine between steps
-            joining = self._joining(jobs[0])
+            joining = self._joining(jobs[0], top_k)
             if not joining:
                 return None
             jobs.extend(joining)  # the caller's list: if the call fails, joined jobs get the error too
@@ -209,26 +222,46 @@ class BatchingWorker:
             return engine_rows(joining)
 
         prompts, budgets, stops = engine_rows(jobs)
+        extra = {} if top_k is None else {"logprobs": top_k}
         if self.verifier is not None:
             events = self.dlm.stream(prompts, max_new_tokens=budgets, stop=stops, admit=admit, verifier=self.verifier,
-                                     block_size=jobs[0].options.block_size)
+                                     block_size=jobs[0].options.block_size, **extra)
         else:
             events = self.dlm.stream(prompts, max_new_tokens=budgets, stop=stops, admit=admit,
-                                     options=jobs[0].options)
+                                     options=jobs[0].options, **extra)
         try:
             for event in events:
                 job, row = owners[event.row]
-                if job.streaming and event.text and not job.cancelled:
-                    job.put(("block", row, event.text))
+                lps = self._block_logprobs(job, event, row_logprobs.setdefault(event.row, []))
+                if job.streaming and (event.text or lps) and not job.cancelled:
+                    job.put(("block", row, event.text, lps))
                 if event.done:
                     self.stats["running"] -= 1
                     done = finished[id(job)]
+                    kept = row_logprobs.pop(event.row)
                     done[row] = RowResult(event.final_text, event.stats.generated_tokens, event.finish_reason,
-                                          event.stats.model_calls)
+                                          event.stats.model_calls, kept if job.logprobs is not None else None)
                     if len(done) == len(job.inputs):  # answer this request now, whatever the others do
+                        job.answered = True
                         job.put(("done", [done[i] for i in range(len(job.inputs))]))
-                if all(j.cancelled for j in jobs):
+                waiting = [j for j in jobs if not j.answered]
+                if waiting and all(j.cancelled for j in waiting):
                     self.stats["abandoned"] += 1
                     return  # nobody is listening: stop paying for this call
         finally:
             events.close()
+
+    def _block_logprobs(self, job: Job, event, kept: list) -> list | None:
+        """The log-probs of the block's tokens that made it into the row's text, each cut to the job's
+        own k; appended to `kept` (the row's so far). A stop string or EOS ends the text early: the
+        row's final token count (stats.generated_tokens) says where, and a closing special token
+        (EOS) has no text, so it has no entry."""
+        if job.logprobs is None or getattr(event, "logprobs", None) is None:
+            return None
+        start = len(kept)
+        kept.extend(replace(lp, top=lp.top[: job.logprobs]) for lp in event.logprobs)
+        if event.done:
+            del kept[event.stats.generated_tokens:]
+            if kept and event.finish_reason == "stop" and kept[-1].token_id in self.dlm.tokenizer.all_special_ids:
+                kept.pop()
+        return kept[start:]
