@@ -127,9 +127,9 @@ def test_completion_matches_engine_and_stream_matches_completion(client, dlm):
 
 def test_extensions_stop_and_prompt_list(client, dlm):
     prompt = "Hello, wor"
-    ref = greedy(dlm, prompt, 10, threshold=0.3, block_size=2, strategy="factor")
+    ref = greedy(dlm, prompt, 10, threshold=0.3, block_size=2, strategy="threshold")
     res = client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0,
-                                    extra_body={"threshold": 0.3, "block_size": 2, "strategy": "factor"})
+                                    extra_body={"threshold": 0.3, "block_size": 2, "strategy": "threshold"})
     assert res.choices[0].text == ref.texts[0]
 
     full = greedy(dlm, prompt, 12).texts[0]
