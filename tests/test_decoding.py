@@ -257,7 +257,7 @@ def test_per_row_budgets_and_stops_equal_separate_calls():
                                             ("wino", False)])
 def test_rows_joining_at_block_boundaries_decode_as_alone(strategy, shift):
     dlm = tiny_dlm("llama", block_size=4, shift=shift)
-    kw = {"threshold": 0.4, "strategy": strategy}
+    kw = {"strategy": strategy, **({"threshold": 0.4} if "threshold" in STRATEGIES[strategy].reads else {})}
     # joining prompts of 10, 22 and 12 tokens (12: aligned to the block); budgets not multiples of it
     joins = [([PROMPTS[1], PROMPTS[3]], [9, 13], None), (["Hello, world"], 6, None)]
     asked = []

@@ -218,3 +218,74 @@ def test_the_two_model_rule_is_the_same_in_cli_and_server(tiny_ar_dir, dlm_dir, 
                 assert code == 2 and refused.replace("block_size", "block size") in out.err, (given, out.err)
                 assert r.status_code == 400 and r.json()["error"]["param"] == refused, (given, r.text)
         assert queued == []  # refused requests never reached the worker
+
+
+# ------------------------------------------------------------------ options a strategy does not read
+def _dlm(decoding=None):
+    import torch
+
+    from edlm.testing import make_tiny_causal_lm, make_tiny_tokenizer
+    from edlm.train.convert import convert_model
+
+    dlm = convert_model(make_tiny_causal_lm("llama", dtype=torch.float64), make_tiny_tokenizer(), block_size=4)
+    dlm.config.decoding = decoding or {}
+    return dlm
+
+
+@pytest.mark.parametrize(("kw", "option"), [
+    ({"strategy": "lossless", "threshold": 0.5}, "threshold"),
+    ({"strategy": "factor", "gamma": 0.1}, "gamma"),
+    ({"strategy": "psd", "top_p": 0.5}, "top_p"),
+    ({"strategy": "wino", "draft_depth": 2}, "draft_depth"),
+    ({"strategy": "steps", "remask_below": 0.5}, "remask_below"),
+])
+def test_an_option_the_strategy_does_not_read_is_refused_by_name(kw, option):
+    from edlm.decode.options import DecodeOptionError
+
+    with pytest.raises(DecodeOptionError, match=rf"{option} does not apply to strategy '{kw['strategy']}'"):
+        _dlm().generate("ab", max_new_tokens=4, **kw)
+
+
+def test_the_checkpoints_default_strategy_decides_what_a_bare_option_means():
+    """The demo dLM's case: its default is a strategy that reads no threshold, so a threshold alone is
+    refused (it used to be ignored without a word), and with a strategy that reads it, it applies."""
+    from edlm.decode.options import DecodeOptionError, DecodeOptions
+
+    dlm = _dlm({"strategy": "lossless", "draft_depth": 2})
+    with pytest.raises(DecodeOptionError, match="threshold does not apply to strategy 'lossless'"):
+        DecodeOptions.resolve(dlm, threshold=0.3)
+    assert DecodeOptions.resolve(dlm, strategy="prefix", threshold=0.3).threshold == 0.3
+    # greedy no-ops and a seed are accepted anywhere: clients send them by habit
+    assert DecodeOptions.resolve(dlm, temperature=0.0, top_p=1.0, seed=7).strategy == "lossless"
+
+
+def test_stored_settings_apply_per_strategy():
+    """A setting stored beside the default strategy that it reads stays its own (draft_depth 1 for
+    verified never reaches lossless/psd); one it does not read is shared with the strategies that
+    read it; "strategies" holds settings of others."""
+    from edlm.decode.options import ENGINE_DEFAULTS, DecodeOptions
+
+    dlm = _dlm({"strategy": "lossless", "draft_depth": 2, "threshold": 0.95,
+                "strategies": {"psd": {"draft_depth": 3}, "factor": {"factor": 2.5}}})
+    assert DecodeOptions.resolve(dlm).draft_depth == 2
+    assert DecodeOptions.resolve(dlm, strategy="psd").draft_depth == 3
+    assert DecodeOptions.resolve(dlm, strategy="psd").threshold == 0.95  # shared: lossless reads none
+    assert DecodeOptions.resolve(dlm, strategy="prefix").threshold == 0.95
+    assert DecodeOptions.resolve(dlm, strategy="factor").factor == 2.5
+    dlm.config.decoding = {"strategy": "lossless", "draft_depth": 2}
+    assert DecodeOptions.resolve(dlm, strategy="psd").draft_depth == ENGINE_DEFAULTS["draft_depth"]
+
+
+@pytest.mark.parametrize("stop", ["", ["x", ""]])
+def test_an_empty_stop_string_is_refused(stop):
+    from edlm.decode.options import DecodeOptionError
+
+    with pytest.raises(DecodeOptionError, match="empty stop string"):
+        _dlm().generate("ab", max_new_tokens=4, stop=stop)
+
+
+def test_a_seed_beyond_64_bits_is_refused():
+    from edlm.decode.options import DecodeOptionError
+
+    with pytest.raises(DecodeOptionError, match="seed must be in"):
+        _dlm().generate("ab", max_new_tokens=4, seed=2**64)

@@ -11,6 +11,7 @@ from edlm.decode import speculative
 from edlm.decode.options import DecodeOptions
 from edlm.decode.state import Batch
 from edlm.decode.step import denoise_step, forward_block
+from edlm.decode.strategies import STRATEGIES
 from edlm.errors import EdlmError
 from edlm.testing import make_tiny_causal_lm, make_tiny_tokenizer
 from edlm.train.convert import convert_model
@@ -87,7 +88,7 @@ def test_lossless_with_eos_inside_block():
 @pytest.mark.parametrize("threshold", [0.9, 0.5])
 def test_new_strategy_terminates_commits_and_batches(strategy, threshold):
     dlm = tiny_dlm("llama", 8, sharpen=30.0)
-    kw = {"strategy": strategy, "threshold": threshold}
+    kw = {"strategy": strategy, **({"threshold": threshold} if "threshold" in STRATEGIES[strategy].reads else {})}
     singles = [dlm.generate(p, max_new_tokens=19, **kw) for p in PROMPTS]
     for res in singles:
         s = res.stats[0]

@@ -23,7 +23,7 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from edlm.decode.state import encode_prompts
-from edlm.decode.strategies import STRATEGIES, Strategy, declare_reads, strategy_names
+from edlm.decode.strategies import STRATEGIES, Strategy, declare_reads, strategies_reading, strategy_names
 from edlm.errors import EdlmError
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -116,7 +116,7 @@ class DecodeOptions:
                                read_by=("lossless", "psd", "verified"))
     remask_below: float = _option(0.9, "WINO narrow-out: an earlier draft whose leave-one-out confidence is "
                                   "lower goes back to the mask", low=0.0, high=1.0, low_open=True, read_by=("wino",))
-    seed: int | None = _option(None, "sampling seed", kind=int, low=0, read_by=_SAMPLING)
+    seed: int | None = _option(None, "sampling seed", kind=int, low=0, high=2**63 - 1, read_by=_SAMPLING)
 
     @property
     def algorithm(self) -> Strategy:
@@ -127,11 +127,16 @@ class DecodeOptions:
 
     @classmethod
     def resolve(cls, dlm, **given) -> DecodeOptions:
-        """Caller values (None = unset) > the checkpoint's `decoding` config > engine defaults."""
+        """Caller values (None = unset) > the checkpoint's `decoding` config for the chosen strategy
+        (`stored_for`) > engine defaults. An option the caller sets that the chosen strategy does
+        not read is an error naming both (CLI, Python, server alike), never silently ignored."""
         given = _known(given)
-        names = option_names()
-        stored = {k: v for k, v in (dlm.config.decoding or {}).items() if k in names}
-        opts = cls(**{"block_size": dlm.config.block_size, **stored, **given})
+        decoding = dlm.config.decoding or {}
+        strategy = given.get("strategy", decoding.get("strategy", ENGINE_DEFAULTS["strategy"]))
+        OPTIONS["strategy"].check(strategy)
+        _refuse_unread(strategy, given)
+        opts = cls(**{"block_size": dlm.config.block_size, **stored_for(decoding, strategy), **given,
+                      "strategy": strategy})
         opts.check(dlm)
         return opts
 
@@ -160,6 +165,50 @@ class DecodeOptions:
 OPTIONS: dict[str, OptionSpec] = {f.name: OptionSpec(f.name, **f.metadata["spec"]) for f in fields(DecodeOptions)}
 ENGINE_DEFAULTS = {s.name: s.default for s in OPTIONS.values() if s.default is not MISSING}
 declare_reads({name: tuple(s.name for s in OPTIONS.values() if name in s.read_by) for name in STRATEGIES})
+
+
+_NO_OPS = {"temperature": 0.0, "top_p": 1.0}  # sampling settings that are greedy decoding: fine anywhere
+
+
+def _refuse_unread(strategy: str, given: dict) -> None:
+    """An option set for a strategy that does not read it would change nothing: say so. block_size
+    and seed apply to every call (a seed under greedy decoding is simply moot); temperature on a
+    greedy-only strategy gets check()'s own message."""
+    algo = STRATEGIES[strategy]
+    for name, value in given.items():
+        if name in ("strategy", "block_size", "seed") or name in algo.reads or _NO_OPS.get(name) == value:
+            continue
+        if name == "temperature" and algo.greedy_only:
+            continue
+        readers = ", ".join(strategies_reading(name))
+        raise DecodeOptionError(name, f"{name} does not apply to strategy {strategy!r}: choose a strategy that "
+                                f"reads it ({readers}) or leave it unset")
+
+
+def stored_for(decoding: dict, strategy: str) -> dict:
+    """The checkpoint's stored settings (config.json -> "edlm" -> "decoding") that apply to `strategy`.
+
+    "strategy" is the checkpoint's default strategy and the other top-level keys its settings;
+    "strategies": {name: {option: value}} holds settings of other strategies. A top-level setting
+    applies to the default strategy where it reads it, and to every strategy that reads it where
+    the default does not (e.g. a threshold stored beside `verified`): so one strategy's setting
+    never leaks into another that reads it too (verified's draft_depth into lossless and psd)."""
+    names = option_names()
+    default = decoding.get("strategy", ENGINE_DEFAULTS["strategy"])
+    default_reads = STRATEGIES[default].reads if default in STRATEGIES else ()
+    reads = STRATEGIES[strategy].reads
+    out = {}
+    for name, value in decoding.items():
+        if name not in names or name == "strategy":
+            continue
+        if name == "block_size" or (name in default_reads and strategy == default) or \
+                (name not in default_reads and name in reads):
+            out[name] = value
+    per_strategy = decoding.get("strategies", {})
+    if not isinstance(per_strategy, dict) or not all(isinstance(v, dict) for v in per_strategy.values()):
+        raise EdlmError(f"config.json: edlm.decoding.strategies must map strategy names to settings, got {per_strategy!r}")
+    out.update({k: v for k, v in per_strategy.get(strategy, {}).items() if k in names})
+    return out
 
 
 def declared_options() -> tuple[OptionSpec, ...]:
@@ -231,6 +280,9 @@ def resolve_rows(dlm, prompts, max_new_tokens, stop) -> tuple[list[list[int]], l
         raise EdlmError(f"{n} prompts but {len(budget)} max_new_tokens and {len(stops)} stop lists")
     if any(not isinstance(s, str) for row in stops for s in row):
         raise EdlmError("stop strings must be strings")
+    if any(s == "" for row in stops for s in row):
+        raise DecodeOptionError("stop", "an empty stop string would end every completion before its first token: "
+                                "remove it")
     limit = dlm.max_positions
     for i, (b, p) in enumerate(zip(budget, ids, strict=True)):
         if limit is not None and len(p) >= limit:
