@@ -50,7 +50,7 @@ def test_unknown_study_is_a_one_line_error(tiny_ar_dir, tmp_path, capsys):
     # checked before any evaluation or training starts
     assert main(["study", "--base", str(tiny_ar_dir), "--data", str(tmp_path / "missing.jsonl"),
                  "--out", str(tmp_path / "s")]) == 2
-    assert "training data not found" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    assert "data file not found" in capsys.readouterr().err and not (tmp_path / "s").exists()  # as edlm train says
 
 
 def test_answer_nll_at_block_size_1_is_the_ar_loss(tiny_ar_dir):

@@ -72,8 +72,8 @@ def _quiet_libraries() -> None:
     read at import, so nothing is imported for it (datasets alone costs ~0.4 s, and most verbs never
     use it); a library already imported (a caller's own, a test's) is told directly."""
     for var, value in {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
-                       "HF_HUB_DISABLE_PROGRESS_BARS": "1", "DATASETS_VERBOSITY": "error",
-                       "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}.items():
+                       "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' bars too ("Writing model shards")
+                       "DATASETS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}.items():
         os.environ.setdefault(var, value)
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv and argv[0] in VERBS else None  # the verb is the first word, if any
     try:
+        _quiet_libraries()  # first: huggingface_hub reads HF_HUB_OFFLINE when a verb's module imports it
         args = build_parser(verbs=[command] if command else []).parse_args(argv)
-        _quiet_libraries()
         args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not at interpreter exit
     except EdlmError as exc:
