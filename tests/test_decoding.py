@@ -433,3 +433,44 @@ def test_a_blocks_later_steps_reuse_the_rows_of_its_first_steps_mask(causal_clea
     denoise_step(dlm, batch)  # builds it afresh (no pending tokens now) and keeps it
     fresh_pos, fresh = batch.block_mask
     assert torch.equal(q_pos, fresh_pos) and torch.equal(mask, fresh)
+
+
+def test_rows_of_other_plain_settings_join_a_call_and_decode_as_alone():
+    """A running call takes rows of any plain greedy setting (another rule, threshold, factor,
+    gamma or k; the same block size): each commits by its own rule and options, so it decodes
+    token for token, step for step, as alone, and a server never makes it wait for the call."""
+    from edlm.decode.options import DecodeOptions
+
+    dlm = tiny_dlm("llama", block_size=4)
+    with torch.no_grad():
+        dlm.model.get_output_embeddings().weight.mul_(8.0)  # confident enough that rules commit differently
+    settings = [dict(strategy="threshold", threshold=0.4), dict(strategy="prefix", threshold=0.2),
+                dict(strategy="factor", factor=2.0), dict(strategy="entropy", gamma=1.0),
+                dict(strategy="steps", tokens_per_step=2), dict(strategy="threshold", threshold=0.95)]
+    opts = [DecodeOptions.resolve(dlm, **s) for s in settings]
+    prompts = ["ab", *PROMPTS, "xyz", "Hello"]
+    budgets = [18, 9, 13, 7, 11, 10, 12]
+    own = [opts[0], opts[0], *opts[1:]]  # the call's two rows share the first setting; each join brings one
+    joins = [([prompts[i]], [budgets[i]], None, own[i]) for i in range(2, len(prompts))]
+    result = []
+    list(dlm.stream(prompts[:2], max_new_tokens=budgets[:2], result=result, options=opts[0],
+                    admit=lambda: joins.pop(0) if joins else None))
+    assert not joins
+    seen = set()
+    for row, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
+        alone = dlm.generate(prompt, max_new_tokens=budget, options=own[row])
+        assert result[0].token_ids[row] == alone.token_ids[0], own[row]
+        assert result[0].stats[row].model_calls == alone.stats[0].model_calls
+        assert result[0].stats[row].steps_histogram == alone.stats[0].steps_histogram
+        seen.add(tuple(sorted(alone.stats[0].steps_histogram.items())))
+    assert len(seen) > 2  # the settings really commit differently
+
+
+def test_a_strategy_that_cannot_mix_does_not_join_another_settings_call():
+    from edlm.decode.options import DecodeOptions
+
+    dlm = tiny_dlm("llama", block_size=4)
+    joins = [(["ab"], [4], None, DecodeOptions.resolve(dlm, strategy="lossless"))]
+    with pytest.raises(EdlmError, match="cannot join"):
+        list(dlm.stream(PROMPTS[:1], max_new_tokens=8, strategy="threshold",
+                        admit=lambda: joins.pop(0) if joins else None))

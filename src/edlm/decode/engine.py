@@ -30,6 +30,8 @@ and the two-model drafter. A plain step reads the device once (`BlockDecoder.ste
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from edlm.decode.loop import Step, decode_loop
@@ -49,12 +51,18 @@ class BlockDecoder:
         self.batch: Batch | None = None
         self.rows: list[int] = []
         self.budget_left: list[int] = []  # new tokens each row may still emit (batch.budget_left on the host)
+        self.row_opts: list[DecodeOptions] = []  # each row's options (joins may bring their own)
         self.moved: list[int] = []  # rows whose block the last step finished
         self.own_pace = opts.algorithm.rule is not None  # plain steps: each row opens its next block alone
         self.joinable = True
         self.eos = dlm.tokenizer.eos_token_id if dlm.tokenizer is not None else None
 
-    def add(self, first_row: int, ids: list[list[int]], budgets: list[int]) -> None:
+    def add(self, first_row: int, ids: list[list[int]], budgets: list[int], options: DecodeOptions | None = None) -> None:
+        """Rows join; `options` of their own where the call's allow mixing (shares_calls_with)."""
+        options = options or self.opts
+        if not self.opts.shares_calls_with(options):
+            raise EdlmError(f"rows decoding with strategy {options.strategy!r} cannot join a call of "
+                            f"{self.opts.strategy!r} with other options")
         fresh = Batch(self.dlm, ids, self.opts, budgets, first_row=first_row, logprob_k=self.logprob_k)
         fresh.open_blocks()
         if self.batch is None:
@@ -63,6 +71,24 @@ class BlockDecoder:
             self.batch.join(fresh)
         self.rows += range(first_row, first_row + len(ids))
         self.budget_left += budgets
+        self.row_opts += [options] * len(ids)
+        self._mix()
+
+    def _mix(self) -> None:
+        """Per-row rules and options for the plain step while some row's options are not the call's."""
+        batch = self.batch
+        if all(o == self.opts for o in self.row_opts):
+            batch.mixed_rules = batch.row_options = None
+            return
+        dev = batch.block_ids.device
+        names = {o.strategy for o in self.row_opts}
+        batch.mixed_rules = {n: torch.tensor([o.strategy == n for o in self.row_opts], device=dev) for n in names}
+
+        def column(name, dtype=torch.float32):
+            return torch.tensor([[getattr(o, name)] for o in self.row_opts], dtype=dtype, device=dev)
+
+        batch.row_options = SimpleNamespace(threshold=column("threshold"), factor=column("factor"),
+                                            gamma=column("gamma"), tokens_per_step=column("tokens_per_step", torch.long))
 
     def step(self) -> Step:
         batch, bs = self.batch, self.opts.block_size
@@ -110,6 +136,9 @@ class BlockDecoder:
         if len(stay) < len(self.rows):
             batch.select_rows(stay)
             self.rows = [self.rows[i] for i in stay]
+            self.row_opts = [self.row_opts[i] for i in stay]
+            if stay:
+                self._mix()
         self.budget_left = budget_left
         advancing = [i in moved for i in stay]
         self.joinable = self.own_pace or all(advancing)
@@ -158,7 +187,11 @@ def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NE
     out = Outputs(model, logprobs=logprobs is not None)
     ids, budget, stops = resolve_rows(model, prompts, max_new_tokens, stop)
     decoder.add(out.add_rows(budget, stops), ids, budget)
-    yield from decode_loop(decoder, out, admit, lambda *joining: resolve_rows(model, *joining), result)
+
+    def resolve(prompts, budgets, stop, options=None):
+        return (*resolve_rows(model, prompts, budgets, stop), *([options] if options is not None else []))
+
+    yield from decode_loop(decoder, out, admit, resolve, result)
 
 
 def generate(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NEW_TOKENS, on_block=None,

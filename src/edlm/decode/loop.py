@@ -34,9 +34,10 @@ class Step:
 def decode_loop(decoder, out: Outputs, admit=None, resolve=None, result: list | None = None):
     """Drive `decoder` until its rows are done; yield a BlockEvent per row and emitted piece.
 
-    admit: called after a step in which some row emitted, while the decoder is joinable; returns None or (prompts,
-    max_new_tokens, stop) of requests joining this call, which `resolve` turns into (ids, budgets,
-    stops). The GenerationResult is appended to `result`.
+    admit: called after a step in which some row emitted, while the decoder is joinable; returns
+    None or (prompts, max_new_tokens, stop[, options]) of requests joining this call, which
+    `resolve` turns into (ids, budgets, stops[, options]): options of their own where the decoder
+    can mix them (DecodeOptions.shares_calls_with). The GenerationResult is appended to `result`.
     """
     eos = out.dlm.tokenizer.eos_token_id if out.dlm.tokenizer is not None else None
     while decoder.rows:
@@ -56,7 +57,7 @@ def decode_loop(decoder, out: Outputs, admit=None, resolve=None, result: list | 
         # joins are asked for where a row emitted (the block engine: a block boundary), and the
         # decoder allows them (speculative strategies: every row at a boundary)
         if admit is not None and step.emitted and decoder.rows and decoder.joinable and (joining := admit()):
-            ids, budgets, stops = resolve(*joining)
-            decoder.add(out.add_rows(budgets, stops), ids, budgets)
+            ids, budgets, stops, *options = resolve(*joining)
+            decoder.add(out.add_rows(budgets, stops), ids, budgets, *options)
     if result is not None:
         result.append(GenerationResult(out.text, out.tokens, out.stats, out.reason, out.logprobs))

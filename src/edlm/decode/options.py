@@ -122,6 +122,15 @@ class DecodeOptions:
     def algorithm(self) -> Strategy:
         return STRATEGIES[self.strategy]
 
+    def shares_calls_with(self, other: DecodeOptions) -> bool:
+        """Whether rows with `other` may decode in the same engine call as rows with these: the same
+        options, or two plain rules decoding greedily at one block size (each row then commits by its
+        own rule and options: edlm.decode.strategies.rule_step), so a server mixes settings."""
+        if self == other:
+            return True
+        plain = self.algorithm.rule is not None and other.algorithm.rule is not None
+        return plain and self.block_size == other.block_size and self.temperature == other.temperature == 0
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -113,7 +113,11 @@ def commit_entropy(conf, entropy, candidates, gamma: float):
     return _top_n(-entropy, n, candidates)
 
 
-def commit_steps(conf, candidates, tokens_per_step: int):
-    """A fixed number of most-confident tokens per step (LLaDA-style schedules)."""
-    n = torch.full((conf.shape[0],), tokens_per_step, dtype=torch.long, device=conf.device)
+def commit_steps(conf, candidates, tokens_per_step):
+    """A fixed number of most-confident tokens per step (LLaDA-style schedules); tokens_per_step an
+    int, or one per row ([B, 1], as every rule's options may be for a batch of mixed settings)."""
+    if torch.is_tensor(tokens_per_step):
+        n = tokens_per_step.reshape(-1).to(device=conf.device, dtype=torch.long).expand(conf.shape[0])
+    else:
+        n = torch.full((conf.shape[0],), tokens_per_step, dtype=torch.long, device=conf.device)
     return _top_n(conf, n, candidates)

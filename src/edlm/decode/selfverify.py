@@ -32,6 +32,7 @@ from edlm.decode.kv import KVRows, lag
 from edlm.decode.loop import Step
 from edlm.decode.rules import accepted_drafts, cut_tokens, logprobs_of
 from edlm.decode.state import token_logprobs
+from edlm.errors import EdlmError
 from edlm.masks import draft_blocks_mask
 
 
@@ -196,7 +197,9 @@ class SelfVerifiedDecoder:
     def rows(self) -> list[int]:
         return self.accepted.ids
 
-    def add(self, first_row: int, ids: list[list[int]], budgets: list[int]) -> None:
+    def add(self, first_row: int, ids: list[list[int]], budgets: list[int], options=None) -> None:
+        if options is not None and options != self.opts:
+            raise EdlmError("rows joining a `verified` call decode with its options")
         self.accepted.add(first_row, ids, budgets)
 
     def step(self) -> Step:

@@ -210,6 +210,10 @@ class Batch(KVRows):
         self.carry = None  # [n, V] logits predicting slot 0 (shift models only)
         self.memo = None  # a strategy's state between steps of a block
         self.block_mask = None  # (positions, backend mask) of the current blocks, while the cache is unchanged
+        # rows of mixed plain settings (set by edlm.decode.engine.BlockDecoder): {strategy: [B] bool}, and
+        # each row's options as [B, 1] tensors; None while every row has the call's own options
+        self.mixed_rules: dict | None = None
+        self.row_options = None
         self.eos_slot = torch.full((n,), bs, dtype=torch.long, device=dev)
         for r, (p, s) in enumerate(zip(prompts, starts, strict=True)):
             tail = p[s:]

@@ -41,20 +41,29 @@ class Strategy:
 
 
 def rule_step(rule: Callable) -> Callable:
-    """A plain denoising step: one forward, then `rule(conf, entropy, todo, opts)` commits."""
+    """A plain denoising step: one forward, then `rule(conf, entropy, todo, opts)` commits; in a
+    batch of mixed plain settings (batch.mixed_rules), each row's own rule and options do."""
 
     def step(dlm, batch, generator=None) -> torch.Tensor:
         opts, todo = batch.opts, batch.todo
+        mixed = batch.mixed_rules  # None, or {strategy name: [B] bool rows} (edlm.decode.engine)
         want = todo if skips_decided_slots(dlm) else None  # [N, V]: undecided slots only
         logits = denoise_step(dlm, batch, want=want)
+        needs_entropy = any("gamma" in STRATEGIES[name].reads for name in mixed) if mixed else \
+            "gamma" in opts.algorithm.reads
         tokens, conf, entropy = rules.pick_tokens(logits, opts.temperature, opts.top_p, generator,
-                                                  entropy="gamma" in opts.algorithm.reads)
+                                                  entropy=needs_entropy)
         logprobs = slot_logprobs(batch, logits, tokens)
         if want is not None:  # back to [B, bs]: decided slots are no candidates, what they hold is never read
             tokens, conf = _on_slots(todo, tokens, 0), _on_slots(todo, conf, 0.0)
             entropy = _on_slots(todo, entropy, float("inf")) if entropy is not None else None
             logprobs = tuple(_on_slots(todo, x, 0) for x in logprobs) if logprobs is not None else None
-        chosen = rule(conf, entropy, todo, opts)
+        if mixed:
+            chosen = torch.zeros_like(todo)
+            for name, rows in mixed.items():
+                chosen = chosen | (rows[:, None] & STRATEGIES[name].rule(conf, entropy, todo, batch.row_options))
+        else:
+            chosen = rule(conf, entropy, todo, opts)
         apply_commit(dlm, batch, chosen, tokens)
         record_logprobs(batch, chosen, logprobs)
         return chosen.sum(-1)

@@ -130,7 +130,9 @@ class ParentVerifiedDecoder:
     def rows(self) -> list[int]:
         return self.accepted.ids
 
-    def add(self, first_row: int, ids: list[list[int]], budgets: list[int]) -> None:
+    def add(self, first_row: int, ids: list[list[int]], budgets: list[int], options=None) -> None:
+        if options is not None:
+            raise EdlmError("the two-model mode has no decode options of its own to mix")
         self.accepted.add(first_row, ids, budgets)
         self.drafts.add(len(ids))
 
