@@ -109,7 +109,8 @@ def test_only_the_verb_run_is_imported(monkeypatch, capsys):
     monkeypatch.setattr("edlm.cli.importlib.import_module", lambda name: imported.append(name) or real(name))
     with pytest.raises(SystemExit):
         main(["embed", "--help"])
-    assert imported == ["edlm.cli.embed"] and "--json" in capsys.readouterr().out
+    assert [m for m in imported if m.startswith("edlm.cli.")] == ["edlm.cli.embed"]
+    assert "--json" in capsys.readouterr().out
 
 
 def test_generate_chat_renders_the_prompt_through_the_chat_template(dlm_dir, tmp_path, monkeypatch, capsys):
