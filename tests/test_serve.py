@@ -392,6 +392,36 @@ def test_request_arriving_mid_batch_joins_at_the_next_block(dlm_dir, dlm):
         assert r.json()["choices"][0]["text"] == greedy(dlm, body["prompt"], body["max_tokens"], threshold=1.0).texts[0]
 
 
+def test_a_request_of_another_plain_setting_joins_the_running_call(dlm_dir, dlm):
+    """Mixed settings share calls: a prefix request at another threshold joins a running threshold
+    call at its next step (it used to wait for the whole call), and both answers are still the
+    engine's own for their settings."""
+    slow = load(dlm_dir)
+    slow.model.register_forward_pre_hook(lambda *a: time.sleep(0.02))  # >= 20 ms per engine step
+    long_body = {"model": NAME, "prompt": "ab", "max_tokens": 60, "temperature": 0, "threshold": 1.0}
+    short_body = {"model": NAME, "prompt": "Hello, wor", "max_tokens": 6, "strategy": "prefix", "threshold": 0.3}
+    answered = {}
+
+    def post(name, body):
+        r = httpx.post(f"{s.url}/v1/completions", json=body, timeout=60)
+        answered[name] = (forwards.calls, r)
+
+    with LiveServer(slow) as s, ForwardCounter(slow.model) as forwards:
+        long = threading.Thread(target=post, args=("long", long_body))
+        long.start()
+        while forwards.calls < 3:
+            time.sleep(0.01)
+        post("short", short_body)
+        long.join()
+        h = s.health()
+    assert answered["short"][0] < answered["long"][0]
+    assert h["batches"] == 1 and h["joined"] == 1 and h["largest_batch"] == 2
+    for name, body, kw in (("short", short_body, {"strategy": "prefix", "threshold": 0.3}),
+                           ("long", long_body, {"threshold": 1.0})):
+        assert answered[name][1].json()["choices"][0]["text"] == greedy(dlm, body["prompt"], body["max_tokens"],
+                                                                         **kw).texts[0]
+
+
 def test_cli_serve_wires_the_app(dlm_dir, monkeypatch):
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: seen.update(app=app, host=host, port=port))

@@ -57,12 +57,14 @@ class BlockDecoder:
         self.joinable = True
         self.eos = dlm.tokenizer.eos_token_id if dlm.tokenizer is not None else None
 
-    def add(self, first_row: int, ids: list[list[int]], budgets: list[int], options: DecodeOptions | None = None) -> None:
-        """Rows join; `options` of their own where the call's allow mixing (shares_calls_with)."""
-        options = options or self.opts
-        if not self.opts.shares_calls_with(options):
-            raise EdlmError(f"rows decoding with strategy {options.strategy!r} cannot join a call of "
-                            f"{self.opts.strategy!r} with other options")
+    def add(self, first_row: int, ids: list[list[int]], budgets: list[int], options=None) -> None:
+        """Rows join; `options` (one for all, or one per row) of their own where the call's allow
+        mixing (DecodeOptions.shares_calls_with)."""
+        per_row = options if isinstance(options, list) else [options or self.opts] * len(ids)
+        for own in per_row:
+            if not self.opts.shares_calls_with(own):
+                raise EdlmError(f"rows decoding with strategy {own.strategy!r} cannot join a call of "
+                                f"{self.opts.strategy!r} with other options")
         fresh = Batch(self.dlm, ids, self.opts, budgets, first_row=first_row, logprob_k=self.logprob_k)
         fresh.open_blocks()
         if self.batch is None:
@@ -71,7 +73,7 @@ class BlockDecoder:
             self.batch.join(fresh)
         self.rows += range(first_row, first_row + len(ids))
         self.budget_left += budgets
-        self.row_opts += [options] * len(ids)
+        self.row_opts += per_row
         self._mix()
 
     def _mix(self) -> None:

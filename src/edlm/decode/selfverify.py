@@ -198,7 +198,7 @@ class SelfVerifiedDecoder:
         return self.accepted.ids
 
     def add(self, first_row: int, ids: list[list[int]], budgets: list[int], options=None) -> None:
-        if options is not None and options != self.opts:
+        if options is not None and any(o != self.opts for o in (options if isinstance(options, list) else [options])):
             raise EdlmError("rows joining a `verified` call decode with its options")
         self.accepted.add(first_row, ids, budgets)
 

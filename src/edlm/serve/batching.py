@@ -6,8 +6,9 @@ rows) and runs them as ONE engine call (`DiffusionLM.stream` on the list of prom
 per step for all of them, so concurrent requests cost little more than one.
 
 While a call runs, requests that arrive join it at its next step (the engine's `admit`
-hook): the waiting requests at the head of the queue, as long as they have the call's settings
-and fit in max_batch rows. The first one that does not (other settings, an embedding, too many
+hook): the waiting requests at the head of the queue, as long as they have the call's settings,
+or any plain greedy setting at its block size when the call's is one too (rows then commit by
+their own rule and options: DecodeOptions.shares_calls_with), and fit in max_batch rows. The first one that does not (other settings, an embedding, too many
 rows) stops joining, so it waits only until the running rows finish, never behind an endless
 stream of newer compatible requests.
 
@@ -87,8 +88,16 @@ class Job:
         self.cancelled = True
 
     def batches_with(self, other: Job) -> bool:
+        """Whether `other` starts in the same engine call (the call's options are this job's)."""
         return (self.kind == other.kind == "generate" and self.options == other.options
                 and (self.logprobs is None) == (other.logprobs is None))
+
+    def joins(self, other: Job) -> bool:
+        """Whether `other` may join this job's running call at a step: with its own options where the
+        engine mixes them (plain greedy rules at one block size: DecodeOptions.shares_calls_with)."""
+        return (self.kind == other.kind == "generate" and (self.logprobs is None) == (other.logprobs is None)
+                and self.options is not None and other.options is not None
+                and self.options.shares_calls_with(other.options))
 
 
 class BatchingWorker:
@@ -164,7 +173,8 @@ class BatchingWorker:
         with self._cv:
             self._drop_cancelled()
             joining, rows = [], self.stats["running"]
-            while self._waiting and first.batches_with(self._waiting[0]) and \
+            while self._waiting and (first.batches_with(self._waiting[0]) if self.verifier is not None
+                                     else first.joins(self._waiting[0])) and \
                     (self._waiting[0].logprobs or 0) <= (logprobs or 0) and \
                     rows + len(self._waiting[0].inputs) <= self.max_batch:
                 joining.append(self._waiting.popleft())
@@ -204,13 +214,14 @@ class BatchingWorker:
         top_k = max((j.logprobs for j in jobs if j.logprobs is not None), default=None)
         row_logprobs: dict[int, list] = {}  # engine row -> its tokens' log-probs so far
 
-        def engine_rows(new: list[Job]) -> tuple[list[list[int]], list[int], list[list[str]]]:
+        def engine_rows(new: list[Job]) -> tuple:
             for job in new:
                 owners.extend((job, i) for i in range(len(job.inputs)))
                 finished[id(job)] = {}
             return ([ids for job in new for ids in job.inputs],
                     [b for job in new for b in job.budgets],
-                    [list(job.stop) for job in new for _ in job.inputs])
+                    [list(job.stop) for job in new for _ in job.inputs],
+                    [job.options for job in new for _ in job.inputs])  # joins bring their own options
 
         def admit():  # called by the engine between steps
             joining = self._joining(jobs[0], top_k)
@@ -219,9 +230,10 @@ class BatchingWorker:
             jobs.extend(joining)  # the caller's list: if the call fails, joined jobs get the error too
             self.stats["joined"] += len(joining)
             self._count_rows(sum(len(j.inputs) for j in joining))
-            return engine_rows(joining)
+            rows = engine_rows(joining)
+            return rows[:3] if self.verifier is not None else rows
 
-        prompts, budgets, stops = engine_rows(jobs)
+        prompts, budgets, stops, _ = engine_rows(jobs)
         extra = {} if top_k is None else {"logprobs": top_k}
         if self.verifier is not None:
             events = self.dlm.stream(prompts, max_new_tokens=budgets, stop=stops, admit=admit, verifier=self.verifier,
