@@ -474,3 +474,52 @@ def test_a_strategy_that_cannot_mix_does_not_join_another_settings_call():
     with pytest.raises(EdlmError, match="cannot join"):
         list(dlm.stream(PROMPTS[:1], max_new_tokens=8, strategy="threshold",
                         admit=lambda: joins.pop(0) if joins else None))
+
+
+def _masks_seen(model) -> list:
+    """The attention_mask of every forward of `model` (None: the backend's causal fast path)."""
+    seen = []
+    model.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    return seen
+
+
+def test_an_ar_prompt_goes_through_the_causal_fast_path():
+    """AR mode at batch 1 (or rows of one length): the prompt's forward builds no mask (HF's causal
+    kernel), with the same tokens as HF generate; rows of different lengths keep the dense mask
+    their padding needs."""
+    from edlm import DiffusionConfig, DiffusionLM
+
+    model = make_tiny_causal_lm("llama", dtype=torch.float64)
+    ar = DiffusionLM(model, make_tiny_tokenizer(), DiffusionConfig.autoregressive())
+    seen = _masks_seen(model)
+    for p in PROMPTS:
+        seen.clear()
+        res = ar.generate(p, max_new_tokens=6)
+        ours = list(seen)
+        ids = ar.tokenizer(p, return_tensors="pt")["input_ids"]
+        hf = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=ar.tokenizer.eos_token_id,
+                            pad_token_id=0)
+        assert res.token_ids[0] == hf[0, ids.shape[1]:].tolist()
+        assert ours[0] is None and all(m is not None for m in ours[1:])
+    seen.clear()
+    ar.generate(PROMPTS[:2], max_new_tokens=2)  # 11 and 10 tokens: left padding
+    assert seen[0] is not None
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_a_long_causal_clean_prompt_is_prefilled_causally_and_exactly(shift, monkeypatch):
+    """A causal-clean dLM writes a long prompt in a forward of its own through the causal fast path
+    (one more model call), and decodes exactly as the no-cache reference."""
+    import edlm.decode.step as step
+
+    monkeypatch.setattr(step, "CAUSAL_PREFILL_MIN", 8)
+    dlm = tiny_dlm("qwen3", block_size=4, shift=shift)
+    dlm.config.causal_clean = True
+    seen = _masks_seen(dlm.model)
+    prompt = PROMPTS[3]  # 22 tokens: 20 in complete blocks
+    got = dlm.generate(prompt, max_new_tokens=10, threshold=0.5)
+    assert got.token_ids[0] == reference_decode(dlm, prompt, 10, 4, threshold=0.5)
+    assert seen[0] is None and all(m is not None for m in seen[1:])
+    monkeypatch.setattr(step, "CAUSAL_PREFILL_MIN", 10_000)
+    dense = dlm.generate(prompt, max_new_tokens=10, threshold=0.5)
+    assert dense.token_ids == got.token_ids and dense.stats[0].model_calls == got.stats[0].model_calls - 1

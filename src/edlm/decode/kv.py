@@ -40,7 +40,8 @@ def model_forward(dlm, positions: torch.Tensor, mask, ids: torch.Tensor | None =
 
     positions [B, Q] logical (-1 = padding, fed as 0 and masked out as a key); mask [B, Q, K] bool
     (True = attend; K = cached keys then the Q new ones), or already in the backend's form (4-D,
-    or a flex BlockMask), as a block's later steps reuse it; logits_to_keep as HF takes it (an int
+    or a flex BlockMask), as a block's later steps reuse it, or None: causal over the whole input,
+    the backend's fast path (edlm.decode.step.causal_prefill); logits_to_keep as HF takes it (an int
     for the last n queries, or a [B, Q] bool for chosen ones).
     """
     if torch.is_tensor(mask) and mask.dim() == 3:

@@ -197,6 +197,7 @@ class Batch(KVRows):
         self.init_cache(n, dev)
         starts = [len(p) // bs * bs for p in prompts]  # prompt tokens in complete blocks
         width = max(starts)
+        self.unpadded_prompts = len(set(starts)) == 1  # no row's pending tokens are padding (host-known)
         self.pending_ids = torch.zeros(n, width, dtype=torch.long, device=dev)
         self.pending_pos = torch.full((n, width), -1, dtype=torch.long, device=dev)
         for r, (p, s) in enumerate(zip(prompts, starts, strict=True)):
@@ -252,6 +253,7 @@ class Batch(KVRows):
         """The finished blocks of `rows` ([B] bool) become pending clean tokens (written by the next
         forward); the other rows get masked padding there and go on with their current block."""
         self.block_mask = None
+        self.unpadded_prompts = False  # rows that did not finish a block get padding here
         bs = self.opts.block_size
         pos = self.block_start[:, None] + torch.arange(bs, device=self.block_ids.device)[None]
         self.pending_ids = torch.where(rows[:, None], self.block_ids, 0)
@@ -280,6 +282,7 @@ class Batch(KVRows):
         that predict their block's first slot (carry); the new rows' come with their pending blocks.
         """
         self.block_mask = None
+        self.unpadded_prompts = False
         n_new = new.rows.numel()
         self.add_cache_rows(n_new)
         width = max(self.pending_ids.shape[1], new.pending_ids.shape[1])

@@ -37,6 +37,8 @@ def denoise_step(dlm, batch, want: torch.Tensor | None = None) -> torch.Tensor:
     block's decided slots need none: on average half a block's slots per step."""
     bs, shift = batch.opts.block_size, lag(dlm)
     feed_block = not (shift and bs == 1)  # an AR step needs no mask slot in its input
+    if feed_block and causal_prefill(dlm, batch) and batch.pending_ids.shape[1] >= CAUSAL_PREFILL_MIN:
+        _prefill_causally(dlm, batch)  # a long prompt: its own forward through the causal fast path
     n_pending = batch.pending_ids.shape[1]
     ids, q_pos, mask = _step_inputs(dlm, batch, feed_block)
     has_pending = batch.pending_pos[:, -1] >= 0 if n_pending else None  # [B]: rows writing a finished block
@@ -58,6 +60,31 @@ def denoise_step(dlm, batch, want: torch.Tensor | None = None) -> torch.Tensor:
     return with_carry(batch, logits[:, None])[:, 0]
 
 
+# A prompt this long (in complete blocks) is written by a forward of its own when the causal fast
+# path is exact (causal_prefill): one more model call, but no [Q, K] mask and the backend's causal
+# kernel for the part that costs most. Shorter prompts go with their first block as before.
+CAUSAL_PREFILL_MIN = 256
+
+
+def causal_prefill(dlm, batch) -> bool:
+    """Whether the pending prompt tokens may go through the attention backend's causal fast path (no
+    mask built, HF's is_causal): the first forward (nothing cached), clean tokens attending token-
+    causally (an AR model, or a causal-clean stream), and no row left-padded (known on the host)."""
+    causal = not dlm.config.diffusion or dlm.config.causal_clean
+    return causal and batch.unpadded_prompts and batch.cache.get_seq_length() == 0 and batch.pending_ids.shape[1] > 1
+
+
+def _prefill_causally(dlm, batch) -> None:
+    """Write the pending prompt tokens' KV in a forward of their own (mask None: causal); with
+    shift, its last position's logits are the carry that predicts the first block's slot 0."""
+    logits = batch.forward(dlm, batch.pending_pos, None, batch.pending_ids.shape[1], ids=batch.pending_ids,
+                           logits_to_keep=1)
+    if lag(dlm):
+        batch.carry = logits[:, -1]
+    batch.pending_ids, batch.pending_pos = batch.pending_ids[:, :0], batch.pending_pos[:, :0]
+    batch.block_mask = None
+
+
 def _step_inputs(dlm, batch, feed_block: bool):
     """Ids, positions [B, Q] and mask of a step: [pending clean tokens ; the current block].
 
@@ -74,6 +101,8 @@ def _step_inputs(dlm, batch, feed_block: bool):
         ids.append(batch.block_ids)
         q_pos.append(batch.block_start[:, None] + torch.arange(bs, device=batch.block_ids.device)[None])
     ids, q_pos = torch.cat(ids, 1), torch.cat(q_pos, 1)
+    if not feed_block and causal_prefill(dlm, batch):  # an AR model's prompt: HF's own causal path
+        return ids, q_pos, None
     k_pos, k_valid = batch.keys_with(q_pos)
     clean_q = None
     if dlm.config.causal_clean:  # pending tokens are clean: token-causal, as the clean stream was trained
