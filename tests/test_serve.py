@@ -328,7 +328,9 @@ def test_queue_limit_and_disconnected_clients_cost_nothing(dlm_dir, dlm):
     slow = load(dlm_dir)
     slow.model.register_forward_pre_hook(lambda *a: time.sleep(0.02))  # a model slow enough to queue behind
     long_body = {"model": NAME, "prompt": "ab", "max_tokens": 40, "temperature": 0, "threshold": 1.0}
-    short_body = {"model": NAME, "prompt": "cd", "max_tokens": 4, "temperature": 0}
+    # a setting that cannot join the running call (plain rules of any setting would: see
+    # test_a_request_of_another_plain_setting_joins_the_running_call), so it waits in the queue
+    short_body = {"model": NAME, "prompt": "cd", "max_tokens": 4, "temperature": 0, "strategy": "lossless"}
     with LiveServer(slow, max_queue=1) as s:
         url = f"{s.url}/v1/completions"
         long = threading.Thread(target=httpx.post, args=(url,), kwargs={"json": long_body, "timeout": 60})

@@ -25,16 +25,16 @@ def add_parser(sub) -> None:
     p.add_argument("--verifier", default=None, help="AR_DIR: MODEL drafts, this AR parent verifies (answers are "
                    "the parent's greedy text; decode options in requests other than block_size are refused)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: local only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--max-batch", type=int, default=64, help="most rows decoded together in one call")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
-    p.add_argument("--api-key", default=os.environ.get("EDLM_API_KEY"),
+    p.add_argument("--api-key", default=None,  # read from the environment in run(): never shown by --help
                    help="clients must send 'Authorization: Bearer KEY' to /v1 and /metrics, else 401 "
                    "(default: $EDLM_API_KEY; none: open)")
     p.add_argument("--allow-unauthenticated", action="store_true",
                    help="serve beyond loopback (--host 0.0.0.0, ...) without --api-key, which is refused otherwise")
     p.add_argument("--max-request-bytes", type=int, default=4 << 20,
-                   help="largest request body, else 413 (default 4 MiB)")
+                   help="largest request body in bytes, else 413 (default: 4194304 = 4 MiB)")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a client has to send its whole request body, else 408 (default 30)")
     add_dtype_flag(p)
@@ -73,6 +73,7 @@ def run(args) -> None:
         raise EdlmError(f"--body-timeout must be > 0 seconds, got {args.body_timeout}")
     if args.ar and args.verifier:
         raise EdlmError("--verifier drafts with MODEL, a converted dLM: drop --ar")
+    args.api_key = args.api_key or os.environ.get("EDLM_API_KEY") or None
     if not args.api_key and not _is_loopback(args.host):
         if not args.allow_unauthenticated:
             raise EdlmError(f"--host {args.host} lets other machines in, and there is no --api-key (or "

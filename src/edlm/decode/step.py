@@ -23,9 +23,15 @@ from edlm.masks import position_block_mask
 SKIP_DECIDED_MIN_VOCAB = 8192
 
 
-def skips_decided_slots(dlm) -> bool:
-    """Whether plain steps should compute logits for undecided slots only (denoise_step's want)."""
-    return dlm.inner_model.config.vocab_size >= SKIP_DECIDED_MIN_VOCAB
+def skips_decided_slots(dlm, batch) -> bool:
+    """Whether plain steps should compute logits for undecided slots only (denoise_step's want): on
+    large vocabularies, where a block is fed (an AR step's one logit is all it computes anyway)."""
+    return dlm.inner_model.config.vocab_size >= SKIP_DECIDED_MIN_VOCAB and feeds_block(dlm, batch)
+
+
+def feeds_block(dlm, batch) -> bool:
+    """Whether a step feeds the current block: an AR step (shift, block size 1) needs no mask slot."""
+    return not (lag(dlm) and batch.opts.block_size == 1)
 
 
 @torch.no_grad()
@@ -36,7 +42,7 @@ def denoise_step(dlm, batch, want: torch.Tensor | None = None) -> torch.Tensor:
     everything after it cost as much as the vocabulary is large (151k rows on Qwen), and a
     block's decided slots need none: on average half a block's slots per step."""
     bs, shift = batch.opts.block_size, lag(dlm)
-    feed_block = not (shift and bs == 1)  # an AR step needs no mask slot in its input
+    feed_block = feeds_block(dlm, batch)
     if feed_block and causal_prefill(dlm, batch) and batch.pending_ids.shape[1] >= CAUSAL_PREFILL_MIN:
         _prefill_causally(dlm, batch)  # a long prompt: its own forward through the causal fast path
     n_pending = batch.pending_ids.shape[1]

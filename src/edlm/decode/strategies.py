@@ -47,7 +47,7 @@ def rule_step(rule: Callable) -> Callable:
     def step(dlm, batch, generator=None) -> torch.Tensor:
         opts, todo = batch.opts, batch.todo
         mixed = batch.mixed_rules  # None, or {strategy name: [B] bool rows} (edlm.decode.engine)
-        want = todo if skips_decided_slots(dlm) else None  # [N, V]: undecided slots only
+        want = todo if skips_decided_slots(dlm, batch) else None  # [N, V]: undecided slots only
         logits = denoise_step(dlm, batch, want=want)
         needs_entropy = any("gamma" in STRATEGIES[name].reads for name in mixed) if mixed else \
             "gamma" in opts.algorithm.reads
