@@ -69,7 +69,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dlm = DiffusionLM.from_pretrained(args.model)
-    prompts = [p.prompt for p in test_problems(args.requests)]
+    held_out = [p.prompt for p in test_problems()]
+    prompts = [held_out[i % len(held_out)] for i in range(args.requests)]
     bodies = [{"model": "m", "prompt": p, "max_tokens": args.max_tokens, **SETTINGS[i % len(SETTINGS)]}
               for i, p in enumerate(prompts)]
     app = create_app(dlm, "m", max_batch=64, max_queue=args.requests)

@@ -524,3 +524,33 @@ def test_a_long_causal_clean_prompt_is_prefilled_causally_and_exactly(shift, mon
     monkeypatch.setattr(step, "CAUSAL_PREFILL_MIN", 10_000)
     dense = dlm.generate(prompt, max_new_tokens=10, threshold=0.5)
     assert dense.token_ids == got.token_ids and dense.stats[0].model_calls == got.stats[0].model_calls - 1
+
+
+@pytest.mark.parametrize("strategy", ["threshold", "verified"])
+def test_a_stream_of_joins_keeps_the_cache_as_narrow_as_its_longest_row(strategy, monkeypatch):
+    """Each join used to add its keys as columns every other row sees as padding, so a server's
+    stream of joins widened every row's attention without bound; rows' keys are packed
+    (KVRows.compact_keys) and every row still decodes as alone."""
+    from edlm.decode.kv import KVRows
+
+    dlm = tiny_dlm("llama", block_size=4, shift=strategy == "verified")
+    dlm.config.causal_clean = strategy == "verified"
+    kw = {"strategy": strategy, **({"threshold": 0.5} if strategy == "threshold" else {})}
+    widths = []
+    forward = KVRows.forward
+
+    def spy(self, *args, **kwargs):
+        widths.append(self.cache_valid.shape[1])
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(KVRows, "forward", spy)
+    prompts = [PROMPTS[i % len(PROMPTS)] + "abcdefgh"[: i % 5] for i in range(14)]
+    joins = [([p], [8], None) for p in prompts[2:]]
+    result = []
+    list(dlm.stream(prompts[:2], max_new_tokens=8, result=result, admit=lambda: joins.pop(0) if joins else None, **kw))
+    assert not joins
+    prompt_len = max(len(dlm.tokenizer(p)["input_ids"]) for p in prompts)
+    # a row's own keys (prompt + budget + a block) plus what a join writes before the next packing
+    assert max(widths) <= 2 * prompt_len + 8 + 4, (max(widths), prompt_len)
+    for row, prompt in enumerate(prompts):
+        assert result[0].token_ids[row] == dlm.generate(prompt, max_new_tokens=8, **kw).token_ids[0]

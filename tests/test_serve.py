@@ -458,6 +458,30 @@ def test_worker_groups_equal_settings_oldest_first():
     asyncio.run(scenario())
 
 
+def test_joins_wait_for_room_for_a_group_under_a_backlog():
+    """Rows of other plain settings join a running call; when more wait than fit, they join once
+    half the batch is free (a join step pads every running row to the joiners' prompts), and with
+    room for everyone waiting they join at once."""
+    async def scenario():
+        plain = DecodeOptions(**{**ENGINE_DEFAULTS, "block_size": 4, "threshold": 0.9})
+        other = DecodeOptions(**{**ENGINE_DEFAULTS, "block_size": 4, "strategy": "prefix", "threshold": 0.5})
+        spec = DecodeOptions(**{**ENGINE_DEFAULTS, "block_size": 4, "strategy": "lossless"})
+        worker = BatchingWorker(dlm=None, max_batch=8, max_queue=20)
+        first = Job("generate", [[1]], plain)
+        for i in range(6):
+            worker.submit(Job("generate", [[i]], other))
+        worker.stats["running"] = 7  # one row free, six waiting: not yet
+        assert worker._joining(first, None) == [] and worker.queued == 6
+        worker.stats["running"] = 4  # half free: a group of four joins, two wait
+        assert len(worker._joining(first, None)) == 4 and worker.queued == 2
+        worker.stats["running"] = 6  # room for all that wait: at once
+        assert len(worker._joining(first, None)) == 2 and worker.queued == 0
+        worker.submit(Job("generate", [[9]], spec))
+        assert worker._joining(first, None) == []  # a speculative setting never joins a plain call
+
+    asyncio.run(scenario())
+
+
 def _rss_mb() -> float:
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):

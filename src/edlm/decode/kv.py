@@ -114,19 +114,25 @@ class KVRows:
         self.cache_pos = self.cache_pos.clone()
         self.cache_pos[n_old:] = -1
 
-    def drop_unseen_keys(self) -> None:
-        """Drop cache columns no remaining row attends (the left padding that rows of other
-        lengths or joins put there), so a long-lived batch stops paying for rows that left.
-        Positions are explicit (RoPE is applied when a key is written), so this is exact."""
-        seen = self.cache_valid.any(0)
+    def compact_keys(self) -> None:
+        """Move each row's valid keys to the front of its cache row (in their order) and drop the
+        columns that are then padding for every row. Rows of other lengths, rows that left and above
+        all rows that joined a running call (each joins with the others' width of padding, and its
+        own keys are padding to them) would otherwise widen the cache without bound: under a
+        server's stream of joins, every row attended thousands of padding keys. Positions are
+        explicit (RoPE is applied when a key is written) and the mask follows cache_pos/valid, so
+        where a key sits is free: this is exact. Called when rows leave or join (one host read)."""
         layers = getattr(self.cache, "layers", [])
         if any(getattr(layer, "is_sliding", False) for layer in layers):
-            return
-        if self.cache.get_seq_length() != seen.numel():
+            return  # a sliding window keeps its own layout
+        width, total = self.cache_valid.shape[1], self.cache.get_seq_length()
+        if total != width or width == 0:
             return  # nothing cached yet
-        cols = seen.nonzero().squeeze(1)
-        if cols.numel() == seen.numel():
+        keep = int(self.cache_valid.sum(1).max())
+        if keep == width and bool(self.cache_valid.all()):
             return
+        order = torch.argsort((~self.cache_valid).to(torch.int8), dim=1, stable=True)[:, :keep]  # [B, keep]
         for layer in layers:
-            layer.keys, layer.values = layer.keys[:, :, cols], layer.values[:, :, cols]
-        self.cache_pos, self.cache_valid = self.cache_pos[:, cols], self.cache_valid[:, cols]
+            idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            layer.keys, layer.values = layer.keys.gather(2, idx), layer.values.gather(2, idx)
+        self.cache_pos, self.cache_valid = self.cache_pos.gather(1, order), self.cache_valid.gather(1, order)

@@ -51,6 +51,7 @@ class AcceptedRows(KVRows):
         self.budget_left: list[int] = []
 
     def add(self, first_row: int, prompts: list[list[int]], budgets: list[int]) -> None:
+        self.compact_keys()  # the keys earlier joins wrote are padding to every other row
         self.add_cache_rows(len(prompts))
         self.ids += range(first_row, first_row + len(prompts))
         self.seq += [list(p) for p in prompts]
@@ -109,7 +110,7 @@ class AcceptedRows(KVRows):
         self.select_cache_rows(torch.tensor(idx, dtype=torch.long, device=self.cache_pos.device))
         for name in ("ids", "seq", "fed", "drafts"):
             setattr(self, name, [getattr(self, name)[i] for i in idx])
-        self.drop_unseen_keys()
+        self.compact_keys()
 
 
 def clean_inputs(rows: AcceptedRows, pad_id: int) -> tuple[list[list[int]], list[list[int]], int, int]:

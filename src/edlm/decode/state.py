@@ -271,7 +271,7 @@ class Batch(KVRows):
             setattr(self, name, getattr(self, name)[idx])
         if self.carry is not None:
             self.carry = self.carry[idx]
-        self.drop_unseen_keys()
+        self.compact_keys()
 
     def join(self, new: Batch) -> None:
         """Append the rows of a fresh batch (blocks opened) between two steps of a running call.
@@ -283,6 +283,7 @@ class Batch(KVRows):
         """
         self.block_mask = None
         self.unpadded_prompts = False
+        self.compact_keys()  # the keys earlier joins wrote are padding to every other row
         n_new = new.rows.numel()
         self.add_cache_rows(n_new)
         width = max(self.pending_ids.shape[1], new.pending_ids.shape[1])

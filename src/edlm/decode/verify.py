@@ -45,6 +45,7 @@ class BlockDrafts(KVRows):
         self.init_cache(0, dlm.device)
 
     def add(self, n: int) -> None:
+        self.compact_keys()
         self.add_cache_rows(n)
         self.cached += [0] * n
 
@@ -53,7 +54,7 @@ class BlockDrafts(KVRows):
             return
         self.select_cache_rows(torch.tensor(idx, dtype=torch.long, device=self.cache_pos.device))
         self.cached = [self.cached[i] for i in idx]
-        self.drop_unseen_keys()
+        self.compact_keys()
 
     @torch.no_grad()
     def draft(self, seqs: list[list[int]]) -> list[list[int]]:

@@ -169,16 +169,26 @@ class BatchingWorker:
 
     def _joining(self, first: Job, logprobs: int | None) -> list[Job]:
         """Jobs from the head of the queue that join the running call of `first` (between two steps);
-        the call computes `logprobs` top log-probs per token."""
+        the call computes `logprobs` top log-probs per token.
+
+        Under a backlog (more compatible rows waiting than there is room) joins wait until half the
+        batch is free: a step that prefills joining prompts feeds every running row their width of
+        padding, so one such step per row that leaves made a long-lived call several times slower
+        than calls started afresh (bench/serve_mixed.py); with room for all that wait they join at once."""
         with self._cv:
             self._drop_cancelled()
-            joining, rows = [], self.stats["running"]
+            running = self.stats["running"]
+            joining, rows = [], running
             while self._waiting and (first.batches_with(self._waiting[0]) if self.verifier is not None
                                      else first.joins(self._waiting[0])) and \
                     (self._waiting[0].logprobs or 0) <= (logprobs or 0) and \
                     rows + len(self._waiting[0].inputs) <= self.max_batch:
                 joining.append(self._waiting.popleft())
                 rows += len(joining[-1].inputs)
+            backlog = bool(self._waiting) and first.joins(self._waiting[0])
+            if joining and backlog and self.max_batch - running < self.max_batch // 2:
+                self._waiting.extendleft(reversed(joining))  # not yet: wait for room for a group
+                return []
             return joining
 
     def _count_rows(self, rows: int) -> None:
