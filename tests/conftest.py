@@ -21,3 +21,22 @@ def tiny_ar_dir(tmp_path_factory):
     model.save_pretrained(out)
     make_tiny_tokenizer().save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dlm_dir(tiny_ar_dir, tmp_path_factory):
+    """tiny_ar_dir converted at block size 4: a dLM checkpoint dir for tests that only read it."""
+    from edlm.train.convert import convert
+
+    out = tmp_path_factory.mktemp("tiny_dlm") / "dlm"
+    convert(tiny_ar_dir, out, block_size=4)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on 2 shared cores: intra-op threads only add contention (10x slower per call)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

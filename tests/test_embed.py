@@ -9,14 +9,11 @@ from edlm.cli import main
 from edlm.embed import bidirectional_hidden_states, embed
 from edlm.errors import EdlmError
 from edlm.model import DiffusionLM
-from edlm.train.convert import convert
 
 
 @pytest.fixture(scope="module")
-def dlm_dir(tiny_ar_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("embed") / "dlm"
-    convert(tiny_ar_dir, out, block_size=4)
-    return out
+def dlm_dir(tiny_dlm_dir):
+    return tiny_dlm_dir
 
 
 @pytest.fixture(scope="module")

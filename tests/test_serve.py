@@ -61,19 +61,13 @@ class LiveServer:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # tiny models on 2 shared cores: intra-op threads only add contention (10x slower per call)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(one_torch_thread):
+    pass
 
 
 @pytest.fixture(scope="module")
-def dlm_dir(tiny_ar_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve") / "dlm"
-    convert(tiny_ar_dir, out, block_size=4)
-    return out
+def dlm_dir(tiny_dlm_dir):
+    return tiny_dlm_dir
 
 
 def load(dlm_dir):

@@ -27,22 +27,16 @@ from edlm.model import DiffusionLM  # noqa: E402
 from edlm.serve.app import chars_per_token_bound, create_app  # noqa: E402
 from edlm.serve.batching import BatchingWorker, Job, QueueFull  # noqa: E402
 from edlm.testing import make_tiny_causal_lm, make_tiny_tokenizer  # noqa: E402
-from edlm.train.convert import convert  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(one_torch_thread):
+    pass
 
 
 @pytest.fixture(scope="module")
-def dlm_dir(tiny_ar_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve_hard") / "dlm"
-    convert(tiny_ar_dir, out, block_size=4)
-    return out
+def dlm_dir(tiny_dlm_dir):
+    return tiny_dlm_dir
 
 
 @pytest.fixture(scope="module")

@@ -121,7 +121,8 @@ class KVRows:
         own keys are padding to them) would otherwise widen the cache without bound: under a
         server's stream of joins, every row attended thousands of padding keys. Positions are
         explicit (RoPE is applied when a key is written) and the mask follows cache_pos/valid, so
-        where a key sits is free: this is exact. Called when rows leave or join (one host read)."""
+        where a key sits is free: this is exact. Called when rows leave or join (one host read); it
+        copies the cache only where that drops at least an eighth of its columns."""
         layers = getattr(self.cache, "layers", [])
         if any(getattr(layer, "is_sliding", False) for layer in layers):
             return  # a sliding window keeps its own layout
@@ -129,8 +130,8 @@ class KVRows:
         if total != width or width == 0:
             return  # nothing cached yet
         keep = int(self.cache_valid.sum(1).max())
-        if keep == width and bool(self.cache_valid.all()):
-            return
+        if width - keep < max(8, width // 8):
+            return  # not worth a copy of the cache: packing pays where it drops many columns
         order = torch.argsort((~self.cache_valid).to(torch.int8), dim=1, stable=True)[:, :keep]  # [B, keep]
         for layer in layers:
             idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
