@@ -32,6 +32,9 @@ class DiffusionConfig:
     # caller sets none (generate, serve, eval), like HF's generation_config: the best measured
     # setting of a model travels with it instead of living in every command line.
     decoding: dict = field(default_factory=dict)
+    # A drafting adapter (edlm.drafter): LoRA on noisy positions only, over the parent's own weights
+    # ({"rank", "alpha", "targets"}; its weights in drafter.safetensors). None: no adapter.
+    drafter: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,6 +56,8 @@ class DiffusionConfig:
         for name in ("shift", "diffusion", "causal_clean"):
             if not isinstance(getattr(self, name), bool):
                 raise EdlmError(f"config.json: edlm.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.drafter is not None and not isinstance(self.drafter, dict):
+            raise EdlmError(f"config.json: edlm.drafter must be an object, got {self.drafter!r}")
         if not isinstance(self.decoding, dict):
             raise EdlmError(f"config.json: edlm.decoding must be an object, got {self.decoding!r}")
 

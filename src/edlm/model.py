@@ -8,6 +8,7 @@ conversion by `edlm.train.convert.check_mask_support`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -150,6 +151,10 @@ class DiffusionLM:
         if config.mask_token_id is not None and config.mask_token_id >= rows:
             raise EdlmError(f"{path}: mask_token_id {config.mask_token_id} is outside the model's {rows} "
                             "embedding rows")
+        if config.drafter is not None and not autoregressive:
+            from edlm import drafter
+
+            drafter.load(model, Path(path), drafter.DrafterConfig(**config.drafter))
         return cls(model, tokenizer, config)
 
     def save_pretrained(self, out, state_dict: dict | None = None) -> None:
@@ -160,12 +165,22 @@ class DiffusionLM:
         model = self.inner_model
         if self.config.diffusion:
             model.config.update({CONFIG_KEY: self.config.to_dict()})
+        from edlm import drafter
+
+        if drafter.gate_of(model) is not None:  # the parent's weights under their own names, the adapter beside
+            drafter.save(model, out)
+            state_dict = drafter.base_state(model) if state_dict is None else state_dict
         model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
         self.tokenizer.save_pretrained(str(out))
 
     def merged(self) -> "DiffusionLM":
         """The plain model to save: unwrapped, LoRA (PEFT) merged into a copy; a plain model as is."""
         model = self.inner_model
+        from edlm.drafter import gate_of
+
+        if gate_of(model) is not None:
+            raise EdlmError("this model has a drafting adapter, which acts per token (noisy positions only): it "
+                            "cannot be merged into the weights; serve it with edlm itself")
         if hasattr(model, "merge_and_unload"):
             model = copy.deepcopy(model).merge_and_unload()
         return DiffusionLM(model, self.tokenizer, self.config)
@@ -260,13 +275,23 @@ class DiffusionLM:
             keep = pos
         else:
             raise EdlmError(f"unknown attention variant {attention!r}; choose from {ATTENTION_VARIANTS}")
-        out = self.model(
-            input_ids=ids,
-            attention_mask=self.backend_mask(mask.expand(batch, -1, -1)),
-            position_ids=position_ids,
-            logits_to_keep=keep,
-            use_cache=False,
-        )
+        from edlm.drafter import gate_of
+
+        gate = gate_of(self.inner_model)  # a drafting adapter acts on the noisy inputs only
+        noisy = None
+        if gate is not None:
+            n_noisy = noisy_at.shape[1] if noisy_at is not None else seq_len
+            noisy = (torch.arange(ids.shape[1], device=device) < n_noisy)[None].expand(batch, -1)
+            if attention != "clean":
+                noisy = torch.ones_like(noisy)
+        with gate.open_on(noisy) if gate is not None else contextlib.nullcontext():
+            out = self.model(
+                input_ids=ids,
+                attention_mask=self.backend_mask(mask.expand(batch, -1, -1)),
+                position_ids=position_ids,
+                logits_to_keep=keep,
+                use_cache=False,
+            )
         logits = out.logits
         if noisy_at is not None:  # back to [B, L, V]; pad slots land on inactive positions
             width = noisy_at.shape[1]

@@ -16,7 +16,11 @@ that 1, else 0); a block's first slot then comes from the clean token before it.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
+
+from edlm.drafter import gate_of
 
 
 def lag(dlm) -> int:
@@ -35,20 +39,26 @@ def candidate_logits(dlm, logits: torch.Tensor) -> torch.Tensor:
 
 
 def model_forward(dlm, positions: torch.Tensor, mask, ids: torch.Tensor | None = None,
-                  embeds: torch.Tensor | None = None, cache=None, logits_to_keep=0) -> torch.Tensor:
+                  embeds: torch.Tensor | None = None, cache=None, logits_to_keep=0, noisy=None) -> torch.Tensor:
     """Candidate logits (float32) of one model call: the only place decoding and scoring run the model.
 
     positions [B, Q] logical (-1 = padding, fed as 0 and masked out as a key); mask [B, Q, K] bool
     (True = attend; K = cached keys then the Q new ones), or already in the backend's form (4-D,
     or a flex BlockMask), as a block's later steps reuse it, or None: causal over the whole input,
     the backend's fast path (edlm.decode.step.causal_prefill); logits_to_keep as HF takes it (an int
-    for the last n queries, or a [B, Q] bool for chosen ones).
+    for the last n queries, or a [B, Q] bool for chosen ones). noisy: which queries are noisy (a
+    block being decoded, a mask block), where a drafting adapter acts (edlm.drafter): a [B, Q] bool,
+    or an int n for "queries n on"; None: every query is clean, the parent's.
     """
     if torch.is_tensor(mask) and mask.dim() == 3:
         mask = dlm.backend_mask(mask)
-    out = dlm.model(input_ids=ids, inputs_embeds=embeds, attention_mask=mask,
-                    position_ids=positions.clamp_min(0), cache=cache, use_cache=cache is not None,
-                    logits_to_keep=logits_to_keep)
+    gate = gate_of(dlm.inner_model)
+    if gate is not None and isinstance(noisy, int):
+        noisy = (torch.arange(positions.shape[1], device=positions.device) >= noisy)[None].expand_as(positions)
+    with gate.open_on(noisy) if gate is not None else nullcontext():
+        out = dlm.model(input_ids=ids, inputs_embeds=embeds, attention_mask=mask,
+                        position_ids=positions.clamp_min(0), cache=cache, use_cache=cache is not None,
+                        logits_to_keep=logits_to_keep)
     return candidate_logits(dlm, out.logits.float())
 
 
@@ -70,11 +80,12 @@ class KVRows:
         return torch.cat([self.cache_pos, q_pos], 1), torch.cat([self.cache_valid, q_pos >= 0], 1)
 
     def forward(self, dlm, q_pos: torch.Tensor, mask, keep_new: int, ids=None, embeds=None,
-                logits_to_keep=0) -> torch.Tensor:
+                logits_to_keep=0, noisy=None) -> torch.Tensor:
         """Feed new tokens (ids or embeds [B, Q(, H)] at q_pos) against the cache; their first
-        `keep_new` stay cached as clean keys, the KV of the rest is cropped. Candidate logits."""
+        `keep_new` stay cached as clean keys, the KV of the rest is cropped. Candidate logits.
+        noisy: the noisy queries, as model_forward takes them."""
         logits = model_forward(dlm, q_pos, mask, ids=ids, embeds=embeds, cache=self.cache,
-                               logits_to_keep=logits_to_keep)
+                               logits_to_keep=logits_to_keep, noisy=noisy)
         self.calls += 1
         self.drop_last_keys(q_pos.shape[1] - keep_new, written=False)
         clean = q_pos[:, :keep_new]

@@ -146,7 +146,8 @@ def score_rows(dlm, rows: list[ScoringRow], block_size: int, batch_size: int,
             ids[r, width - n :], pos[r, width - n :], group[r, width - n :] = map(torch.tensor, built[i])
         ids, pos, group = ids.to(dev), pos.to(dev), group.to(dev)
         mask = block_copies_mask(pos, group, block_size, causal_clean=dlm.config.causal_clean)
-        logp = model_forward(dlm, pos, mask, ids=ids, logits_to_keep=n_query).log_softmax(-1)  # [B, n_query, V]
+        logp = model_forward(dlm, pos, mask, ids=ids, logits_to_keep=n_query,
+                             noisy=group >= 0).log_softmax(-1)  # [B, n_query, V]; copies are noisy
         greedy = logp.argmax(-1)
         for r, i in enumerate(chunk):
             row = rows[i]

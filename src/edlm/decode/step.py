@@ -53,7 +53,8 @@ def denoise_step(dlm, batch, want: torch.Tensor | None = None) -> torch.Tensor:
         logits_for = _wanted_positions(ids.shape, bs, shift, want, has_pending)  # [B, Q] bool
     else:  # the block's queries, and with shift the last pending one (it predicts slot 0)
         logits_for = bs + (shift if n_pending else 0) if feed_block else 1
-    logits = batch.forward(dlm, q_pos, mask, n_pending, ids=ids, logits_to_keep=logits_for)
+    logits = batch.forward(dlm, q_pos, mask, n_pending, ids=ids, logits_to_keep=logits_for,
+                           noisy=n_pending if feed_block else None)  # the block's slots, after the clean ones
     batch.pending_ids, batch.pending_pos = batch.pending_ids[:, :0], batch.pending_pos[:, :0]
     if not shift or not feed_block:  # slot j at query j; an AR step's one logit predicts its one slot
         return logits
@@ -178,7 +179,7 @@ def forward_block(dlm, batch, ids=None, embeds=None, copies: int = 1, see=None) 
         see = copy[:, None] == copy[None, :]
     cached = position_block_mask(q_pos, batch.cache_pos, bs, batch.cache_valid)  # [B, Q, K]
     mask = torch.cat([cached, see.to(dev).expand(n, -1, -1)], -1)
-    logits = batch.forward(dlm, q_pos, mask, 0, ids=ids, embeds=embeds).view(n, copies, bs, -1)
+    logits = batch.forward(dlm, q_pos, mask, 0, ids=ids, embeds=embeds, noisy=0).view(n, copies, bs, -1)
     return with_carry(batch, logits) if lag(dlm) else logits
 
 

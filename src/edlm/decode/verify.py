@@ -73,7 +73,8 @@ class BlockDrafts(KVRows):
             clean_q = torch.arange(pos.shape[1], device=pos.device)[None].expand(len(seqs), -1) < n_clean
         mask = position_block_mask(pos, k_pos, bs, k_valid, clean_q)
         first = 1 if n_clean else 0  # logits of the last clean position (if fed), then of the blocks
-        best = self.forward(dlm, pos, mask, n_clean, ids=ids, logits_to_keep=first + bs).argmax(-1).tolist()
+        best = self.forward(dlm, pos, mask, n_clean, ids=ids, logits_to_keep=first + bs,
+                            noisy=n_clean).argmax(-1).tolist()
         self.cached = starts
         # slot i of a block is predicted at its slot i - 1 (shift; slot 0 at the last clean position,
         # always fed when a row's accepted prefix ends on a block) or at slot i

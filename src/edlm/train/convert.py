@@ -128,8 +128,12 @@ def check_mask_support(model, vocab_size: int, block_size: int = 4) -> None:
 
 
 def convert_model(model, tokenizer, block_size: int = DEFAULT_BLOCK_SIZE, mask_token: str | None = None,
-                  shift: bool = False, base_model: str | None = None) -> DiffusionLM:
-    """In-memory conversion of a loaded causal LM (used by `edlm convert` and `edlm train`)."""
+                  shift: bool = False, base_model: str | None = None, drafter=None) -> DiffusionLM:
+    """In-memory conversion of a loaded causal LM (used by `edlm convert` and `edlm train`).
+
+    drafter (an edlm.drafter.DrafterConfig): add a drafting adapter instead of preparing the
+    weights for full training; the model then keeps the parent as its clean stream (token shift,
+    token-causal clean stream) and decodes with `verified`, the parent's own greedy text."""
     if block_size < 1:
         raise EdlmError(f"--block-size must be >= 1, got {block_size}")
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -138,6 +142,12 @@ def convert_model(model, tokenizer, block_size: int = DEFAULT_BLOCK_SIZE, mask_t
     mask_id = choose_mask_token(model, tokenizer, mask_token)
     check_mask_support(model, model.get_input_embeddings().weight.shape[0], block_size)
     config = DiffusionConfig(block_size=block_size, mask_token_id=mask_id, shift=shift, base_model=base_model)
+    if drafter is not None:
+        from edlm import drafter as drafting
+
+        drafting.attach(model, drafter)
+        config.shift, config.causal_clean, config.drafter = True, True, drafter.to_dict()
+        config.decoding = {"strategy": "verified", "draft_depth": 1}
     return DiffusionLM(model, tokenizer, config)
 
 
@@ -210,7 +220,7 @@ def load_gguf_causal_lm(directory: Path, gguf_file: str, attn_implementation: st
 
 def convert(base, out, block_size: int = DEFAULT_BLOCK_SIZE, mask_token: str | None = None, shift: bool = False,
             force: bool = False, attn_implementation: str = "sdpa", gguf_file: str | None = None,
-            dtype: str = "float32") -> DiffusionLM:
+            dtype: str = "float32", drafter=None) -> DiffusionLM:
     """`edlm convert`: load BASE (a HF dir or a GGUF file), convert, write OUT as a normal HF
     checkpoint + our settings, in `dtype` (the conversion itself runs in fp32)."""
     if block_size < 1:
@@ -229,7 +239,7 @@ def convert(base, out, block_size: int = DEFAULT_BLOCK_SIZE, mask_token: str | N
                 raise EdlmError(f"{base} is already a converted edlm model")
         model, tokenizer = load_causal_lm(base, device="cpu", dtype=torch.float32,
                                           attn_implementation=attn_implementation)
-    dlm = convert_model(model, tokenizer, block_size, mask_token, shift, base_model=str(base))
+    dlm = convert_model(model, tokenizer, block_size, mask_token, shift, base_model=str(base), drafter=drafter)
     if DTYPES[dtype] != torch.float32:
         dlm.model.to(DTYPES[dtype])
     write_dir_atomically(out, dlm.save_pretrained)

@@ -1,0 +1,138 @@
+"""A drafting adapter: LoRA that acts only on a dLM's noisy (mask) positions.
+
+The idea (issue 26; Nemotron-Labs-Diffusion's drafting-only LoRA, taken to its end): every adapted
+linear layer adds `gate * B(A(x)) * alpha / rank`, with a per-token gate that is 1 on noisy
+positions (the blocks being decoded, TiDAR's mask blocks) and 0 on clean ones. The clean stream
+is then the untouched parent token for token: with a token-causal clean stream and token shift
+(what `convert(..., drafter=...)` sets), `verified` returns the parent's own greedy text in one
+forward per step, whatever the adapter learned; training can only buy speed.
+
+PEFT's LoRA cannot gate per token, so this is a small module of ours. The gate is one shared
+`TokenGate` that the model-call seam (edlm.decode.kv.model_forward, DiffusionLM.forward_noisy) sets
+for the length of a forward; with no gate set (None) every adapted layer is the parent's layer.
+The adapter's weights live beside the checkpoint in `drafter.safetensors`, its settings under
+config.json -> "edlm" -> "drafter"; the base weights stay the parent's, under their own names.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edlm.errors import EdlmError
+
+WEIGHTS_NAME = "drafter.safetensors"
+
+
+@dataclass
+class DrafterConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    targets: list[str] = field(default_factory=lambda: ["o_proj"])  # module-name suffixes to adapt
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def parse(cls, spec: str) -> DrafterConfig:
+        """`lora:RANK[:TARGET,TARGET...]`, as `edlm convert --drafter` takes it."""
+        parts = spec.split(":")
+        if parts[0] != "lora" or len(parts) not in (2, 3) or not parts[1].isdigit() or int(parts[1]) < 1:
+            raise EdlmError(f"--drafter takes lora:RANK[:MODULES] (e.g. lora:16 or lora:16:o_proj,v_proj), got {spec!r}")
+        rank = int(parts[1])
+        targets = [t for t in parts[2].split(",") if t] if len(parts) == 3 else ["o_proj"]
+        if not targets:
+            raise EdlmError(f"--drafter {spec!r} names no module to adapt")
+        return cls(rank=rank, alpha=2.0 * rank, targets=targets)
+
+
+class TokenGate:
+    """The per-token gate [B, Q] of the forward in flight (None: no noisy token, the parent)."""
+
+    def __init__(self):
+        self.value: torch.Tensor | None = None
+
+    @contextmanager
+    def open_on(self, noisy: torch.Tensor | None):
+        """Gate the adapter to the `noisy` queries [B, Q] bool for one forward."""
+        old, self.value = self.value, noisy
+        try:
+            yield
+        finally:
+            self.value = old
+
+
+class GatedLoRA(nn.Module):
+    """base(x) + gate * B(A(x)) * alpha / rank; B starts at zero, so an untrained adapter is the parent."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, gate: TokenGate):
+        super().__init__()
+        self.base, self.gate, self.scale = base, gate, alpha / rank
+        self.lora_a = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_b = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        nn.init.kaiming_uniform_(self.lora_a.weight, a=5 ** 0.5)
+        nn.init.zeros_(self.lora_b.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        gate = self.gate.value
+        if gate is None:
+            return out
+        if gate.shape != x.shape[:-1]:
+            raise RuntimeError(f"drafter gate {tuple(gate.shape)} does not fit the tokens {tuple(x.shape[:-1])}")
+        return out + self.lora_b(self.lora_a(x)) * (self.scale * gate[..., None].to(out.dtype))
+
+
+def attach(model: nn.Module, config: DrafterConfig) -> TokenGate:
+    """Wrap every nn.Linear whose name ends with a target in a GatedLoRA; returns their shared gate."""
+    gate = TokenGate()
+    found = [(name, mod) for name, mod in model.named_modules()
+             if isinstance(mod, nn.Linear) and any(name.split(".")[-1] == t for t in config.targets)]
+    if not found:
+        raise EdlmError(f"the model has no linear layer named {', '.join(config.targets)} to adapt")
+    for name, mod in found:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child,
+                GatedLoRA(mod, config.rank, config.alpha, gate))
+    model._edlm_gate = gate
+    return gate
+
+
+def gate_of(model) -> TokenGate | None:
+    return getattr(model, "_edlm_gate", None)
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """The adapter's own weights (lora_a/lora_b of every GatedLoRA), by module name."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_a." in k or ".lora_b." in k}
+
+
+def base_state(model) -> dict[str, torch.Tensor]:
+    """The model's weights under the parent's own names (the adapter left out), for save_pretrained."""
+    return {k.replace(".base.", "."): v for k, v in model.state_dict().items()
+            if ".lora_a." not in k and ".lora_b." not in k}
+
+
+def save(model, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in adapter_state(model).items()}, str(Path(out) / WEIGHTS_NAME))
+
+
+def load(model, path: Path, config: DrafterConfig) -> None:
+    """Attach the adapter to a loaded model and read its weights from `path`."""
+    from safetensors.torch import load_file
+
+    attach(model, config)
+    file = Path(path) / WEIGHTS_NAME
+    if not file.is_file():
+        raise EdlmError(f"{path} declares a drafter but has no {WEIGHTS_NAME}")
+    weights = load_file(str(file), device=str(next(model.parameters()).device))
+    missing = set(adapter_state(model)) - set(weights)
+    if missing:
+        raise EdlmError(f"{file} lacks {len(missing)} adapter weights (e.g. {sorted(missing)[0]}): not this model's")
+    model.load_state_dict(weights, strict=False)

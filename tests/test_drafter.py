@@ -1,0 +1,103 @@
+"""The drafting adapter: LoRA on noisy positions only, so the clean stream stays the parent."""
+
+import copy
+
+import pytest
+import torch
+
+from edlm import DiffusionLM
+from edlm.cli import main
+from edlm.drafter import WEIGHTS_NAME, DrafterConfig, GatedLoRA, gate_of
+from edlm.errors import EdlmError
+from edlm.testing import make_tiny_causal_lm, make_tiny_tokenizer
+from edlm.train.convert import convert_model
+
+PROMPTS = ["The cat sat", "Hello, wor", "ab", "Once upon a time there"]
+
+
+def parent(arch="llama"):
+    """An AR parent whose vocabulary is its tokenizer's, so HF's argmax never lands on a padded row."""
+    tok = make_tiny_tokenizer()
+    return make_tiny_causal_lm(arch, vocab_size=len(tok), dtype=torch.float64), tok
+
+
+def with_drafter(model, tok, rank=4, targets=("o_proj",), trained=True, block_size=4):
+    dlm = convert_model(copy.deepcopy(model), tok, block_size=block_size,
+                        drafter=DrafterConfig(rank=rank, alpha=2.0 * rank, targets=list(targets)))
+    if trained:  # stand-in for a trained adapter: drafts that differ from the parent's own
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for mod in dlm.model.modules():
+                if isinstance(mod, GatedLoRA):
+                    mod.lora_b.weight.copy_(torch.randn(mod.lora_b.weight.shape, generator=g, dtype=torch.float64))
+    return dlm
+
+
+def hf_greedy(model, tok, prompt, n):
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("trained", [False, True])
+def test_verified_with_a_drafter_is_the_parents_greedy_text(arch, trained):
+    """Whatever the adapter holds, `verified` returns HF generate's text of the original parent,
+    alone and batched, at >= 1 token per forward."""
+    model, tok = parent(arch)
+    dlm = with_drafter(model, tok, targets=("o_proj", "v_proj"), trained=trained)
+    assert dlm.config.decoding["strategy"] == "verified" and dlm.config.shift and dlm.config.causal_clean
+    batched = dlm.generate(PROMPTS, max_new_tokens=12)
+    for i, prompt in enumerate(PROMPTS):
+        want = hf_greedy(model, tok, prompt, 12)
+        assert batched.token_ids[i] == want
+        assert dlm.generate(prompt, max_new_tokens=12).token_ids[0] == want
+        assert batched.stats[i].tpf >= 1.0
+
+
+def test_the_gate_opens_on_noisy_positions_only():
+    """With no noisy token the adapted model is the parent bit for bit; noisy queries change, and
+    clean queries of the same forward do not (the adapter never reaches them)."""
+    model, tok = parent()
+    dlm = with_drafter(model, tok)
+    ids = torch.tensor([tok("Once upon a time")["input_ids"]])
+    vocab = model.config.vocab_size  # the dLM has one more row: the mask token
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        assert torch.equal(dlm.model(input_ids=ids).logits[..., :vocab], ref)
+        noisy = torch.zeros_like(ids, dtype=torch.bool)
+        noisy[:, -3:] = True
+        with gate_of(dlm.model).open_on(noisy):
+            got = dlm.model(input_ids=ids).logits[..., :vocab]  # causal: clean positions come before noisy ones
+    assert torch.equal(got[:, :-3], ref[:, :-3]) and not torch.allclose(got[:, -3:], ref[:, -3:])
+
+
+def test_a_drafter_saves_beside_the_parents_weights_and_loads(tmp_path):
+    model, tok = parent()
+    dlm = with_drafter(model, tok, targets=("o_proj",))
+    dlm.save_pretrained(tmp_path / "d")
+    assert (tmp_path / "d" / WEIGHTS_NAME).is_file()
+    plain = DiffusionLM.from_pretrained(tmp_path / "d", autoregressive=True, dtype=torch.float64)
+    assert gate_of(plain.model) is None  # as an AR checkpoint it is the parent, weights under their own names
+    for name, weight in model.state_dict().items():
+        assert torch.equal(plain.model.state_dict()[name][: weight.shape[0]], weight), name
+    loaded = DiffusionLM.from_pretrained(tmp_path / "d", dtype=torch.float64)
+    assert loaded.config.drafter == {"rank": 4, "alpha": 8.0, "targets": ["o_proj"]}
+    a, b = dlm.generate(PROMPTS, max_new_tokens=10), loaded.generate(PROMPTS, max_new_tokens=10)
+    assert a.token_ids == b.token_ids and [s.model_calls for s in a.stats] == [s.model_calls for s in b.stats]
+    with pytest.raises(EdlmError, match="cannot be merged"):
+        loaded.merged()
+
+
+def test_convert_cli_adds_a_drafter(tiny_ar_dir, tmp_path, capsys):
+    assert main(["convert", str(tiny_ar_dir), str(tmp_path / "d"), "--block-size", "4", "--drafter", "lora:2"]) == 0
+    dlm = DiffusionLM.from_pretrained(tmp_path / "d")
+    assert dlm.config.drafter["rank"] == 2 and dlm.config.shift and dlm.config.causal_clean
+    assert sum(isinstance(m, GatedLoRA) for m in dlm.model.modules()) == dlm.model.config.num_hidden_layers
+    capsys.readouterr()
+    for bad in ("lora", "lora:0", "lora:x", "adapter:4", "lora:4:"):
+        assert main(["convert", str(tiny_ar_dir), str(tmp_path / "e"), "--drafter", bad]) == 2
+        assert "--drafter takes" in capsys.readouterr().err or bad == "lora:4:"
+    assert main(["convert", str(tiny_ar_dir), str(tmp_path / "f"), "--drafter", "lora:2:nope"]) == 2
+    assert "no linear layer named nope" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists() and not (tmp_path / "f").exists()
