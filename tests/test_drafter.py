@@ -85,8 +85,12 @@ def test_a_drafter_saves_beside_the_parents_weights_and_loads(tmp_path):
     assert loaded.config.drafter == {"rank": 4, "alpha": 8.0, "targets": ["o_proj"]}
     a, b = dlm.generate(PROMPTS, max_new_tokens=10), loaded.generate(PROMPTS, max_new_tokens=10)
     assert a.token_ids == b.token_ids and [s.model_calls for s in a.stats] == [s.model_calls for s in b.stats]
-    with pytest.raises(EdlmError, match="cannot be merged"):
-        loaded.merged()
+    assert loaded.merged() is loaded  # nothing to merge: the adapter lives beside the weights
+    from edlm.serve.export import export
+
+    with pytest.raises(EdlmError, match="drafts with an adapter"):
+        export(tmp_path / "d", tmp_path / "x", "hf")
+    assert not (tmp_path / "x").exists()
 
 
 def test_convert_cli_adds_a_drafter(tiny_ar_dir, tmp_path, capsys):
@@ -101,3 +105,46 @@ def test_convert_cli_adds_a_drafter(tiny_ar_dir, tmp_path, capsys):
     assert main(["convert", str(tiny_ar_dir), str(tmp_path / "f"), "--drafter", "lora:2:nope"]) == 2
     assert "no linear layer named nope" in capsys.readouterr().err
     assert not (tmp_path / "e").exists() and not (tmp_path / "f").exists()
+
+
+def test_training_a_drafter_moves_only_the_adapter_and_the_mask_row(tmp_path):
+    """`--train drafter`: the loss falls, the adapter and the mask token's embedding row change,
+    every weight of the parent stays bit-identical, and verified is still the parent's text."""
+    import json
+
+    from edlm.train import TrainConfig, train
+
+    model, tok = parent()
+    dlm = with_drafter(model, tok, trained=False)
+    dlm.save_pretrained(tmp_path / "d")
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    (tmp_path / "t.txt").write_text(text + "\n\n" + text[::-1])
+    cfg = TrainConfig(model=str(tmp_path / "d"), data=[str(tmp_path / "t.txt")], out=str(tmp_path / "run"),
+                      train="drafter", masking="full", seq_len=32, batch_size=4, steps=40, lr=1e-2, min_lr=1e-3,
+                      warmup_steps=2, save_every=1000, progress=False, log_every=5)
+    train(cfg)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    trained = DiffusionLM.from_pretrained(tmp_path / "run" / "model", dtype=torch.float64)
+    mask_id = trained.config.mask_token_id
+    for name, weight in dlm.model.state_dict().items():
+        now = trained.model.state_dict()[name]
+        if ".lora_b." in name:
+            assert not torch.equal(now, weight), name
+        elif name.endswith("embed_tokens.weight"):
+            changed = (now != weight).any(-1).nonzero().flatten().tolist()
+            assert changed == [mask_id]
+        elif ".lora_a." not in name:
+            assert torch.equal(now, weight), name
+    for prompt in PROMPTS:
+        assert trained.generate(prompt, max_new_tokens=10).token_ids[0] == hf_greedy(model, tok, prompt, 10)
+
+
+def test_train_drafter_needs_a_drafter(tiny_ar_dir, tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("hello world " * 50)
+    args = ["train", str(tiny_ar_dir), "--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "r"),
+            "--train", "drafter", "--steps", "2", "--seq-len", "32", "--block-size", "4"]
+    assert main(args) == 2
+    assert "convert BASE OUT --drafter" in capsys.readouterr().err
+    assert main([*args, "--lora-rank", "4"]) == 2
+    assert "drop --lora-rank" in capsys.readouterr().err

@@ -178,9 +178,10 @@ class DiffusionLM:
         model = self.inner_model
         from edlm.drafter import gate_of
 
-        if gate_of(model) is not None:
-            raise EdlmError("this model has a drafting adapter, which acts per token (noisy positions only): it "
-                            "cannot be merged into the weights; serve it with edlm itself")
+        if gate_of(model) is not None:  # saved beside the weights (drafter.safetensors): nothing to merge
+            if hasattr(model, "merge_and_unload"):
+                raise EdlmError("a drafting adapter and a PEFT LoRA on one model cannot be merged together")
+            return self
         if hasattr(model, "merge_and_unload"):
             model = copy.deepcopy(model).merge_and_unload()
         return DiffusionLM(model, self.tokenizer, self.config)

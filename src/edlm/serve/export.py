@@ -293,6 +293,11 @@ def export_model(dlm, out, format: str, threshold: float | None = None, force: b
     if format == "sdar":
         check_sdar_servable(dlm, layout)
         threshold = DecodeOptions.resolve(dlm, strategy="threshold", threshold=threshold).threshold
+    from edlm.drafter import gate_of
+
+    if gate_of(dlm.inner_model) is not None:
+        raise EdlmError("this model drafts with an adapter that acts per token (noisy positions only): no engine "
+                        "format holds it, and merging it would change the parent; serve it with `edlm serve`")
     dlm = dlm.merged()
     if format == "sdar":
         write_dir_atomically(out, lambda tmp: write_sdar(dlm, tmp, threshold, readme_path=out))

@@ -76,6 +76,9 @@ class TrainConfig:
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     grad_clip: float = _opt(1.0, "gradient-norm clip (0 = off)")
     lora_rank: int = _opt(0, "LoRA rank (0 = full training); embeddings, norms and LM head stay trainable")
+    train: str = _opt("all", "what trains: all (the weights, or --lora-rank's adapter) | drafter (only a drafting "
+                      "adapter added by `edlm convert --drafter` and the mask token's embedding: the parent stays "
+                      "exact)", choices=("all", "drafter"))
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory)")
     attn_implementation: str = _opt("sdpa", "attention backend: sdpa | eager | flex_attention (CUDA)")
     # bookkeeping
@@ -125,6 +128,8 @@ class TrainConfig:
             raise EdlmError(f"--seed must be in [0, 2**63), got {self.seed}")
         if self.lr == 0:
             raise EdlmError("--lr must be > 0")
+        if self.train == "drafter" and self.lora_rank:
+            raise EdlmError("--train drafter trains the model's drafting adapter: drop --lora-rank")
         if self.min_lr > self.lr:
             raise EdlmError(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")
         if not 0.0 <= self.val_fraction < 1.0:

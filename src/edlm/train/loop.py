@@ -81,6 +81,28 @@ def apply_lora(model, rank: int):
     return model
 
 
+def train_drafter_only(model, mask_id: int) -> None:
+    """`--train drafter`: only the drafting adapter and the mask token's embedding row learn; every
+    other weight (the parent) stays bit-identical, so the clean stream stays the parent's."""
+    from edlm.drafter import gate_of
+
+    if gate_of(model) is None:
+        raise EdlmError("--train drafter needs a model with a drafting adapter: convert it with "
+                        "`edlm convert BASE OUT --drafter lora:16`")
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_a." in name or ".lora_b." in name)
+    embed = model.get_input_embeddings().weight
+    embed.requires_grad_(True)
+    row = torch.zeros(embed.shape[0], 1, dtype=embed.dtype, device=embed.device)
+    row[mask_id] = 1
+    embed.register_hook(lambda grad: grad * row)  # Adam moves a weight only where it had a gradient
+
+
+def _no_decay(name: str, cfg: TrainConfig) -> bool:
+    """Under --train drafter the embedding takes no weight decay: it would shrink the parent's rows."""
+    return cfg.train == "drafter" and ".lora_" not in name
+
+
 def exportable(dlm: DiffusionLM, accelerator) -> DiffusionLM:
     """The plain model to save: unwrapped from the engine, LoRA merged into a copy."""
     return DiffusionLM(accelerator.unwrap_model(dlm.model), dlm.tokenizer, dlm.config).merged()
@@ -220,7 +242,7 @@ def safetensors_problem(f: Path) -> str | None:
 
 # Settings a resumed run must share with the run it continues: they define the model being trained
 # (its config or its LoRA layout), so the saved state cannot carry on under other values.
-FIXED_ON_RESUME = ("model", "objective", "block_size", "mask_token", "shift", "causal_clean", "lora_rank")
+FIXED_ON_RESUME = ("model", "objective", "block_size", "mask_token", "shift", "causal_clean", "lora_rank", "train")
 # Settings that only say how a run reports and saves: changing them on resume is routine.
 BOOKKEEPING = ("out", "resume", "progress", "log_every", "save_every", "keep_last", "eval_every", "eval_batches")
 
@@ -417,9 +439,15 @@ def _train(cfg: TrainConfig, accelerator, out: Path) -> Path:
         model.gradient_checkpointing_enable()
     if cfg.lora_rank > 0:
         model = apply_lora(model, cfg.lora_rank)
+    if cfg.train == "drafter":
+        train_drafter_only(model, dlm.config.mask_token_id)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    groups = [{"params": [p for n, p in model.named_parameters() if p.requires_grad and not _no_decay(n, cfg)]},
+              {"params": [p for n, p in model.named_parameters() if p.requires_grad and _no_decay(n, cfg)],
+               "weight_decay": 0.0}]
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95),
+                                  weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     if str(accelerator.distributed_type).endswith("DEEPSPEED"):  # DeepSpeed wants its batch sizes: no dataloader here
         accelerator.state.deepspeed_plugin.deepspeed_config.update(
