@@ -26,6 +26,7 @@ VERBS = {  # verb -> its one-line help, equal to the one its module declares (te
     "serve": "OpenAI-compatible server: completions, chat, embeddings",
     "embed": "embed texts (mean-pooled, bidirectional attention)",
     "export": "export for SGLang / LMDeploy (SDAR format) or as a plain HF checkpoint",
+    "distill-data": "write a model's own answers to prompts as training data (jsonl prompt/response)",
 }
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a tool whose reader went away
 
@@ -95,7 +96,7 @@ def build_parser(verbs=None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>", parser_class=_VerbParser)
     for verb, help_line in VERBS.items():
         if verbs is None or verb in verbs:
-            importlib.import_module(f"edlm.cli.{verb}").add_parser(sub)
+            importlib.import_module(f"edlm.cli.{verb.replace('-', '_')}").add_parser(sub)  # distill-data: distill_data.py
         else:
             sub.add_parser(verb, help=help_line)
     return parser

@@ -1,0 +1,52 @@
+"""edlm distill-data: a model's own answers as SFT rows, batched and resumable."""
+
+import json
+
+import pytest
+import torch
+
+from edlm import DiffusionLM
+from edlm.cli import main
+from edlm.recipes.distill import distill
+
+
+def test_rows_are_the_models_own_greedy_answers_and_a_rerun_resumes(tiny_ar_dir, tmp_path, capsys):
+    prompts = ["The cat sat", "Hello, wor", "ab", "Once upon a time there", "ab"]  # a repeat is done once
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in prompts))
+    out = tmp_path / "self.jsonl"
+    args = ["distill-data", str(tiny_ar_dir), "--ar", "--prompts", str(tmp_path / "p.jsonl"), "--out", str(out),
+            "--max-new-tokens", "6", "--batch-size", "2"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    ar = DiffusionLM.from_pretrained(tiny_ar_dir, autoregressive=True, dtype=torch.float32)
+    assert [r["prompt"] for r in rows] == prompts[:4]
+    for r in rows:
+        assert r["response"] == ar.generate(r["prompt"], max_new_tokens=6).texts[0]
+    # killed mid-file: the cut line is decoded again, finished rows are kept, nothing is repeated
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:2]) + "\n" + lines[2][:10])
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "wrote 2 rows" in capsys.readouterr().out
+    again = [json.loads(line) for line in out.read_text().splitlines()]  # every line whole again
+    assert sorted(r["prompt"] for r in again) == sorted(prompts[:4])
+
+
+def test_bad_inputs_are_one_line(tiny_ar_dir, tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_text('{"text": "x"}\n')
+    base = ["distill-data", str(tiny_ar_dir), "--ar", "--out", str(tmp_path / "o.jsonl")]
+    assert main([*base, "--prompts", str(tmp_path / "missing.jsonl")]) == 2
+    assert main([*base, "--prompts", str(tmp_path / "p.jsonl")]) == 2
+    assert "no string field 'prompt'" in capsys.readouterr().err
+    assert main([*base[:3], "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path)]) == 2
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_distill_from_python_with_a_dlm_and_decode_options(tiny_dlm_dir, tmp_path):
+    dlm = DiffusionLM.from_pretrained(tiny_dlm_dir, dtype=torch.float32)
+    n = distill(dlm, ["ab", "cd"], tmp_path / "d.jsonl", max_new_tokens=5, progress=False, strategy="prefix",
+                threshold=0.5)
+    assert n == 2
+    with pytest.raises(Exception, match="threshold does not apply"):
+        distill(dlm, ["ef"], tmp_path / "e.jsonl", max_new_tokens=5, progress=False, strategy="lossless",
+                threshold=0.5)
