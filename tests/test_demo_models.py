@@ -55,3 +55,14 @@ def test_demo_command_writes_table_json_and_plot(tmp_path, capsys):
     assert "speed-up" in capsys.readouterr().out and (out / "pareto.png").stat().st_size > 0
     assert main(["demo", "--limit", "0"]) == 2
     assert "--limit" in capsys.readouterr().err
+
+
+def test_the_shipped_drafter_gives_the_parents_text_at_several_tokens_a_forward(problems):
+    """models/drafter: the AR parent plus a trained drafting adapter; its default decode returns the
+    parent's own tokens, more than two a forward (measured 3.13 on 100 problems)."""
+    ar = DiffusionLM.from_pretrained(MODELS / "ar", autoregressive=True)
+    drafter = DiffusionLM.from_pretrained(MODELS / "drafter")
+    prompts = [e.prompt for e in problems]
+    got, want = drafter.generate(prompts, max_new_tokens=96), ar.generate(prompts, max_new_tokens=96)
+    assert got.token_ids == want.token_ids
+    assert sum(s.generated_tokens for s in got.stats) / sum(s.model_calls for s in got.stats) > 2.0
