@@ -26,7 +26,7 @@ from edlm.errors import EdlmError  # noqa: E402
 from edlm.model import DiffusionLM  # noqa: E402
 from edlm.serve.app import ChatRequest, CompletionRequest, create_app  # noqa: E402
 from edlm.testing import make_tiny_causal_lm, make_tiny_tokenizer  # noqa: E402
-from edlm.train.convert import convert, convert_model  # noqa: E402
+from edlm.train.convert import convert_model  # noqa: E402
 
 NAME = "tiny-dlm"
 WINO = {"strategy": "wino", "threshold": 0.5}
@@ -54,10 +54,8 @@ def sharp_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dlm_dir(tiny_ar_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("options") / "dlm"
-    convert(tiny_ar_dir, out, block_size=4)
-    return out
+def dlm_dir(tiny_dlm_dir):  # the converted tiny model of conftest, read only
+    return tiny_dlm_dir
 
 
 def load(path, **kw):

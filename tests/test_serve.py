@@ -60,13 +60,11 @@ class LiveServer:
         return httpx.get(f"{self.url}/health").json()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    pass
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def dlm_dir(tiny_dlm_dir):
+def dlm_dir(tiny_dlm_dir):  # the converted tiny model of conftest, read only
     return tiny_dlm_dir
 
 

@@ -28,14 +28,11 @@ from edlm.serve.app import chars_per_token_bound, create_app  # noqa: E402
 from edlm.serve.batching import BatchingWorker, Job, QueueFull  # noqa: E402
 from edlm.testing import make_tiny_causal_lm, make_tiny_tokenizer  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    pass
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def dlm_dir(tiny_dlm_dir):
+def dlm_dir(tiny_dlm_dir):  # the converted tiny model of conftest, read only
     return tiny_dlm_dir
 
 
