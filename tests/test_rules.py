@@ -261,9 +261,6 @@ def test_pick_tokens_sampling_with_temperature_and_top_p():
     assert seen == {0, 1}
 
 
-@pytest.mark.xfail(strict=True, reason="rules.pick_tokens drops a token only when the mass before it "
-                   "EXCEEDS top_p, so a prefix landing exactly on top_p keeps one more token than its "
-                   "comment ('the smallest prefix reaching top_p') and HF's TopPLogitsWarper")
 def test_pick_tokens_top_p_exactly_reached_keeps_that_prefix_only():
     logits = logits_of([[[0.5, 0.25, 0.25]]])  # softmax gives exactly .5 .25 .25 in float32
     gen = torch.Generator().manual_seed(0)
