@@ -216,23 +216,8 @@ def test_disk_full_while_saving_keeps_earlier_checkpoint(tiny_ar_dir, corpus, tm
     assert DiffusionLM.from_pretrained(out / "checkpoints" / "step-00000002" / "model").config.block_size == 4
 
 
-def test_repair_training_feeds_own_drafts_and_scores_them(tiny_ar_dir, corpus, tmp_path):
-    from edlm.train.objective import with_own_drafts
-
-    model = make_tiny_causal_lm("llama")
-    dlm = convert_model(model, make_tiny_tokenizer(), block_size=4)
-    ids = torch.randint(5, 90, (2, 16))
-    masked = torch.zeros(2, 16, dtype=torch.bool)
-    masked[:, 8:] = True
-    x_t = torch.where(masked, torch.full_like(ids, dlm.config.mask_token_id), ids)
-    gens = row_generators(0, 0, torch.arange(2))
-    drafted = with_own_drafts(dlm, x_t, ids, masked, LossSettings(repair_fraction=0.5), gens)
-    changed = drafted != x_t
-    assert not changed[~masked].any()  # clean positions untouched
-    assert 0 < changed.sum() < masked.sum()  # about half of the masked positions hold drafts
-    with torch.no_grad():
-        argmax = dlm.forward_noisy(x_t, ids).argmax(-1)
-    assert torch.equal(drafted[changed], argmax[changed])  # the drafts are the model's own argmax
+def test_repair_training_trains(tiny_ar_dir, corpus, tmp_path):
+    """The drafts themselves: tests/test_parallelism.py."""
     final = train(small(tmp_path / "rep", tiny_ar_dir, corpus / "train.txt", steps=20, repair_fraction=0.3))
     ls = losses(tmp_path / "rep")
     assert ls[-1] < ls[0] and DiffusionLM.from_pretrained(final).config.block_size == 4

@@ -63,6 +63,26 @@ class TrainConfig:
     complementary: bool = _opt(False, "also train each sample with the inverse mask")
     repair_fraction: float = _opt(0.0, "DMax-style on-policy training: fill this fraction of masked tokens "
                                   "with the model's own argmax draft (still scored), for --strategy soft/wino")
+    # training for parallelism (edlm.train.parallelism): each alone or together
+    on_policy: float = _opt(0.0, "DMax OPUT: this fraction of the examples gets every masked token replaced by "
+                            "the model's own argmax draft (one extra no-grad forward), scored against the clean "
+                            "text; DMax: 0.5 with --mask-ratio 0.75 on the model's own answers (edlm distill-data)")
+    mask_ratio: float | None = _opt(None, "a fixed noise level: every block masks this fraction of its maskable "
+                                    "tokens, in place of t ~ U[t_min, 1] (OPUT: 0.75)")
+    noise_floor: float = _opt(0.0, "d3LLM's noise curriculum: the lowest noise level rises linearly from --t-min "
+                              "to this over the run (d3LLM: 0.8); 0 = off")
+    certainty_weight: float = _opt(0.0, "dParallel certainty forcing: weight of the entropy term over masked tokens "
+                                   "the model already predicts right (dParallel: 2, with --complementary)")
+    certainty_temperature: float = _opt(0.5, "temperature of the certainty-forcing entropy")
+    draft_decay: float = _opt(0.0, "DFlash draft-position weights: cross-entropy at block position j weighted "
+                              "exp(-j/GAMMA), mean 1 (DFlash: 4 at block 8); 0 = off")
+    block_schedule: list[str] | None = _opt(None, "BARD's progressive block merging: SIZE@STEP entries (e.g. 16@500 "
+                                            "32@1000): the block size from that step on; the saved model records "
+                                            "the one in effect")
+    teacher: str | None = _opt(None, "a frozen dLM the student follows on its masked tokens with a top-k forward KL "
+                               "(BARD: the smaller-block model); it reads the same noisy input with its own blocks")
+    teacher_weight: float = _opt(0.5, "weight of the --teacher KL term (BARD: 0.5)")
+    teacher_top_k: int = _opt(16, "the teacher's top-k tokens the KL is taken over (BARD: 16)")
     all_noisy_blocks: bool = _opt(False, "feed every noisy block, also those without a masked token (the plain "
                                   "concat layout, same loss: for benchmarks)")
     # optimisation
@@ -134,8 +154,10 @@ class TrainConfig:
             raise EdlmError(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise EdlmError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if not 0.0 <= self.repair_fraction <= 1.0:
-            raise EdlmError(f"--repair-fraction must be in [0, 1], got {self.repair_fraction}")
+        for name in ("repair_fraction", "on_policy"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise EdlmError(f"{flag(name)} must be in [0, 1], got {getattr(self, name)}")
+        self._validate_parallelism()
         if not 0.0 < self.t_min < 1.0:
             raise EdlmError(f"--t-min must be in (0, 1), got {self.t_min}")
         if (self.ar_loss_weight > 0 or self.causal_clean) and (self.attention != "clean"
@@ -145,6 +167,35 @@ class TrainConfig:
             raise EdlmError("--val-data and --val-fraction are alternatives: give one")
         if self.eval_every and not (self.val_data or self.val_fraction > 0):
             raise EdlmError("--eval-every needs held-out data: --val-data FILES or --val-fraction F")
+
+    def _validate_parallelism(self) -> None:
+        from edlm.train.parallelism import parse_block_schedule
+
+        if self.mask_ratio is not None and not 0.0 < self.mask_ratio <= 1.0:
+            raise EdlmError(f"--mask-ratio must be in (0, 1], got {self.mask_ratio}")
+        if self.mask_ratio is not None and self.masking == "full":
+            raise EdlmError("--mask-ratio and --masking full both fix the noise level: give one")
+        if not 0.0 <= self.noise_floor < 1.0:
+            raise EdlmError(f"--noise-floor must be in [0, 1), got {self.noise_floor}")
+        if self.noise_floor and self.mask_ratio is not None:
+            raise EdlmError("--noise-floor raises a drawn noise level; --mask-ratio fixes it: give one")
+        for name in ("certainty_weight", "draft_decay", "teacher_weight"):
+            if getattr(self, name) < 0:
+                raise EdlmError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.certainty_temperature <= 0:
+            raise EdlmError(f"--certainty-temperature must be > 0, got {self.certainty_temperature}")
+        if self.teacher_top_k < 1:
+            raise EdlmError(f"--teacher-top-k must be >= 1, got {self.teacher_top_k}")
+        if self.teacher is not None and not (Path(self.teacher) / "config.json").is_file():
+            raise EdlmError(f"--teacher {self.teacher}: no config.json there (a converted edlm model dir)")
+        try:
+            parse_block_schedule(self.block_schedule)
+        except ValueError as exc:
+            raise EdlmError(f"--block-schedule: {exc}") from None
+        if self.objective != "diffusion" and (self.on_policy or self.certainty_weight or self.draft_decay
+                                              or self.block_schedule or self.teacher):
+            raise EdlmError("the parallelism options (--on-policy, --certainty-weight, --draft-decay, "
+                            "--block-schedule, --teacher) apply to --objective diffusion")
 
     @property
     def warmup(self) -> int:

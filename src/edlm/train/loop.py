@@ -18,7 +18,9 @@ import math
 import os
 import shutil
 import time
+import warnings
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -74,7 +76,9 @@ def apply_lora(model, rank: int):
 
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
                       modules_to_save=["embed_tokens", "lm_head"])
-    model = get_peft_model(model, lora)
+    with warnings.catch_warnings():  # peft >= 0.21 reads transformers' deprecated alias: not the user's to fix
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        model = get_peft_model(model, lora)
     for name, p in model.named_parameters():
         if "norm" in name:
             p.requires_grad_(True)
@@ -356,22 +360,42 @@ def _full_weights_on_load(accelerator):
 
 
 # ---------------------------------------------------------------- the loop
-def compute_loss(dlm, model, batch, cfg: TrainConfig, run: TrainSettings, step: int, rows):
+def compute_loss(dlm, model, batch, cfg: TrainConfig, run: TrainSettings, step: int, rows, teacher=None,
+                 noise_seed_step: int | None = None):
+    """The loss of one micro-batch at optimizer step `step` (its schedules); the noise is drawn for
+    `noise_seed_step` (default `step`: validation fixes it)."""
     ids, maskable = batch["input_ids"], batch["maskable"]
     if run.objective == "ar":
         return causal_lm_loss(model, ids, maskable)
-    return diffusion_loss(dlm, ids, maskable, run.noise, row_generators(cfg.seed, step, rows), run.loss)
+    noise, block_size = run.at(step, cfg.steps)
+    seed_step = step if noise_seed_step is None else noise_seed_step
+    return diffusion_loss(dlm, ids, maskable, noise, row_generators(cfg.seed, seed_step, rows), run.loss,
+                          teacher=teacher, block_size=block_size)
+
+
+def load_teacher(cfg: TrainConfig, student: DiffusionLM, device) -> DiffusionLM | None:
+    """The frozen --teacher, refused with one line when it cannot read the student's inputs."""
+    if cfg.teacher is None:
+        return None
+    teacher = DiffusionLM.from_pretrained(cfg.teacher, device, torch.float32, cfg.attn_implementation)
+    mine, theirs = student.config, teacher.config
+    if (theirs.mask_token_id, theirs.shift) != (mine.mask_token_id, mine.shift) or \
+            teacher.model.get_output_embeddings().weight.shape != student.model.get_output_embeddings().weight.shape:
+        raise EdlmError(f"--teacher {cfg.teacher} reads other inputs than {cfg.model} (mask token, shift or "
+                        "vocabulary differ): distil from a model converted from the same parent")
+    teacher.model.eval().requires_grad_(False)
+    return teacher
 
 
 @torch.no_grad()
-def validate(dlm, model, val_ds, cfg, run, device) -> float:
+def validate(dlm, model, val_ds, cfg, run, device, step: int = 0, teacher=None) -> float:
     model.eval()
     losses = []
     n = min(len(val_ds), cfg.eval_batches * cfg.batch_size)
     for start in range(0, n, cfg.batch_size):
         rows = torch.arange(start, min(n, start + cfg.batch_size))
         batch = {k: v.to(device) for k, v in val_ds[rows].items()}
-        loss, _ = compute_loss(dlm, model, batch, cfg, run, step=-1, rows=rows)  # fixed noise
+        loss, _ = compute_loss(dlm, model, batch, cfg, run, step, rows, teacher, noise_seed_step=-1)  # fixed noise
         losses.append(loss.item())
     model.train()
     return sum(losses) / max(1, len(losses))
@@ -424,6 +448,7 @@ def _train(cfg: TrainConfig, accelerator, out: Path) -> Path:
 
     with _full_weights_on_load(accelerator):
         dlm, run = load_for_training(cfg, device)
+        teacher = load_teacher(cfg, dlm, device)
     with accelerator.main_process_first():
         train_ds = build_dataset(cfg.data, dlm.tokenizer, cfg.seq_len, cfg.fields)
         val_ds = build_dataset(cfg.val_data, dlm.tokenizer, cfg.seq_len, cfg.fields) if cfg.val_data else None
@@ -481,7 +506,7 @@ def _train(cfg: TrainConfig, accelerator, out: Path) -> Path:
             rows = sampler.global_rows(step, micro, accelerator.process_index)
             batch = {k: v.to(device) for k, v in train_ds[sampler.indices(rows)].items()}
             with accelerator.accumulate(model):
-                loss, _ = compute_loss(dlm, model, batch, cfg, run, step, rows)
+                loss, _ = compute_loss(dlm, model, batch, cfg, run, step, rows, teacher)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.grad_clip > 0:
                     accelerator.clip_grad_norm_(params, cfg.grad_clip)
@@ -495,7 +520,7 @@ def _train(cfg: TrainConfig, accelerator, out: Path) -> Path:
         tok_s = tokens_seen / (time.perf_counter() - t0)
         record = {"step": done, "loss": loss_sum / loss_steps, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s}
         if cfg.eval_every and val_ds is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
-            record["val_loss"] = validate(dlm, model, val_ds, cfg, run, device)
+            record["val_loss"] = validate(dlm, model, val_ds, cfg, run, device, step, teacher)
         log_now = done % cfg.log_every == 0 or "val_loss" in record or done == cfg.steps
         if log_now and accelerator.num_processes > 1:  # every process reaches this at the same steps
             record["loss"] = accelerator.reduce(torch.tensor(record["loss"], device=device), "mean").item()
@@ -515,7 +540,11 @@ def _train(cfg: TrainConfig, accelerator, out: Path) -> Path:
                         if k != "step":
                             writer.add_scalar(k, v, done)
         if done % cfg.save_every == 0 or done == cfg.steps:
-            save_checkpoint(accelerator, dlm, cfg, run, done)
+            # the model as this step trained it: a block schedule's size is what it now decodes with
+            block_size = run.at(step, cfg.steps)[1]
+            saved = dlm if block_size == dlm.config.block_size else \
+                DiffusionLM(dlm.model, dlm.tokenizer, replace(dlm.config, block_size=block_size))
+            save_checkpoint(accelerator, saved, cfg, run, done)
     bar.close()
     final = out / "model"
     if accelerator.is_main_process:

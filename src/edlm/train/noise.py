@@ -10,7 +10,7 @@ decoding unmasks a block; as t -> 1 the weights flatten to uniform.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,6 +29,17 @@ class NoiseSettings:
     t_per_block: bool = False  # the paper draws one t per sequence
     t_min: float = 1e-3
     complementary: bool = False  # also each sample with the inverse mask
+    # a fixed noise level in place of t ~ U[t_min, 1] (DMax OPUT masks at 0.75); None = drawn
+    mask_ratio: float | None = None
+    # d3LLM's noise curriculum: t_min rises linearly to this over the run (TrainSettings.at); 0 = off
+    noise_floor: float = 0.0
+
+    def at_progress(self, progress: float) -> "NoiseSettings":
+        """The noise at `progress` in [0, 1] of the run: the floor curriculum raises t_min."""
+        if self.noise_floor <= self.t_min:
+            return self
+        floor = self.t_min + (self.noise_floor - self.t_min) * min(max(progress, 0.0), 1.0)
+        return replace(self, t_min=floor)
 
     @property
     def signed_half_life(self) -> float | None:
@@ -117,5 +128,7 @@ def sample_masks(input_ids, maskable, block_size: int, noise: NoiseSettings, gen
     out = []
     for i, gen in enumerate(generators):
         t = sample_noise_level(1, n_blocks if noise.t_per_block else None, noise.t_min, gen)
+        if noise.mask_ratio is not None:
+            t = torch.full_like(t, noise.mask_ratio)  # drawn all the same: the generator stays in step
         out.append(sample_block_mask(t, seq_len, block_size, noise.signed_half_life, gen, maskable[i : i + 1].cpu()))
     return torch.cat(out).to(input_ids.device)

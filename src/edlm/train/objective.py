@@ -1,5 +1,8 @@
 """Training objectives: the paper's 1/t-weighted masked cross-entropy, and plain causal LM.
 
+The terms that train for parallelism (on-policy drafts, certainty forcing, draft-position weights,
+a smaller-block teacher) are options of the diffusion loss; their why: edlm.train.parallelism.
+
 Both take a packed batch (input_ids [B, L], maskable [B, L]: False on prompt/padding tokens,
 which are never masked and never scored) and return (loss, number of scored tokens).
 """
@@ -12,6 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from edlm.train.noise import NoiseSettings, sample_masks
+from edlm.train.parallelism import (
+    certainty_loss,
+    chosen_for_drafts,
+    draft_position_weights,
+    substitute_drafts,
+    top_k_kl,
+)
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,17 @@ class LossSettings:
     # model's own argmax draft (one extra no-grad forward) and still scored, so the model learns
     # to keep right drafts and fix wrong ones, the input the soft/re-masking decoders create.
     repair_fraction: float = 0.0
+    # DMax OPUT: this fraction of the examples gets *every* masked token filled with its draft (the
+    # same extra forward as the repair fraction, which is its per-position form)
+    on_policy: float = 0.0
+    # dParallel certainty forcing: weight of the entropy (at this temperature) of the masked tokens
+    # the model already predicts right
+    certainty_weight: float = 0.0
+    certainty_temperature: float = 0.5
+    draft_decay: float = 0.0  # DFlash gamma: CE at block position j weighted exp(-j / gamma); 0 = off
+    # BARD: weight and k of the top-k forward KL to a teacher dLM (passed to diffusion_loss)
+    teacher_weight: float = 0.0
+    teacher_top_k: int = 16
     # Feed only the noisy blocks that hold a masked token (exact: a noisy token attends only its
     # own noisy block). False feeds every block, the plain concat layout (benchmarks, tests).
     skip_unmasked_blocks: bool = True
@@ -55,11 +76,14 @@ def inverse_time_weights(masked: torch.Tensor, maskable: torch.Tensor, block_siz
     return w.repeat_interleave(block_size, dim=1)[:, :seq_len]
 
 
-def diffusion_loss(dlm, input_ids, maskable, noise: NoiseSettings, generators, loss: LossSettings = LossSettings()):
+def diffusion_loss(dlm, input_ids, maskable, noise: NoiseSettings, generators, loss: LossSettings = LossSettings(),
+                   teacher=None, block_size: int | None = None):
     """Eq. 1: E_t E_x_t [ (1/t) * sum_masked -log p(x_0[i] | x_t, clean earlier blocks) ],
     normalised by the number of maskable tokens; plus `loss.ar_loss_weight` times the clean stream's
-    next-token loss (causal-clean models), normalised as `causal_lm_loss` is."""
-    block_size = dlm.config.block_size
+    next-token loss (causal-clean models), normalised as `causal_lm_loss` is, and the parallelism
+    terms `loss` turns on. `teacher`: a frozen dLM for `loss.teacher_weight`; `block_size`: this
+    step's (a block schedule's), default the model's."""
+    block_size = block_size or dlm.config.block_size
     maskable = maskable.bool()
     clean_ids, clean_maskable = input_ids, maskable
     if dlm.config.shift:
@@ -73,20 +97,38 @@ def diffusion_loss(dlm, input_ids, maskable, noise: NoiseSettings, generators, l
         maskable = torch.cat([maskable, maskable])
     x_t = torch.where(masked, torch.full_like(input_ids, dlm.config.mask_token_id), input_ids)
     active = blocks_with_loss(masked, block_size) if loss.skip_unmasked_blocks else None
-    if loss.repair_fraction > 0:
-        x_t = with_own_drafts(dlm, x_t, input_ids, masked, loss, generators, active)
+    if loss.repair_fraction > 0 or loss.on_policy > 0:
+        chosen = chosen_for_drafts(masked, generators, loss.on_policy, loss.repair_fraction)
+        x_t = substitute_drafts(dlm, x_t, input_ids, chosen, loss.attention, active, block_size)
     with_ar = loss.ar_loss_weight > 0
-    logits = dlm.forward_noisy(x_t, input_ids, attention=loss.attention, active=active, with_clean=with_ar)
+    logits = dlm.forward_noisy(x_t, input_ids, attention=loss.attention, active=active, with_clean=with_ar,
+                               block_size=block_size)
     if with_ar:
         logits, clean = logits
     weights = inverse_time_weights(masked, maskable, block_size)
-    ce = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")
+    if loss.draft_decay > 0:
+        weights = weights * draft_position_weights(masked.shape[1], block_size, loss.draft_decay, masked.device)
+    scored, labels = logits[masked], input_ids[masked]
+    ce = F.cross_entropy(scored.float(), labels, reduction="none")
     n_tokens = maskable.sum().clamp_min(1)
     total = (ce * weights[masked]).sum() / n_tokens
     if with_ar:
         n = clean_ids.shape[0]  # complementary halves share one clean stream: score it once
         total = total + loss.ar_loss_weight * next_token_loss(clean[:n], clean_ids, clean_maskable)
+    if loss.certainty_weight > 0:
+        total = total + loss.certainty_weight * certainty_loss(scored, labels, loss.certainty_temperature)
+    if teacher is not None and loss.teacher_weight > 0:
+        total = total + loss.teacher_weight * top_k_kl(scored, teacher_logits(teacher, x_t, input_ids, masked, loss),
+                                                       loss.teacher_top_k)
     return total, int(masked.sum())
+
+
+@torch.no_grad()
+def teacher_logits(teacher, x_t, x_0, masked, loss: LossSettings) -> torch.Tensor:
+    """[N, V] the teacher's logits at the masked positions, from the student's noisy input read
+    with the teacher's own (smaller) blocks: more clean context, the easier task BARD distils."""
+    active = blocks_with_loss(masked, teacher.config.block_size) if loss.skip_unmasked_blocks else None
+    return teacher.forward_noisy(x_t, x_0, attention=loss.attention, active=active)[masked]
 
 
 def next_token_loss(logits, input_ids, maskable):
@@ -101,16 +143,6 @@ def blocks_with_loss(masked: torch.Tensor, block_size: int) -> torch.Tensor:
     batch, seq_len = masked.shape
     n_blocks = -(-seq_len // block_size)
     return F.pad(masked, (0, n_blocks * block_size - seq_len)).view(batch, n_blocks, block_size).any(-1)
-
-
-@torch.no_grad()
-def with_own_drafts(dlm, x_t, x_0, masked, loss: LossSettings, generators, active=None) -> torch.Tensor:
-    """Replace a random `loss.repair_fraction` of the masked positions by the model's argmax draft."""
-    draft = dlm.forward_noisy(x_t, x_0, attention=loss.attention, active=active).argmax(-1)
-    u = torch.stack([torch.rand(x_t.shape[1], generator=g) for g in generators]).to(x_t.device)
-    if u.shape[0] != x_t.shape[0]:  # complementary halves reuse the row generators' draws
-        u = torch.cat([u, 1 - u])
-    return torch.where(masked & (u < loss.repair_fraction), draft, x_t)
 
 
 def causal_lm_loss(model, input_ids, maskable):

@@ -17,6 +17,7 @@ from edlm.errors import EdlmError
 from edlm.train.config import TrainConfig, flag
 from edlm.train.noise import NoiseSettings
 from edlm.train.objective import LossSettings
+from edlm.train.parallelism import parse_block_schedule
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,16 @@ class TrainSettings:
     noise: NoiseSettings
     loss: LossSettings
     notices: tuple[str, ...] = ()  # said once when the model is loaded: what the flags changed
+    block_schedule: tuple[tuple[int, int], ...] = ()  # (from step, block size), after `block_size`
+
+    def at(self, step: int, steps: int) -> tuple[NoiseSettings, int]:
+        """The noise and block size of optimizer step `step` (0-based) of a `steps`-step run. The
+        schedules are functions of the step alone, so a resumed run lands on the same ones."""
+        size = self.block_size
+        for start, stage_size in self.block_schedule:
+            if step >= start:
+                size = stage_size
+        return self.noise.at_progress(step / max(1, steps - 1)), size
 
     def model_config(self, checkpoint: DiffusionConfig) -> DiffusionConfig:
         """The trained model's config: the checkpoint's with the effective values (the saved model records them)."""
@@ -60,9 +71,13 @@ def reconcile(cfg: TrainConfig, checkpoint: DiffusionConfig, checkpoint_mask_tok
     Raises EdlmError for what cannot be reconciled: another --mask-token on a converted model,
     --ar-loss-weight with --no-causal-clean, a --seq-len that is no multiple of the block size."""
     noise = NoiseSettings(masking=cfg.masking, half_life=cfg.half_life, t_per_block=cfg.t_per_block,
-                          t_min=cfg.t_min, complementary=cfg.complementary)
+                          t_min=cfg.t_min, complementary=cfg.complementary, mask_ratio=cfg.mask_ratio,
+                          noise_floor=cfg.noise_floor)
     loss = LossSettings(attention=cfg.attention, ar_loss_weight=cfg.ar_loss_weight,
-                        repair_fraction=cfg.repair_fraction, skip_unmasked_blocks=not cfg.all_noisy_blocks)
+                        repair_fraction=cfg.repair_fraction, skip_unmasked_blocks=not cfg.all_noisy_blocks,
+                        on_policy=cfg.on_policy, certainty_weight=cfg.certainty_weight,
+                        certainty_temperature=cfg.certainty_temperature, draft_decay=cfg.draft_decay,
+                        teacher_weight=cfg.teacher_weight if cfg.teacher else 0.0, teacher_top_k=cfg.teacher_top_k)
     if cfg.objective == "ar":
         given = [flag(n) for n in ("block_size", "mask_token", "shift") if getattr(cfg, n) is not None]
         notices = (f"{', '.join(given)} apply to diffusion training; --objective ar does not use them",) if given else ()
@@ -91,12 +106,13 @@ def reconcile(cfg: TrainConfig, checkpoint: DiffusionConfig, checkpoint_mask_tok
                        "the trained model records it")
         effective["causal_clean"] = True
     run = TrainSettings("diffusion", mask_token_id=checkpoint.mask_token_id, noise=noise, loss=loss,
-                        notices=tuple(notices), **effective)
+                        notices=tuple(notices), block_schedule=parse_block_schedule(cfg.block_schedule), **effective)
     _check(run, cfg)
     return run
 
 
 def _check(run: TrainSettings, cfg: TrainConfig) -> None:
     """What the effective settings must satisfy together with the flags the checkpoint does not fix."""
-    if cfg.seq_len % run.block_size:
-        raise EdlmError(f"--seq-len {cfg.seq_len} must be a multiple of the block size {run.block_size}")
+    for size in (run.block_size, *(s for _, s in run.block_schedule)):
+        if cfg.seq_len % size:
+            raise EdlmError(f"--seq-len {cfg.seq_len} must be a multiple of the block size {size}")
