@@ -11,6 +11,9 @@ Stages (each skipped when its output exists, training resumes from its last chec
    `--ar-loss-weight 1`), so the clean stream is an AR model again and the `verified` strategy can
    check the model's drafts against it -> models/dlm, whose config carries its best measured
    decode setting (`decoding`), so generate/serve/eval use it by default
+6. parallelism (issue 25, `--parallel-steps`, off by default: see PARALLEL_STEPS): the parity
+   model's own answers to 8,000 training prompts (`edlm distill-data`), then PARALLEL_RECIPE on
+   them (bench/parallelism.py measured it against each method alone)
 
 Wall time on 2 CPU cores: AR ~40 + ~20 min, dLM ~60 + ~100 min, parity ~25 min.
 Why shift for this model (measured, README "Rebuilding the demo models"): the paper's no-shift
@@ -41,6 +44,15 @@ N_TRAIN, N_VAL = 120_000, 1_000
 # interleaved, draft_depth 1 (two draft blocks per step) beats 2 on CPU at batch 1 and 8 (3.14x vs
 # 2.85x, 2.19x vs 1.93x). prefix 0.95 (93%, TPF 4.02) is one flag away.
 DLM_DECODING = {"strategy": "verified", "threshold": 0.95, "draft_depth": 1}
+# Stage 6 (bench/results/parallelism): of OPUT, certainty forcing, draft-position weights, the noise
+# floor and block 16 with the block-8 model as teacher (300 steps each on 8,000 own answers), only
+# block 16 moved a frontier (prefix: AUP 387 -> 427, TPF at 0.95 4.09 -> 4.36, 92.4% vs the
+# parent's 93.2%). On this CPU its 16-token forwards cost more than the extra tokens buy (batch 1
+# 2.21x HF generate vs the shipped model's 2.44x; batch 8 1.36x vs 1.71x), so the shipped dLM
+# skips the stage: PARALLEL_STEPS 0; `--parallel-steps 300` builds the block-16 model.
+PARALLEL_STEPS = 0
+N_SELF = 8_000
+PARALLEL_RECIPE = dict(t_per_block=True, block_schedule=["16@0"], teacher=True)  # teacher: the parity model
 
 
 def build_data(work: Path) -> Path:
@@ -111,6 +123,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dlm-steps", type=int, default=1800)
     ap.add_argument("--dlm2-steps", type=int, default=4000)
     ap.add_argument("--parity-steps", type=int, default=900)
+    ap.add_argument("--parallel-steps", type=int, default=PARALLEL_STEPS)
     ap.add_argument("--block-size", type=int, default=8)
     ap.add_argument("--stage", choices=["all", "data", "ar", "dlm"], default="all",
                     help="data = only the jsonl splits and tokenizer (what `make studies` needs)")
@@ -147,8 +160,25 @@ def main(argv=None) -> None:
         # brings the parent's accuracy back to it, and drafts are verified against it
         final = run(work / "dlm2-run" / "model", work / "parity-run", args.parity_steps, 1e-4, 1e-5,
                     t_per_block=True, seed=2, warmup_steps=30, eval_every=300, ar_loss_weight=1.0)
+        if args.parallel_steps:
+            final = train_for_parallelism(final, work, args.parallel_steps, run)
         _set_decoding(final, DLM_DECODING)
         copy_dir_atomically(final, models / "dlm")
+
+
+def train_for_parallelism(parity: Path, work: Path, steps: int, run) -> Path:
+    """Stage 6: PARALLEL_RECIPE on the parity model's own answers (resumable like the others)."""
+    from edlm.model import DiffusionLM
+    from edlm.recipes.distill import distill, read_prompts
+
+    data = work / "parallel-data" / "self.jsonl"
+    if not (work / "parallel-data" / ".done").exists():
+        prompts = read_prompts(work / "data" / "train.jsonl")[:N_SELF]
+        distill(DiffusionLM.from_pretrained(parity), prompts, data, max_new_tokens=96, batch_size=64)
+        (work / "parallel-data" / ".done").touch()
+    recipe = {**PARALLEL_RECIPE, "teacher": str(parity)} if PARALLEL_RECIPE.get("teacher") else PARALLEL_RECIPE
+    return run(parity, work / "parallel-run", steps, 1e-4, 1e-5, data=[str(data)], seed=3, warmup_steps=20,
+               eval_every=0, val_data=None, ar_loss_weight=1.0, **recipe)
 
 
 def _set_decoding(model: Path, settings: dict) -> None:
