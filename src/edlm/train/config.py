@@ -61,8 +61,9 @@ class TrainConfig:
     t_per_block: bool = _opt(False, "one noise level per block, not per sequence")
     t_min: float = _opt(1e-3, "smallest noise level t (1/t weights explode near 0)")
     complementary: bool = _opt(False, "also train each sample with the inverse mask")
-    repair_fraction: float = _opt(0.0, "DMax-style on-policy training: fill this fraction of masked tokens "
-                                  "with the model's own argmax draft (still scored), for --strategy soft/wino")
+    repair_fraction: float = _opt(0.0, "on-policy repair, per position: fill this fraction of every example's "
+                                  "masked tokens with the model's own argmax draft (still scored), for --strategy "
+                                  "soft/wino; --on-policy is its per-example form (OPUT)")
     # training for parallelism (edlm.train.parallelism): each alone or together
     on_policy: float = _opt(0.0, "DMax OPUT: this fraction of the examples gets every masked token replaced by "
                             "the model's own argmax draft (one extra no-grad forward), scored against the clean "
