@@ -52,7 +52,7 @@ DLM_DECODING = {"strategy": "verified", "threshold": 0.95, "draft_depth": 1}
 # skips the stage: PARALLEL_STEPS 0; `--parallel-steps 300` builds the block-16 model.
 PARALLEL_STEPS = 0
 N_SELF = 8_000
-PARALLEL_RECIPE = dict(t_per_block=True, block_schedule=["16@0"], teacher=True)  # teacher: the parity model
+PARALLEL_RECIPE = dict(t_per_block=True, block_schedule=["16@0"])  # and the parity model as --teacher
 
 
 def build_data(work: Path) -> Path:
@@ -176,9 +176,8 @@ def train_for_parallelism(parity: Path, work: Path, steps: int, run) -> Path:
         prompts = read_prompts(work / "data" / "train.jsonl")[:N_SELF]
         distill(DiffusionLM.from_pretrained(parity), prompts, data, max_new_tokens=96, batch_size=64)
         (work / "parallel-data" / ".done").touch()
-    recipe = {**PARALLEL_RECIPE, "teacher": str(parity)} if PARALLEL_RECIPE.get("teacher") else PARALLEL_RECIPE
     return run(parity, work / "parallel-run", steps, 1e-4, 1e-5, data=[str(data)], seed=3, warmup_steps=20,
-               eval_every=0, val_data=None, ar_loss_weight=1.0, **recipe)
+               eval_every=0, val_data=None, ar_loss_weight=1.0, teacher=str(parity), **PARALLEL_RECIPE)
 
 
 def _set_decoding(model: Path, settings: dict) -> None:

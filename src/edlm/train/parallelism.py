@@ -57,11 +57,10 @@ def certainty_loss(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     """dParallel's certainty forcing: mean entropy of softmax(logits / temperature) over the rows of
     `logits` [N, V] whose argmax equals `labels` [N]; 0 when none is right (wrong tokens are left to
     the cross-entropy: making them confident would make them commit)."""
-    right = logits.argmax(-1) == labels
-    if not right.any():
-        return logits.sum() * 0.0
-    logp = F.log_softmax(logits[right].float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1).mean()
+    right = (logits.argmax(-1) == labels).float()  # weights, not a selection: no host sync in the step
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return (entropy * right).sum() / right.sum().clamp_min(1.0)
 
 
 def draft_position_weights(seq_len: int, block_size: int, gamma: float, device=None) -> torch.Tensor:
