@@ -10,6 +10,18 @@ import string
 import torch
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
+MOE_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral")  # edlm.moe's supported families
+
+# 4 experts, 2 per token, every layer sparse; Qwen2-MoE's shared expert too (its field names differ)
+_MOE = {
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16,
+                      norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, norm_topk_prob=False, decoder_sparse_step=1,
+                      mlp_only_layers=[]),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=False),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+}
 
 _SMALL = dict(
     hidden_size=64,
@@ -27,8 +39,9 @@ def tiny_config(arch: str, vocab_size: int = 128, **overrides):
     kwargs = dict(_SMALL, vocab_size=vocab_size, tie_word_embeddings=False)
     if arch in ("qwen3",):
         kwargs["head_dim"] = 16
-    if arch in ("mistral", "qwen2", "qwen3"):
+    if arch in ("mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"):
         kwargs["sliding_window"] = None
+    kwargs.update(_MOE.get(arch, {}))
     kwargs.update(overrides)
     return AutoConfig.for_model(arch, **kwargs)
 
@@ -39,7 +52,10 @@ def make_tiny_causal_lm(arch: str = "llama", vocab_size: int = 128, attn_impleme
 
     torch.manual_seed(seed)
     config = tiny_config(arch, vocab_size, **overrides)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    extra = {}
+    if arch in MOE_ARCHITECTURES and dtype == torch.float64:  # grouped_mm (the default) has no float64
+        extra["experts_implementation"] = "eager"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, **extra)
     return model.to(dtype).eval()
 
 

@@ -94,5 +94,7 @@ def _print(res, as_json: bool, streamed: bool = False) -> None:
                           "finish_reason": res.finish_reasons[0], **s.to_dict()}))
         return
     print(("" if streamed else res.texts[0]))
-    print(f"[{s.generated_tokens} tokens, {s.model_calls} model calls, TPF {s.tpf:.2f}, "
+    experts = f", {s.expert_activations / max(s.generated_tokens, 1):.1f} expert activations/token" \
+        if s.expert_pairs else ""  # an MoE model: distinct layer-experts run per token (edlm.moe)
+    print(f"[{s.generated_tokens} tokens, {s.model_calls} model calls, TPF {s.tpf:.2f}{experts}, "
           f"{s.generated_tokens / max(s.seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)

@@ -38,6 +38,7 @@ from edlm.decode.loop import Step, decode_loop
 from edlm.decode.options import DEFAULT_MAX_NEW_TOKENS, DecodeOptions, resolve_parent_verified, resolve_rows
 from edlm.decode.rules import cut_tokens
 from edlm.decode.state import Batch, GenerationResult, Outputs, token_logprobs
+from edlm.decode.team import mechanisms as team_mechanisms
 from edlm.errors import EdlmError
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
@@ -53,7 +54,8 @@ class BlockDecoder:
         self.budget_left: list[int] = []  # new tokens each row may still emit (batch.budget_left on the host)
         self.row_opts: list[DecodeOptions] = []  # each row's options (joins may bring their own)
         self.moved: list[int] = []  # rows whose block the last step finished
-        self.own_pace = opts.algorithm.rule is not None  # plain steps: each row opens its next block alone
+        # plain steps: each row opens its next block alone (TEAM's exploration keeps rows together)
+        self.own_pace = opts.algorithm.rule is not None and "explore" not in team_mechanisms(opts.team)
         self.joinable = True
         self.eos = dlm.tokenizer.eos_token_id if dlm.tokenizer is not None else None
 
@@ -94,15 +96,19 @@ class BlockDecoder:
 
     def step(self) -> Step:
         batch, bs = self.batch, self.opts.block_size
-        calls = batch.calls
+        calls, batch.experts_used = batch.calls, None
         committed = self.opts.algorithm.step(self.dlm, batch, self.generator)
         moving = self._moving()
         # the step's one host read: what each row committed, whether it moves on, and its block
-        host = torch.cat([committed[:, None], moving[:, None], batch.block_ids, batch.gen], 1).tolist()
+        # (and an MoE model's expert counts)
+        used = batch.experts_used if batch.experts_used is not None else committed.new_zeros(len(committed), 0)
+        host = torch.cat([used, committed[:, None], moving[:, None], batch.block_ids, batch.gen], 1).tolist()
+        experts = [h[:used.shape[1]] for h in host] if used.shape[1] else None
+        host = [h[used.shape[1]:] for h in host]
         self.moved = [i for i, h in enumerate(host) if h[1]]
         emitted = {i: cut_tokens([t for t, g in zip(host[i][2:2 + bs], host[i][2 + bs:], strict=True) if g],
                                  self.budget_left[i], self.eos) for i in self.moved}
-        return Step(batch.calls - calls, [h[0] for h in host], emitted, self._logprobs(host, emitted))
+        return Step(batch.calls - calls, [h[0] for h in host], emitted, self._logprobs(host, emitted), experts)
 
     def _logprobs(self, host: list[list[int]], emitted: dict[int, list[int]]) -> dict:
         """The emitted tokens' TokenLogprobs (a second host read, only when the call asked for them)."""

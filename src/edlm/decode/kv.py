@@ -21,6 +21,7 @@ from contextlib import nullcontext
 import torch
 
 from edlm.drafter import gate_of
+from edlm.moe import ExpertPlan, routing_of
 
 
 def lag(dlm) -> int:
@@ -39,7 +40,8 @@ def candidate_logits(dlm, logits: torch.Tensor) -> torch.Tensor:
 
 
 def model_forward(dlm, positions: torch.Tensor, mask, ids: torch.Tensor | None = None,
-                  embeds: torch.Tensor | None = None, cache=None, logits_to_keep=0, noisy=None) -> torch.Tensor:
+                  embeds: torch.Tensor | None = None, cache=None, logits_to_keep=0, noisy=None,
+                  experts=None) -> torch.Tensor:
     """Candidate logits (float32) of one model call: the only place decoding and scoring run the model.
 
     positions [B, Q] logical (-1 = padding, fed as 0 and masked out as a key); mask [B, Q, K] bool
@@ -48,14 +50,17 @@ def model_forward(dlm, positions: torch.Tensor, mask, ids: torch.Tensor | None =
     the backend's fast path (edlm.decode.step.causal_prefill); logits_to_keep as HF takes it (an int
     for the last n queries, or a [B, Q] bool for chosen ones). noisy: which queries are noisy (a
     block being decoded, a mask block), where a drafting adapter acts (edlm.drafter): a [B, Q] bool,
-    or an int n for "queries n on"; None: every query is clean, the parent's.
+    or an int n for "queries n on"; None: every query is clean, the parent's. experts: an MoE
+    model's edlm.moe.ExpertPlan for this forward (what its expert layers count, reuse, limit).
     """
     if torch.is_tensor(mask) and mask.dim() == 3:
         mask = dlm.backend_mask(mask)
     gate = gate_of(dlm.inner_model)
     if gate is not None and isinstance(noisy, int):
         noisy = (torch.arange(positions.shape[1], device=positions.device) >= noisy)[None].expand_as(positions)
-    with gate.open_on(noisy) if gate is not None else nullcontext():
+    routing = routing_of(dlm.inner_model) if experts is not None else None
+    with gate.open_on(noisy) if gate is not None else nullcontext(), \
+            routing.planned(experts) if routing is not None else nullcontext():
         out = dlm.model(input_ids=ids, inputs_embeds=embeds, attention_mask=mask,
                         position_ids=positions.clamp_min(0), cache=cache, use_cache=cache is not None,
                         logits_to_keep=logits_to_keep)
@@ -66,6 +71,7 @@ class KVRows:
     """A KV cache shared by a batch's rows, each key's logical position and validity per row."""
 
     calls = 0  # model calls made through `forward`
+    experts_used: torch.Tensor | None = None  # [B, 2] an MoE model's (activations, pairs) since the last read
 
     def init_cache(self, n: int, device) -> None:
         from transformers import DynamicCache
@@ -80,13 +86,21 @@ class KVRows:
         return torch.cat([self.cache_pos, q_pos], 1), torch.cat([self.cache_valid, q_pos >= 0], 1)
 
     def forward(self, dlm, q_pos: torch.Tensor, mask, keep_new: int, ids=None, embeds=None,
-                logits_to_keep=0, noisy=None) -> torch.Tensor:
+                logits_to_keep=0, noisy=None, experts: ExpertPlan | None = None) -> torch.Tensor:
         """Feed new tokens (ids or embeds [B, Q(, H)] at q_pos) against the cache; their first
         `keep_new` stay cached as clean keys, the KV of the rest is cropped. Candidate logits.
-        noisy: the noisy queries, as model_forward takes them."""
+        noisy: the noisy queries, as model_forward takes them; experts: an MoE model's plan (default:
+        one that only counts, into `experts_used`)."""
+        if experts is None and routing_of(dlm.inner_model) is not None:
+            experts = ExpertPlan(rows=q_pos.shape[0])
+        if experts is not None:
+            experts.counted = q_pos >= 0  # padding is the batch's, not a row's
         logits = model_forward(dlm, q_pos, mask, ids=ids, embeds=embeds, cache=self.cache,
-                               logits_to_keep=logits_to_keep, noisy=noisy)
+                               logits_to_keep=logits_to_keep, noisy=noisy, experts=experts)
         self.calls += 1
+        if experts is not None and experts.activations is not None:
+            used = torch.stack([experts.activations, experts.pairs], 1)
+            self.experts_used = used if self.experts_used is None else self.experts_used + used
         self.drop_last_keys(q_pos.shape[1] - keep_new, written=False)
         clean = q_pos[:, :keep_new]
         self.cache_pos = torch.cat([self.cache_pos, clean], 1)

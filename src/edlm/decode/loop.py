@@ -29,6 +29,7 @@ class Step:
     committed: list[int]  # tokens each row committed in it (the tokens-per-step histogram)
     emitted: dict[int, list[int]] = field(default_factory=dict)  # row index -> tokens it emits now
     logprobs: dict[int, list] = field(default_factory=dict)  # row index -> their TokenLogprobs (when asked)
+    experts: list[list[int]] | None = None  # an MoE model's [activations, pairs] per row (edlm.moe.ExpertPlan)
 
 
 def decode_loop(decoder, out: Outputs, admit=None, resolve=None, result: list | None = None):
@@ -43,8 +44,8 @@ def decode_loop(decoder, out: Outputs, admit=None, resolve=None, result: list | 
     while decoder.rows:
         step = decoder.step()
         rows = decoder.rows
-        for r, committed in zip(rows, step.committed, strict=True):
-            out.stats[r].add_step(committed, step.calls)
+        for i, (r, committed) in enumerate(zip(rows, step.committed, strict=True)):
+            out.stats[r].add_step(committed, step.calls, step.experts[i] if step.experts else None)
         done = set()
         for i, tokens in sorted(step.emitted.items()):
             event = out.event(rows[i], tokens, eos is not None and bool(tokens) and tokens[-1] == eos,

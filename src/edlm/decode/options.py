@@ -24,11 +24,15 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from edlm.decode.state import encode_prompts
 from edlm.decode.strategies import STRATEGIES, Strategy, declare_reads, strategies_reading, strategy_names
+from edlm.decode.team import SETTINGS as TEAM_SETTINGS
+from edlm.decode.team import mechanisms as team_mechanisms
 from edlm.errors import EdlmError
+from edlm.moe import is_moe
 
 DEFAULT_MAX_NEW_TOKENS = 128
 _EVERY = strategy_names()
 _SAMPLING = tuple(n for n, s in STRATEGIES.items() if not s.greedy_only)  # where temperature / top_p / seed act
+_PLAIN = tuple(n for n, s in STRATEGIES.items() if s.rule is not None)  # one forward and a commit rule a step
 
 
 class DecodeOptionError(EdlmError):
@@ -116,6 +120,10 @@ class DecodeOptions:
                                read_by=("lossless", "psd", "verified"))
     remask_below: float = _option(0.9, "WINO narrow-out: an earlier draft whose leave-one-out confidence is "
                                   "lower goes back to the mask", low=0.0, high=1.0, low_open=True, read_by=("wino",))
+    team: str = _option("off", "TEAM for mixture-of-experts dLMs (fewer expert activations per token): cache "
+                        "(reuse decided tokens' MoE outputs), cold (limit far, unsure masked tokens to the experts "
+                        "the others chose), explore (four block versions per forward), two joined by +, or all",
+                        kind=str, choices=TEAM_SETTINGS, read_by=_PLAIN)
     seed: int | None = _option(None, "sampling seed", kind=int, low=0, high=2**63 - 1, read_by=_SAMPLING)
 
     @property
@@ -129,7 +137,8 @@ class DecodeOptions:
         if self == other:
             return True
         plain = self.algorithm.rule is not None and other.algorithm.rule is not None
-        return plain and self.block_size == other.block_size and self.temperature == other.temperature == 0
+        return plain and self.block_size == other.block_size and self.temperature == other.temperature == 0 \
+            and self.team == other.team and "explore" not in team_mechanisms(self.team)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -166,6 +175,8 @@ class DecodeOptions:
         if algo.needs_ar_stream and not (dlm.config.causal_clean or dlm.config.shift):
             raise DecodeOptionError("strategy", f"strategy {algo.name!r} verifies with the model's clean stream as an "
                                     "AR model: train it with --ar-loss-weight (or use a --shift model)")
+        if self.team != "off" and not is_moe(dlm.inner_model):
+            raise DecodeOptionError("team", "team applies to mixture-of-experts models; this one has no expert layers")
         if "draft_depth" in algo.reads and limit is not None and self.draft_depth * self.block_size > limit:
             raise DecodeOptionError("draft_depth", f"draft_depth {self.draft_depth} x block size {self.block_size} "
                                     f"tokens in one forward exceed the model's {limit} positions")

@@ -21,19 +21,30 @@ class RowStats:
     generated_tokens: int = 0
     seconds: float = 0.0
     steps_histogram: dict = field(default_factory=dict)  # tokens committed per step -> count
+    # MoE models: distinct (layer, expert) weights run for this row over its forwards (what a forward
+    # loads), and token-expert pairs computed (what it multiplies); 0 on a dense model
+    expert_activations: int = 0
+    expert_pairs: int = 0
 
     @property
     def tpf(self) -> float:
         return self.generated_tokens / max(1, self.model_calls)
 
     def to_dict(self) -> dict:
-        return {"model_calls": self.model_calls, "generated_tokens": self.generated_tokens,
-                "tpf": self.tpf, "seconds": self.seconds}
+        out = {"model_calls": self.model_calls, "generated_tokens": self.generated_tokens,
+               "tpf": self.tpf, "seconds": self.seconds}
+        if self.expert_pairs:
+            out.update(expert_activations=self.expert_activations, expert_pairs=self.expert_pairs)
+        return out
 
-    def add_step(self, committed: int, calls: int) -> None:
-        """One step of this row: `committed` tokens for `calls` model calls."""
+    def add_step(self, committed: int, calls: int, experts: list[int] | None = None) -> None:
+        """One step of this row: `committed` tokens for `calls` model calls (and an MoE model's
+        [activations, pairs] in them)."""
         self.model_calls += calls
         self.steps_histogram[committed] = self.steps_histogram.get(committed, 0) + 1
+        if experts:
+            self.expert_activations += experts[0]
+            self.expert_pairs += experts[1]
 
 
 @dataclass

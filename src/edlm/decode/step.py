@@ -35,12 +35,13 @@ def feeds_block(dlm, batch) -> bool:
 
 
 @torch.no_grad()
-def denoise_step(dlm, batch, want: torch.Tensor | None = None) -> torch.Tensor:
+def denoise_step(dlm, batch, want: torch.Tensor | None = None, experts=None) -> torch.Tensor:
     """One model call: write pending clean KV, return candidate logits [B, bs, V] for the current block.
 
     want [B, bs] bool: only these slots' logits, as [N, V] in row-major order. The LM head and
     everything after it cost as much as the vocabulary is large (151k rows on Qwen), and a
-    block's decided slots need none: on average half a block's slots per step."""
+    block's decided slots need none: on average half a block's slots per step. experts: an MoE
+    model's plan for the block's forward (edlm.decode.team), never for a causal prefill of its own."""
     bs, shift = batch.opts.block_size, lag(dlm)
     feed_block = feeds_block(dlm, batch)
     if feed_block and causal_prefill(dlm, batch) and batch.pending_ids.shape[1] >= CAUSAL_PREFILL_MIN:
@@ -54,7 +55,7 @@ def denoise_step(dlm, batch, want: torch.Tensor | None = None) -> torch.Tensor:
     else:  # the block's queries, and with shift the last pending one (it predicts slot 0)
         logits_for = bs + (shift if n_pending else 0) if feed_block else 1
     logits = batch.forward(dlm, q_pos, mask, n_pending, ids=ids, logits_to_keep=logits_for,
-                           noisy=n_pending if feed_block else None)  # the block's slots, after the clean ones
+                           noisy=n_pending if feed_block else None, experts=experts)  # the block's slots, after the clean ones
     batch.pending_ids, batch.pending_pos = batch.pending_ids[:, :0], batch.pending_pos[:, :0]
     if not shift or not feed_block:  # slot j at query j; an AR step's one logit predicts its one slot
         return logits
@@ -161,7 +162,7 @@ def with_carry(batch, logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def forward_block(dlm, batch, ids=None, embeds=None, copies: int = 1, see=None) -> torch.Tensor:
+def forward_block(dlm, batch, ids=None, embeds=None, copies: int = 1, see=None, experts=None) -> torch.Tensor:
     """Candidate logits [B, copies, bs, V] of `copies` versions of the current block, in one model call.
 
     ids [B, copies*bs] or embeds [B, copies*bs, H]; see [Q, Q] bool says which new queries see
@@ -179,7 +180,8 @@ def forward_block(dlm, batch, ids=None, embeds=None, copies: int = 1, see=None) 
         see = copy[:, None] == copy[None, :]
     cached = position_block_mask(q_pos, batch.cache_pos, bs, batch.cache_valid)  # [B, Q, K]
     mask = torch.cat([cached, see.to(dev).expand(n, -1, -1)], -1)
-    logits = batch.forward(dlm, q_pos, mask, 0, ids=ids, embeds=embeds, noisy=0).view(n, copies, bs, -1)
+    logits = batch.forward(dlm, q_pos, mask, 0, ids=ids, embeds=embeds, noisy=0, experts=experts)
+    logits = logits.view(n, copies, bs, -1)
     return with_carry(batch, logits) if lag(dlm) else logits
 
 

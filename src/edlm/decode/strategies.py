@@ -19,6 +19,11 @@ from edlm.decode.selfverify import SelfVerifiedDecoder
 from edlm.decode.soft import soft_step
 from edlm.decode.speculative import lossless_step, psd_step, wino_step
 from edlm.decode.step import apply_commit, denoise_step, record_logprobs, skips_decided_slots, slot_logprobs
+from edlm.decode.team import explore_step
+from edlm.decode.team import mechanisms as team_mechanisms
+from edlm.decode.team import plan_for as team_plan
+from edlm.decode.team import recall as team_recall
+from edlm.decode.team import remember as team_remember
 
 
 @dataclass(frozen=True)
@@ -47,17 +52,32 @@ def rule_step(rule: Callable) -> Callable:
     def step(dlm, batch, generator=None) -> torch.Tensor:
         opts, todo = batch.opts, batch.todo
         mixed = batch.mixed_rules  # None, or {strategy name: [B] bool rows} (edlm.decode.engine)
-        want = todo if skips_decided_slots(dlm, batch) else None  # [N, V]: undecided slots only
-        logits = denoise_step(dlm, batch, want=want)
         needs_entropy = any("gamma" in STRATEGIES[name].reads for name in mixed) if mixed else \
             "gamma" in opts.algorithm.reads
-        tokens, conf, entropy = rules.pick_tokens(logits, opts.temperature, opts.top_p, generator,
-                                                  entropy=needs_entropy)
+
+        def pick(logits):
+            return rules.pick_tokens(logits, opts.temperature, opts.top_p, generator, entropy=needs_entropy)
+
+        def commit_rows(conf, entropy, todo):
+            return rule(conf, entropy, todo, opts)
+
+        team = team_mechanisms(opts.team)
+        if "explore" in team and (done := explore_step(dlm, batch, team, pick, commit_rows)) is not None:
+            return done
+        plan = None
+        if team:  # the block's one version, as fed
+            memo, fed = team_recall(batch), batch.block_ids
+            plan = team_plan(dlm, batch, team, memo, fed[:, None], todo[:, None], fed != dlm.config.mask_token_id)
+        want = todo if skips_decided_slots(dlm, batch) else None  # [N, V]: undecided slots only
+        logits = denoise_step(dlm, batch, want=want, experts=plan)
+        tokens, conf, entropy = pick(logits)
         logprobs = slot_logprobs(batch, logits, tokens)
         if want is not None:  # back to [B, bs]: decided slots are no candidates, what they hold is never read
             tokens, conf = _on_slots(todo, tokens, 0), _on_slots(todo, conf, 0.0)
             entropy = _on_slots(todo, entropy, float("inf")) if entropy is not None else None
             logprobs = tuple(_on_slots(todo, x, 0) for x in logprobs) if logprobs is not None else None
+        if team:
+            team_remember(batch, fed, conf, tokens, plan)
         if mixed:
             chosen = torch.zeros_like(todo)
             for name, rows in mixed.items():

@@ -84,6 +84,9 @@ class TrainConfig:
                                "(BARD: the smaller-block model); it reads the same noisy input with its own blocks")
     teacher_weight: float = _opt(0.5, "weight of the --teacher KL term (BARD: 0.5)")
     teacher_top_k: int = _opt(16, "the teacher's top-k tokens the KL is taken over (BARD: 16)")
+    router_aux_loss: float | None = _opt(None, "MoE models: weight of the router's load-balancing loss (Switch "
+                                         "Transformer's, over every layer); default: the base config's "
+                                         "router_aux_loss_coef; 0 = off")
     all_noisy_blocks: bool = _opt(False, "feed every noisy block, also those without a masked token (the plain "
                                   "concat layout, same loss: for benchmarks)")
     # optimisation
@@ -183,6 +186,8 @@ class TrainConfig:
         for name in ("certainty_weight", "draft_decay", "teacher_weight"):
             if getattr(self, name) < 0:
                 raise EdlmError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.router_aux_loss is not None and self.router_aux_loss < 0:
+            raise EdlmError(f"--router-aux-loss must be >= 0, got {self.router_aux_loss}")
         if self.certainty_temperature <= 0:
             raise EdlmError(f"--certainty-temperature must be > 0, got {self.certainty_temperature}")
         if self.teacher_top_k < 1:

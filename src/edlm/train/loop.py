@@ -37,6 +37,7 @@ from edlm.files import (
     write_failure,
 )
 from edlm.model import DiffusionLM, load_causal_lm, read_checkpoint_config
+from edlm.moe import default_aux_coef, is_moe
 from edlm.train.config import TrainConfig
 from edlm.train.data import build_dataset
 from edlm.train.objective import causal_lm_loss, diffusion_loss, row_generators
@@ -64,9 +65,19 @@ def load_for_training(cfg: TrainConfig, device) -> tuple[DiffusionLM, TrainSetti
     mask_id = dlm.config.mask_token_id
     mask_token = dlm.tokenizer.convert_ids_to_tokens(mask_id) if mask_id is not None else None
     run = reconcile(cfg, dlm.config, mask_token, converted_here=converting)
+    run = replace(run, loss=replace(run.loss, router_aux_weight=router_aux_weight(cfg, dlm.inner_model)))
     for notice in run.notices:
         print(f"edlm train: {notice}")
     return DiffusionLM(dlm.model, dlm.tokenizer, run.model_config(dlm.config)), run
+
+
+def router_aux_weight(cfg: TrainConfig, model) -> float:
+    """--router-aux-loss, else the base config's coefficient on an MoE model (0 on a dense one)."""
+    if not is_moe(model):
+        if cfg.router_aux_loss:
+            raise EdlmError(f"--router-aux-loss applies to mixture-of-experts models; {cfg.model} has no expert layers")
+        return 0.0
+    return default_aux_coef(model.config) if cfg.router_aux_loss is None else cfg.router_aux_loss
 
 
 def apply_lora(model, rank: int):
@@ -366,7 +377,7 @@ def compute_loss(dlm, model, batch, cfg: TrainConfig, run: TrainSettings, step: 
     `noise_seed_step` (default `step`: validation fixes it)."""
     ids, maskable = batch["input_ids"], batch["maskable"]
     if run.objective == "ar":
-        return causal_lm_loss(model, ids, maskable)
+        return causal_lm_loss(model, ids, maskable, run.loss.router_aux_weight)
     noise, block_size = run.at(step, cfg.steps)
     seed_step = step if noise_seed_step is None else noise_seed_step
     return diffusion_loss(dlm, ids, maskable, noise, row_generators(cfg.seed, seed_step, rows), run.loss,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from edlm.moe import router_balance_loss, router_logits
 from edlm.train.noise import NoiseSettings, sample_masks
 from edlm.train.parallelism import (
     certainty_loss,
@@ -49,6 +50,9 @@ class LossSettings:
     # BARD: weight and k of the top-k forward KL to a teacher dLM (passed to diffusion_loss)
     teacher_weight: float = 0.0
     teacher_top_k: int = 16
+    # MoE models: weight of the router's load-balancing loss (edlm.moe.router_balance_loss); the loop
+    # sets it from --router-aux-loss or the base config (edlm.train.loop.load_for_training)
+    router_aux_weight: float = 0.0
     # Feed only the noisy blocks that hold a masked token (exact: a noisy token attends only its
     # own noisy block). False feeds every block, the plain concat layout (benchmarks, tests).
     skip_unmasked_blocks: bool = True
@@ -101,8 +105,9 @@ def diffusion_loss(dlm, input_ids, maskable, noise: NoiseSettings, generators, l
         chosen = chosen_for_drafts(masked, generators, loss.on_policy, loss.repair_fraction)
         x_t = substitute_drafts(dlm, x_t, input_ids, chosen, loss.attention, active, block_size)
     with_ar = loss.ar_loss_weight > 0
-    logits = dlm.forward_noisy(x_t, input_ids, attention=loss.attention, active=active, with_clean=with_ar,
-                               block_size=block_size)
+    with router_logits(dlm.inner_model, loss.router_aux_weight > 0) as routed:
+        logits = dlm.forward_noisy(x_t, input_ids, attention=loss.attention, active=active, with_clean=with_ar,
+                                   block_size=block_size)
     if with_ar:
         logits, clean = logits
     weights = inverse_time_weights(masked, maskable, block_size)
@@ -115,6 +120,8 @@ def diffusion_loss(dlm, input_ids, maskable, noise: NoiseSettings, generators, l
     if with_ar:
         n = clean_ids.shape[0]  # complementary halves share one clean stream: score it once
         total = total + loss.ar_loss_weight * next_token_loss(clean[:n], clean_ids, clean_maskable)
+    if routed:
+        total = total + loss.router_aux_weight * router_balance_loss(routed, dlm.inner_model)
     if loss.certainty_weight > 0:
         total = total + loss.certainty_weight * certainty_loss(scored, labels, loss.certainty_temperature)
     if teacher is not None and loss.teacher_weight > 0:
@@ -145,8 +152,13 @@ def blocks_with_loss(masked: torch.Tensor, block_size: int) -> torch.Tensor:
     return F.pad(masked, (0, n_blocks * block_size - seq_len)).view(batch, n_blocks, block_size).any(-1)
 
 
-def causal_lm_loss(model, input_ids, maskable):
-    """Next-token cross-entropy (the AR baseline and the demo's AR parent)."""
+def causal_lm_loss(model, input_ids, maskable, router_aux_weight: float = 0.0):
+    """Next-token cross-entropy (the AR baseline and the demo's AR parent), plus an MoE model's
+    router balance loss at `router_aux_weight`."""
     labels = torch.where(maskable.bool(), input_ids, torch.full_like(input_ids, -100))
-    out = model(input_ids=input_ids, labels=labels, use_cache=False)
-    return out.loss, int((labels[:, 1:] != -100).sum())
+    with router_logits(model, router_aux_weight > 0) as routed:
+        out = model(input_ids=input_ids, labels=labels, use_cache=False)
+    loss = out.loss
+    if routed:
+        loss = loss + router_aux_weight * router_balance_loss(routed, model)
+    return loss, int((labels[:, 1:] != -100).sum())
