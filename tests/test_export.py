@@ -146,7 +146,7 @@ def _trained(src, root, attention, final):
 
 
 REFUSALS = {
-    "non-qwen3": (lambda q, llama, root: llama, "needs a Qwen3 base"),
+    "non-qwen3": (lambda q, llama, root: llama, "needs a Qwen3 or Qwen3-MoE base"),
     "mask-id": (lambda q, llama, root: _variant(q, root, {"mask_token_id": 5}), "mask token id 151669"),
     "shift": (lambda q, llama, root: _variant(q, root, {"shift": True}), "--shift"),
     "causal-clean": (lambda q, llama, root: _variant(q, root, {"causal_clean": True}), "--causal-clean"),
@@ -232,3 +232,40 @@ def test_hf_export_of_a_lora_adapter_dir_merges_it(llama_dlm_dir, tmp_path):
     assert got.config == dlm.config
     for name, w in got.model.state_dict().items():
         assert torch.equal(w, expected[name]), name
+
+
+# ---------------------------------------------------------------- SDAR-MoE (a Qwen3-MoE base)
+def _qwen3_moe_dlm(root, **overrides):
+    model = make_tiny_causal_lm("qwen3_moe", vocab_size=151680, hidden_size=32, num_attention_heads=2,
+                                num_key_value_heads=1, head_dim=16, moe_intermediate_size=16, **overrides)
+    model.save_pretrained(root / "base")
+    qwen3_sized_tokenizer().save_pretrained(root / "base")
+    convert(root / "base", root / "dlm", block_size=8)
+    return root / "dlm"
+
+
+def test_a_qwen3_moe_exports_as_sdar_moe_that_edlm_decodes_identically(tmp_path):
+    from transformers import AutoConfig
+
+    dlm_dir = _qwen3_moe_dlm(tmp_path)
+    out = export(dlm_dir, tmp_path / "sdar", "sdar", threshold=0.8)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["SDARMoeForCausalLM"] and cfg["model_type"] == "sdar_moe"
+    assert (cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"]) == (4, 2, 16)
+    assert cfg["decoder_sparse_step"] == 1 and cfg["mlp_only_layers"] == []
+    hf = AutoConfig.from_pretrained(str(out), trust_remote_code=True)
+    assert type(hf).__name__ == "SDARMoeConfig" and hf.num_experts == 4 and hf.mask_token_id == SDAR_MASK_TOKEN_ID
+    weights = _weights(out)
+    assert "model.layers.0.mlp.experts.3.gate_proj.weight" in weights  # the per-expert names SGLang loads
+    before = _weights(dlm_dir)
+    assert all(torch.equal(weights[k], v) for k, v in before.items())
+    ours, sdar = DiffusionLM.from_pretrained(dlm_dir), DiffusionLM.from_pretrained(out)
+    assert sdar.model.config.model_type == "qwen3_moe"  # read as Qwen3-MoE: no remote code
+    kwargs = dict(max_new_tokens=12, threshold=0.8)
+    assert ours.generate(PROMPTS, **kwargs).token_ids == sdar.generate(PROMPTS, **kwargs).token_ids
+
+
+def test_sdar_moe_refuses_dense_layers(tmp_path):
+    dlm_dir = _qwen3_moe_dlm(tmp_path, mlp_only_layers=[1], intermediate_size=32)
+    with pytest.raises(EdlmError, match="needs experts in every layer"):
+        export(dlm_dir, tmp_path / "sdar", "sdar")

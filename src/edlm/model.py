@@ -68,12 +68,13 @@ def _sdar_as_qwen3(path) -> dict:
     if not (Path(path) / "config.json").is_file():
         return {}
     raw = read_checkpoint_config(path)
-    if raw.get("model_type") != "sdar":
+    if raw.get("model_type") not in ("sdar", "sdar_moe"):
         return {}
-    from transformers import Qwen3Config
+    from transformers import Qwen3Config, Qwen3MoeConfig
 
-    return {"config": Qwen3Config.from_dict({k: v for k, v in raw.items()
-                                             if k not in ("model_type", "architectures", "auto_map")})}
+    config = Qwen3MoeConfig if raw["model_type"] == "sdar_moe" else Qwen3Config  # SDAR-MoE: Qwen3-MoE weights
+    return {"config": config.from_dict({k: v for k, v in raw.items()
+                                        if k not in ("model_type", "architectures", "auto_map")})}
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
@@ -142,7 +143,7 @@ class DiffusionLM:
             config = DiffusionConfig.autoregressive(base_model=str(path))
         elif CONFIG_KEY in raw:
             config = DiffusionConfig.from_dict(raw[CONFIG_KEY])
-        elif raw.get("model_type") == "sdar" and "mask_token_id" in raw:
+        elif raw.get("model_type") in ("sdar", "sdar_moe") and "mask_token_id" in raw:
             config = DiffusionConfig(block_size=int(raw.get("block_size", 4)), mask_token_id=int(raw["mask_token_id"]))
         else:
             raise EdlmError(f"{path} is not a converted edlm model (run `edlm convert {path} OUT` first)")

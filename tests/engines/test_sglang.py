@@ -1,8 +1,8 @@
 """An `edlm export --format sdar` checkpoint served by a live SGLang decodes edlm's greedy tokens.
 
 Run by `make test-engines`; skipped unless EDLM_SGLANG_PYTHON names the python of a venv with SGLang.
-The models: a 2-layer Qwen3 (hidden 64, Qwen3's 151680 embedding rows), tied and untied, with the
-Qwen3-sized tokenizer, so that `edlm convert --block-size 4` puts the mask token at id 151669 where
+The models: a 2-layer Qwen3 (hidden 64, Qwen3's 151680 embedding rows), tied and untied, and a Qwen3-MoE
+of the same shape (4 experts, 2 a token: SGLang's SDARMoeForCausalLM), with the Qwen3-sized tokenizer, so that `edlm convert --block-size 4` puts the mask token at id 151669 where
 SGLang hard-codes it. The final norm is scaled x60 so that logits are peaked: measured with edlm over
 this matrix, every top-1/top-2 logit gap is > 3e-3 and every confidence of a masked slot is < 0.99999
 and > 5e-4 away from 0.9, far above the ~1e-6 by which the two engines' float32 math differs.
@@ -32,7 +32,7 @@ from edlm.testing import make_tiny_causal_lm, qwen3_sized_tokenizer  # noqa: E40
 BLOCK = 4
 SCALE = 60.0
 THRESHOLDS = (1.0, 0.9)
-VARIANTS = ("untied", "tied")
+VARIANTS = ("untied", "tied", "moe")
 # lengths 1 and 11 end inside a block, 4 and 16 on a block boundary
 PROMPTS = ("x", "abcd", "hello world", "block diffusion!")
 
@@ -58,11 +58,14 @@ def edlm_cli(*args) -> None:
     assert r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
 
 
-def build(root: Path, tied: bool) -> Path:
-    """A peaked tiny Qwen3 + tokenizer -> `edlm convert`; returns the converted dir."""
-    model = make_tiny_causal_lm("qwen3", vocab_size=151680, hidden_size=64, intermediate_size=128,
-                                num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                                tie_word_embeddings=tied)
+def build(root: Path, variant: str) -> Path:
+    """A peaked tiny Qwen3 (or Qwen3-MoE: the SDAR-MoE export) + tokenizer -> `edlm convert`; returns
+    the converted dir."""
+    shape = dict(vocab_size=151680, hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=16)
+    if variant == "moe":  # 4 experts, 2 a token, every layer sparse (what SGLang's sdar_moe.py builds)
+        model = make_tiny_causal_lm("qwen3_moe", moe_intermediate_size=32, **shape)
+    else:
+        model = make_tiny_causal_lm("qwen3", intermediate_size=128, tie_word_embeddings=variant == "tied", **shape)
     with torch.no_grad():
         model.model.norm.weight.mul_(SCALE)
         model.get_output_embeddings().weight[len(qwen3_sized_tokenizer()):] = 0
@@ -80,7 +83,7 @@ def models(tmp_path_factory):
     def get(variant: str):
         if variant not in built:
             root = tmp_path_factory.mktemp(variant)
-            dlm_dir = build(root, tied=variant == "tied")
+            dlm_dir = build(root, variant)
             exports = {}
             for t in THRESHOLDS:
                 exports[t] = root / f"sdar-t{t}"

@@ -7,6 +7,9 @@
   Both engines hard-code the mask id (SGLang: dllm/config.py DLLM_PARAMS; LMDeploy:
   pytorch/configurations/sdar.py) and implement the model themselves: the directory ships only a
   small configuration_sdar.py so that `AutoConfig(..., trust_remote_code=True)` can read it.
+  A Qwen3-MoE base exports as SDAR-MoE (SGLang's SDARMoeForCausalLM, as JetLM/SDAR-30B-A3B): the
+  same rules, Qwen3-MoE weights under their per-expert names (what transformers 5 saves), and
+  every layer sparse, the only layout SGLang's sdar_moe.py builds.
 --format hf: a plain HF checkpoint (LoRA merged, edlm settings kept) for everything else.
 """
 
@@ -84,8 +87,31 @@ class SDARConfig(PretrainedConfig):
             self.rope_scaling = rope_scaling
 
 
-__all__ = ["SDARConfig"]
+class SDARMoeConfig(SDARConfig):
+    """SDAR-MoE (SGLang's SDARMoeForCausalLM): Qwen3-MoE experts in every layer."""
+
+    model_type = "sdar_moe"
+
+    def __init__(self, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+                 decoder_sparse_step=1, mlp_only_layers=None, router_aux_loss_coef=0.001,
+                 output_router_logits=False, **kwargs):
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.moe_intermediate_size = moe_intermediate_size
+        self.norm_topk_prob = norm_topk_prob
+        self.decoder_sparse_step = decoder_sparse_step
+        self.mlp_only_layers = [] if mlp_only_layers is None else mlp_only_layers
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self.output_router_logits = output_router_logits
+        super().__init__(**kwargs)
+
+
+__all__ = ["SDARConfig", "SDARMoeConfig"]
 '''
+
+# Qwen3MoeConfig's own fields, beside QWEN3_FIELDS, in an SDAR-MoE config.json
+QWEN3_MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                    "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "output_router_logits")
 
 
 # ---------------------------------------------------------------- loading
@@ -143,12 +169,18 @@ def training_layout(path) -> dict | None:
 # ---------------------------------------------------------------- SDAR
 def check_sdar_servable(dlm, layout: dict | None = None) -> None:
     """Raise EdlmError unless SGLang/LMDeploy would decode this model exactly as edlm does."""
-    model_type = getattr(dlm.inner_model.config, "model_type", None)
+    model_config = dlm.inner_model.config
+    model_type = getattr(model_config, "model_type", None)
     if not dlm.config.diffusion:
         raise EdlmError("--format sdar needs a block-diffusion model; this is an autoregressive checkpoint")
-    if model_type != "qwen3":
-        raise EdlmError(f"--format sdar needs a Qwen3 base (SDAR is Qwen3 weights), this model is "
-                        f"{model_type!r}: use --format hf")
+    if model_type not in ("qwen3", "qwen3_moe"):
+        raise EdlmError(f"--format sdar needs a Qwen3 or Qwen3-MoE base (SDAR is Qwen3 weights, SDAR-MoE "
+                        f"Qwen3-MoE's), this model is {model_type!r}: use --format hf")
+    if model_type == "qwen3_moe" and (getattr(model_config, "decoder_sparse_step", 1) != 1
+                                      or getattr(model_config, "mlp_only_layers", None)):
+        raise EdlmError("--format sdar of a Qwen3-MoE needs experts in every layer (SGLang's SDAR-MoE builds no "
+                        "dense layers), this model has dense ones (decoder_sparse_step / mlp_only_layers): "
+                        "use --format hf")
     if dlm.config.mask_token_id != SDAR_MASK_TOKEN_ID:
         raise EdlmError(f"--format sdar needs mask token id {SDAR_MASK_TOKEN_ID} (SGLang and LMDeploy hard-code "
                         f"it), this model uses {dlm.config.mask_token_id}: use --format hf")
@@ -179,15 +211,17 @@ def rope_fields(config) -> tuple[float, dict | None]:
 
 
 def sdar_config(model_config, block_size: int, dtype: torch.dtype) -> dict:
-    """SDAR's config.json: every Qwen3 field, RoPE and head_dim explicit, plus mask id and block size."""
+    """SDAR's config.json: every Qwen3 field, RoPE and head_dim explicit, plus mask id and block size;
+    SDAR-MoE's (a Qwen3-MoE model) with the expert fields too."""
     import transformers
 
+    moe = model_config.model_type == "qwen3_moe"
     cfg = {
-        "architectures": ["SDARForCausalLM"],
-        "model_type": "sdar",
-        "auto_map": {"AutoConfig": "configuration_sdar.SDARConfig"},
+        "architectures": ["SDARMoeForCausalLM" if moe else "SDARForCausalLM"],
+        "model_type": "sdar_moe" if moe else "sdar",
+        "auto_map": {"AutoConfig": f"configuration_sdar.{'SDARMoeConfig' if moe else 'SDARConfig'}"},
     }
-    cfg.update({name: getattr(model_config, name, None) for name in QWEN3_FIELDS})
+    cfg.update({name: getattr(model_config, name, None) for name in QWEN3_FIELDS + (QWEN3_MOE_FIELDS if moe else ())})
     cfg["head_dim"] = getattr(model_config, "head_dim", None) or (
         model_config.hidden_size // model_config.num_attention_heads)
     cfg["rope_theta"], cfg["rope_scaling"] = rope_fields(model_config)
@@ -216,8 +250,8 @@ def serving_readme(out: Path, block_size: int, threshold: float) -> str:
     lines = [
         "# SDAR-format block-diffusion model (written by `edlm export --format sdar`)",
         "",
-        f"Qwen3 weights, block size {block_size}, mask token id {SDAR_MASK_TOKEN_ID}, no shift, "
-        "blocks aligned to absolute positions from 0.",
+        f"Qwen3 (or Qwen3-MoE: SDAR-MoE) weights, block size {block_size}, mask token id {SDAR_MASK_TOKEN_ID}, "
+        "no shift, blocks aligned to absolute positions from 0.",
         "`dllm.yaml` holds the decoding settings SGLang reads (block_size, threshold).",
         "transformers reads config.json with `trust_remote_code=True` (configuration_sdar.py); there is no",
         "modeling code: serve it with an engine below, or load it with `edlm.DiffusionLM.from_pretrained`.",
