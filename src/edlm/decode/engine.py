@@ -40,6 +40,7 @@ from edlm.decode.rules import cut_tokens
 from edlm.decode.state import Batch, GenerationResult, Outputs, token_logprobs
 from edlm.decode.team import mechanisms as team_mechanisms
 from edlm.errors import EdlmError
+from edlm.moe import routing_of
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 
@@ -96,14 +97,17 @@ class BlockDecoder:
 
     def step(self) -> Step:
         batch, bs = self.batch, self.opts.block_size
-        calls, batch.experts_used = batch.calls, None
+        calls = batch.calls
+        moe = routing_of(self.dlm.inner_model) is not None
+        batch.experts_used = torch.zeros(len(self.rows), 2, dtype=torch.long, device=batch.block_ids.device) \
+            if moe else None  # an MoE model's expert counts of this step (KVRows.forward adds them up)
         committed = self.opts.algorithm.step(self.dlm, batch, self.generator)
         moving = self._moving()
         # the step's one host read: what each row committed, whether it moves on, and its block
         # (and an MoE model's expert counts)
-        used = batch.experts_used if batch.experts_used is not None else committed.new_zeros(len(committed), 0)
+        used = batch.experts_used if moe else committed.new_zeros(len(committed), 0)
         host = torch.cat([used, committed[:, None], moving[:, None], batch.block_ids, batch.gen], 1).tolist()
-        experts = [h[:used.shape[1]] for h in host] if used.shape[1] else None
+        experts = [h[:2] for h in host] if moe else None
         host = [h[used.shape[1]:] for h in host]
         self.moved = [i for i, h in enumerate(host) if h[1]]
         emitted = {i: cut_tokens([t for t, g in zip(host[i][2:2 + bs], host[i][2 + bs:], strict=True) if g],

@@ -71,7 +71,9 @@ class KVRows:
     """A KV cache shared by a batch's rows, each key's logical position and validity per row."""
 
     calls = 0  # model calls made through `forward`
-    experts_used: torch.Tensor | None = None  # [B, 2] an MoE model's (activations, pairs) since the last read
+    # an MoE model's [B, 2] (activations, pairs) since its reader (the block engine) last reset it; None:
+    # not counted (the decoders that report no expert counts pay nothing for them)
+    experts_used: torch.Tensor | None = None
 
     def init_cache(self, n: int, device) -> None:
         from transformers import DynamicCache
@@ -89,18 +91,18 @@ class KVRows:
                 logits_to_keep=0, noisy=None, experts: ExpertPlan | None = None) -> torch.Tensor:
         """Feed new tokens (ids or embeds [B, Q(, H)] at q_pos) against the cache; their first
         `keep_new` stay cached as clean keys, the KV of the rest is cropped. Candidate logits.
-        noisy: the noisy queries, as model_forward takes them; experts: an MoE model's plan (default:
-        one that only counts, into `experts_used`)."""
-        if experts is None and routing_of(dlm.inner_model) is not None:
+        noisy: the noisy queries, as model_forward takes them; experts: an MoE model's plan (default,
+        while `experts_used` counts: one that only counts)."""
+        counting = self.experts_used is not None
+        if experts is None and counting and routing_of(dlm.inner_model) is not None:
             experts = ExpertPlan(rows=q_pos.shape[0])
         if experts is not None:
             experts.counted = q_pos >= 0  # padding is the batch's, not a row's
         logits = model_forward(dlm, q_pos, mask, ids=ids, embeds=embeds, cache=self.cache,
                                logits_to_keep=logits_to_keep, noisy=noisy, experts=experts)
         self.calls += 1
-        if experts is not None and experts.activations is not None:
-            used = torch.stack([experts.activations, experts.pairs], 1)
-            self.experts_used = used if self.experts_used is None else self.experts_used + used
+        if counting and experts is not None and experts.activations is not None:
+            self.experts_used = self.experts_used + torch.stack([experts.activations, experts.pairs], 1)
         self.drop_last_keys(q_pos.shape[1] - keep_new, written=False)
         clean = q_pos[:, :keep_new]
         self.cache_pos = torch.cat([self.cache_pos, clean], 1)
