@@ -243,3 +243,13 @@ def test_cold_tokens_of_a_row_follow_only_its_own_experts_in_a_batch():
         alone = dlm.generate(prompt, max_new_tokens=24, threshold=0.05, team="cold")
         assert cold.token_ids[i] == alone.token_ids[0], prompt
         assert cold.stats[i].expert_activations == alone.stats[0].expert_activations, prompt
+
+
+def test_every_strategy_decodes_an_moe_dlm_with_rows_leaving(family):
+    """Rows of other budgets leave a batch at other steps: every decoder keeps its counts per row."""
+    dlm = tiny_moe_dlm(family, shift=True)
+    budgets = [3, 9, 14, 20]
+    for strategy in ("verified", "psd", "prefix"):
+        out = dlm.generate(PROMPTS, max_new_tokens=budgets, strategy=strategy)
+        alone = [dlm.generate(p, max_new_tokens=b, strategy=strategy).token_ids[0] for p, b in zip(PROMPTS, budgets)]
+        assert out.token_ids == alone, strategy
