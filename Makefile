@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test lint models bench studies clean test-engines real-model test-real bench-real
+.PHONY: demo test lint models bench studies clean test-engines real-model test-real bench-real moe-models bench-moe
 
 $(VENV)/.core: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,15 @@ test-engines: $(VENV)/.dev $(SGL_VENV)/.sglang
 
 models: $(VENV)/.core
 	$(PY) -m edlm.recipes.demo_model
+
+# The MoE demo pair (models/moe-ar, models/moe-dlm), upcycled from the dense ones (README: MoE).
+moe-models: $(VENV)/.core
+	$(PY) -m edlm.recipes.moe_model
+
+# TEAM on the MoE demo: accuracy, TPF and expert activations (500 problems), then tokens/s interleaved.
+bench-moe: $(VENV)/.core
+	$(PY) bench/moe.py --limit 500 --out bench/results/moe-cpu
+	$(PY) bench/moe.py --timed --limit 100 --teams off all --out bench/results/moe-cpu
 
 # dLM vs its AR parent on the demo models, batch 1 and 8, one run (README: Benchmarks).
 bench: $(VENV)/.core
