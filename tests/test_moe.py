@@ -251,5 +251,6 @@ def test_every_strategy_decodes_an_moe_dlm_with_rows_leaving(family):
     budgets = [3, 9, 14, 20]
     for strategy in ("verified", "psd", "prefix"):
         out = dlm.generate(PROMPTS, max_new_tokens=budgets, strategy=strategy)
-        alone = [dlm.generate(p, max_new_tokens=b, strategy=strategy).token_ids[0] for p, b in zip(PROMPTS, budgets)]
+        alone = [dlm.generate(p, max_new_tokens=b, strategy=strategy).token_ids[0]
+                 for p, b in zip(PROMPTS, budgets, strict=True)]
         assert out.token_ids == alone, strategy
