@@ -98,7 +98,8 @@ def main() -> None:
         for team in args.teams:
             pts = [(r["tpf"], 100 * r["accuracy"]) for r in rows if r["name"].startswith("threshold")
                    and r["name"].endswith(f"team={team}")]
-            lines.append(f"- team={team}: {aup(pts, y_max):.0f}")
+            if pts:  # no threshold rule asked for: no AUP
+                lines.append(f"- team={team}: {aup(pts, y_max):.0f}")
         lines += vs_plain(rows)
     if args.out:
         out = Path(args.out)
