@@ -3,7 +3,7 @@ upcycling; TEAM's expert plans (edlm.moe) and decode options (edlm.decode.team).
 
 import pytest
 import torch
-from test_decoding import PROMPTS, reference_decode
+from test_decoding import PROMPTS, reference_decode, tiny_dlm
 from test_train import TEXT, losses
 
 from edlm import moe
@@ -20,9 +20,8 @@ from edlm.train.objective import LossSettings, diffusion_loss, row_generators
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def tiny_moe_dlm(arch, block_size=8, shift=False, seed=0):
-    model = make_tiny_causal_lm(arch, dtype=torch.float64, seed=seed)  # float64: no near-tie flips
-    return convert_model(model, make_tiny_tokenizer(), block_size=block_size, shift=shift)
+def tiny_moe_dlm(arch, block_size=8, shift=False):
+    return tiny_dlm(arch, block_size=block_size, shift=shift)  # float64: no near-tie flips
 
 
 @pytest.fixture(scope="module", params=MOE_ARCHITECTURES)

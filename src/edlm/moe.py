@@ -59,15 +59,14 @@ def default_aux_coef(config) -> float:
     return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
 
 
-def router_balance_loss(router_logits, model, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+def router_balance_loss(router_logits, model) -> torch.Tensor:
     """Switch Transformer's load-balancing loss over every layer's router logits (transformers' own
-    `load_balancing_loss_func`, the one its MoE models add under output_router_logits). token_mask
-    [B, Q] bool: the tokens that count (HF would read a 2-D attention mask here; ours is 4-D)."""
+    `load_balancing_loss_func`, the one its MoE models add under output_router_logits), over every
+    token fed (HF would read a 2-D attention mask for padding; ours is 4-D)."""
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
     n_experts, top_k = moe_shape(model)
-    mask = token_mask.long() if token_mask is not None else None
-    return load_balancing_loss_func(tuple(router_logits), n_experts, top_k, mask)
+    return load_balancing_loss_func(tuple(router_logits), n_experts, top_k)
 
 
 @contextmanager
@@ -156,6 +155,27 @@ class ExpertPlan:
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)
     activations: torch.Tensor | None = None
     pairs: torch.Tensor | None = None
+    _tokens: tuple | None = field(default=None, repr=False)
+
+    def tokens(self, b: int, q: int, device) -> tuple:
+        """The forward's flat token view, the same in every expert layer (so built once): the indices
+        [N] of the tokens the experts run on (None: all B*Q), and their rows, cold and counted flags
+        ([N], the last two None when unset)."""
+        if self._tokens is None:
+            head = q - self.tail  # queries before the tail: always computed, never cold
+
+            def full(tail_mask):  # [B, tail] -> [B*Q], False on the head
+                return torch.cat([torch.zeros(b, head, dtype=torch.bool, device=device), tail_mask], 1).reshape(-1)
+
+            rows = torch.arange(b, device=device).repeat_interleave(q)
+            cold = full(self.cold) if self.cold is not None else None
+            counted = self.counted.reshape(-1) if self.counted is not None else None
+            run = None
+            if self.reuse is not None:
+                run = (~full(self.reuse)).nonzero()[:, 0]
+                rows, cold, counted = (x[run] if x is not None else None for x in (rows, cold, counted))
+            self._tokens = (run, rows, cold, counted)
+        return self._tokens
 
     def count(self, rows: torch.Tensor, index: torch.Tensor, n_experts: int, counted=None) -> None:
         """Add one layer's routing (token rows [N], chosen experts [N, k], counted [N] or None) to the counts."""
@@ -214,36 +234,29 @@ def _block_forward(routing: ExpertRouting, layer: int, own, hidden: torch.Tensor
     if plan is None:
         return own(hidden)
     b, q, h = hidden.shape
-    dev = hidden.device
-    rows = torch.arange(b, device=dev).repeat_interleave(q)
-    head = q - plan.tail  # queries before the tail: always computed, never cold
-    cold = None
-    if plan.cold is not None:
-        cold = torch.cat([torch.zeros(b, head, dtype=torch.bool, device=dev), plan.cold], 1).reshape(-1)
+    head = q - plan.tail
+    run, *current = plan.tokens(b, q, hidden.device)
     flat = hidden.reshape(-1, h)
-    counted = plan.counted.reshape(-1) if plan.counted is not None else None
-    if plan.reuse is None:
-        routing.current = (rows, cold, counted)
-        try:
-            out = own(flat[None]).reshape(-1, h)
-        finally:
-            routing.current = None
+    if run is None:
+        out = _routed(routing, own, flat, current)
     else:
-        reuse = torch.cat([torch.zeros(b, head, dtype=torch.bool, device=dev), plan.reuse], 1).reshape(-1)
         memo = plan.memo[layer][:, plan.slots].to(hidden.dtype)  # [B, tail, H]
         out = torch.cat([hidden.new_zeros(b, head, h), memo], 1).reshape(-1, h).clone()
-        run = (~reuse).nonzero()[:, 0]
         if run.numel():
-            routing.current = (rows[run], cold[run] if cold is not None else None,
-                               counted[run] if counted is not None else None)
-            try:
-                out[run] = own(flat[run][None]).reshape(-1, h)
-            finally:
-                routing.current = None
+            out[run] = _routed(routing, own, flat[run], current)
     out = out.view(b, q, h)
     if plan.record:
         plan.outputs[layer] = out[:, head:]
     return out
+
+
+def _routed(routing: ExpertRouting, own, tokens: torch.Tensor, current: list) -> torch.Tensor:
+    """The block's own forward on tokens [N, H], its router told their (rows, cold, counted)."""
+    routing.current = tuple(current)
+    try:
+        return own(tokens[None]).reshape(tokens.shape)
+    finally:
+        routing.current = None
 
 
 def _router_forward(routing: ExpertRouting, router, own, hidden: torch.Tensor):

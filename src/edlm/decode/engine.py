@@ -105,12 +105,11 @@ class BlockDecoder:
         moving = self._moving()
         # the step's one host read: what each row committed, whether it moves on, and its block
         # (and an MoE model's expert counts)
-        used = batch.experts_used if moe else committed.new_zeros(len(committed), 0)
-        host = torch.cat([used, committed[:, None], moving[:, None], batch.block_ids, batch.gen], 1).tolist()
-        experts = [h[:2] for h in host] if moe else None
-        host = [h[used.shape[1]:] for h in host]
+        host = torch.cat([committed[:, None], moving[:, None], batch.block_ids, batch.gen]
+                         + ([batch.experts_used] if moe else []), 1).tolist()
+        experts = [h[-2:] for h in host] if moe else None
         self.moved = [i for i, h in enumerate(host) if h[1]]
-        emitted = {i: cut_tokens([t for t, g in zip(host[i][2:2 + bs], host[i][2 + bs:], strict=True) if g],
+        emitted = {i: cut_tokens([t for t, g in zip(host[i][2:2 + bs], host[i][2 + bs:2 + 2 * bs], strict=True) if g],
                                  self.budget_left[i], self.eos) for i in self.moved}
         return Step(batch.calls - calls, [h[0] for h in host], emitted, self._logprobs(host, emitted), experts)
 

@@ -62,11 +62,12 @@ def rule_step(rule: Callable) -> Callable:
             return rule(conf, entropy, todo, opts)
 
         team = team_mechanisms(opts.team)
-        if "explore" in team and (done := explore_step(dlm, batch, team, pick, commit_rows)) is not None:
+        memo = team_recall(batch) if team else None
+        if "explore" in team and (done := explore_step(dlm, batch, team, memo, pick, commit_rows)) is not None:
             return done
         plan = None
         if team:  # the block's one version, as fed
-            memo, fed = team_recall(batch), batch.block_ids
+            fed = batch.block_ids
             plan = team_plan(dlm, batch, team, memo, fed[:, None], todo[:, None], fed != dlm.config.mask_token_id)
         want = todo if skips_decided_slots(dlm, batch) else None  # [N, V]: undecided slots only
         logits = denoise_step(dlm, batch, want=want, experts=plan)

@@ -119,15 +119,14 @@ def plan_for(dlm, batch, team: frozenset[str], memo: TeamMemo | None, ids: torch
     return plan
 
 
-def explore_step(dlm, batch, team: frozenset[str], pick, commit_rows):
+def explore_step(dlm, batch, team: frozenset[str], memo: TeamMemo | None, pick, commit_rows):
     """One forward of four block versions (module docstring); None where it does not apply (a
     block's first step, a row without a memo): the caller takes a plain step.
 
-    pick(logits) -> (tokens, conf, entropy); commit_rows(conf, entropy, todo) -> commit mask, the
-    strategy's rule on [N, bs]. Returns the tokens each row committed [B]."""
+    memo: `recall(batch)`; pick(logits) -> (tokens, conf, entropy); commit_rows(conf, entropy, todo)
+    -> commit mask, the strategy's rule on [N, bs]. Returns the tokens each row committed [B]."""
     from edlm.decode.step import apply_commit, forward_block, record_logprobs, slot_logprobs
 
-    memo = recall(batch)
     if memo is None or batch.pending_ids.shape[1] or not bool(memo.valid.all()):
         return None
     n, bs = batch.block_ids.shape

@@ -183,11 +183,9 @@ class TrainConfig:
             raise EdlmError(f"--noise-floor must be in [0, 1), got {self.noise_floor}")
         if self.noise_floor and self.mask_ratio is not None:
             raise EdlmError("--noise-floor raises a drawn noise level; --mask-ratio fixes it: give one")
-        for name in ("certainty_weight", "draft_decay", "teacher_weight"):
-            if getattr(self, name) < 0:
+        for name in ("certainty_weight", "draft_decay", "teacher_weight", "router_aux_loss"):
+            if (getattr(self, name) or 0) < 0:  # router_aux_loss None: the base config's
                 raise EdlmError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
-        if self.router_aux_loss is not None and self.router_aux_loss < 0:
-            raise EdlmError(f"--router-aux-loss must be >= 0, got {self.router_aux_loss}")
         if self.certainty_temperature <= 0:
             raise EdlmError(f"--certainty-temperature must be > 0, got {self.certainty_temperature}")
         if self.teacher_top_k < 1:
