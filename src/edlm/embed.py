@@ -71,7 +71,7 @@ def embed_ids(dlm, ids: list[list[int]], batch_size: int = 16) -> torch.Tensor:
         weights = real[..., None].float()
         pooled = (hidden * weights).sum(1) / weights.sum(1)
         vectors.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
-    return torch.cat(vectors) if vectors else torch.zeros(0, dlm.inner_model.config.hidden_size)
+    return torch.cat(vectors) if vectors else torch.zeros(0, dlm.text_config.hidden_size)
 
 
 def embed(dlm, texts, batch_size: int = 16, max_length: int | None = None) -> torch.Tensor:

@@ -110,8 +110,14 @@ def load_causal_lm(path, device=None, dtype=None, attn_implementation: str = "sd
 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise in a library call
+    from edlm import vision
+
+    vlm = vision.is_vlm(read_checkpoint_config(path)) if (Path(path) / "config.json").is_file() else False
+    loader = AutoModelForCausalLM
+    if vlm:  # a vision-language model: its language model is the LM edlm drives, its images the prompt's
+        from transformers import AutoModelForImageTextToText as loader
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = loader.from_pretrained(
             str(path), dtype=dtype, attn_implementation=attn_implementation, **sdar
         )
     except ValueError as exc:
@@ -121,6 +127,8 @@ def load_causal_lm(path, device=None, dtype=None, attn_implementation: str = "sd
     finally:
         if bar:
             hf_logging.enable_progress_bar()
+    if vlm:
+        model.edlm_image_processor = vision.load_image_processor(path)
     return model.to(device).eval(), tokenizer
 
 
@@ -173,6 +181,8 @@ class DiffusionLM:
             state_dict = drafter.base_state(model) if state_dict is None else state_dict
         model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
         self.tokenizer.save_pretrained(str(out))
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(str(out))
 
     def merged(self) -> "DiffusionLM":
         """The plain model to save: unwrapped, LoRA (PEFT) merged into a copy; a plain model as is."""
@@ -209,8 +219,21 @@ class DiffusionLM:
         return getattr(self.inner_model.config, "_attn_implementation", None) or "eager"
 
     @property
+    def text_config(self):
+        """The language model's config (a VLM's text_config; the model's own for a text LM)."""
+        from edlm.vision import text_config
+
+        return text_config(self.inner_model.config)
+
+    @property
+    def image_processor(self):
+        """A VLM's image processor. It is kept on the HF model object (`edlm_image_processor`), so
+        every DiffusionLM built around the model (training re-wraps it) keeps it; None: a text LM."""
+        return getattr(self.inner_model, "edlm_image_processor", None)
+
+    @property
     def max_positions(self) -> int | None:
-        return getattr(self.inner_model.config, "max_position_embeddings", None)
+        return getattr(self.text_config, "max_position_embeddings", None)
 
     def backend_mask(self, mask: torch.Tensor, key_padding: torch.Tensor | None = None):
         return to_backend_mask(mask, self.attn_implementation, key_padding, self.dtype)
@@ -225,6 +248,7 @@ class DiffusionLM:
         shift: bool | None = None,
         active: torch.Tensor | None = None,
         with_clean: bool = False,
+        vision=None,
     ):
         """Logits [B, L, V] that predict x_0 at every position of the noisy sequence x_t.
 
@@ -239,6 +263,10 @@ class DiffusionLM:
         saves their compute: on SFT data prompt-only blocks are a large share. Their logits are 0.
         with_clean (clean attention only): also return the clean stream's logits [B, L, V] (position
         i predicts token i+1: under config.causal_clean an AR model's, for the AR loss).
+        vision: a VLM batch's edlm.vision.VisionRows (edlm.vision.training_vision): the model is fed
+        input embeddings, with the image features wherever a position of either stream holds an image
+        token (a noisy block straddling the prompt's end carries its prompt tokens, as decoding feeds
+        it), and M-RoPE models get 3-D position ids from the logical ones, equal on both streams.
         """
         block_size = block_size or self.config.block_size
         shift = self.config.shift if shift is None else shift
@@ -286,9 +314,15 @@ class DiffusionLM:
             noisy = (torch.arange(ids.shape[1], device=device) < n_noisy)[None].expand(batch, -1)
             if attention != "clean":
                 noisy = torch.ones_like(noisy)
+        inputs = {"input_ids": ids}
+        if vision is not None:
+            from edlm.vision import hf_model
+
+            embeds, position_ids = vision.inputs(hf_model(self.model), position_ids, ids)
+            inputs = {"inputs_embeds": embeds}
         with gate.open_on(noisy) if gate is not None else contextlib.nullcontext():
             out = self.model(
-                input_ids=ids,
+                **inputs,
                 attention_mask=self.backend_mask(mask.expand(batch, -1, -1)),
                 position_ids=position_ids,
                 logits_to_keep=keep,

@@ -163,7 +163,7 @@ class BlockDecoder:
 
 def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NEW_TOKENS, stop=None,
            result: list | None = None, admit=None, options: DecodeOptions | None = None, verifier=None,
-           logprobs: int | None = None, **given):
+           logprobs: int | None = None, images=None, **given):
     """Yield a BlockEvent per committed piece and row; append the GenerationResult to `result`.
 
     given: decode options (block_size, strategy, threshold, temperature, top_p, factor, gamma,
@@ -173,6 +173,8 @@ def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NE
     and the text is the parent's greedy text (edlm.decode.verify); only block_size applies.
     logprobs: k >= 0 to report each generated token's log-probability and its k most likely
     alternatives (TokenLogprob on events and results; None: off, nothing computed).
+    images: a VLM's images (PIL images, paths, bytes or data URLs): a list for one prompt given as a
+    str, else one list (or None) per prompt; see edlm.vision.encode for where they go in the text.
     admit: called after every step (speculative strategies: every block boundary) while rows are
     decoding; returns None or more requests for this call as (prompts, max_new_tokens, stop), in
     the forms the arguments take. They get the next row ids and decode exactly as they would
@@ -195,6 +197,10 @@ def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NE
         generator = torch.Generator(device=dlm.device).manual_seed(opts.seed) if opts.seed is not None else None
         make = opts.algorithm.decoder or BlockDecoder
         decoder, model = make(dlm, opts, generator, logprobs), dlm
+    if images is not None:
+        from edlm.vision import with_images
+
+        prompts = with_images(model, prompts, images)
     out = Outputs(model, logprobs=logprobs is not None)
     ids, budget, stops = resolve_rows(model, prompts, max_new_tokens, stop)
     decoder.add(out.add_rows(budget, stops), ids, budget)

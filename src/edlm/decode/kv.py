@@ -22,6 +22,7 @@ import torch
 
 from edlm.drafter import gate_of
 from edlm.moe import ExpertPlan, routing_of
+from edlm.vision import VisionRow, VisionRows
 
 
 def lag(dlm) -> int:
@@ -41,7 +42,7 @@ def candidate_logits(dlm, logits: torch.Tensor) -> torch.Tensor:
 
 def model_forward(dlm, positions: torch.Tensor, mask, ids: torch.Tensor | None = None,
                   embeds: torch.Tensor | None = None, cache=None, logits_to_keep=0, noisy=None,
-                  experts=None) -> torch.Tensor:
+                  experts=None, vision=None) -> torch.Tensor:
     """Candidate logits (float32) of one model call: the only place decoding and scoring run the model.
 
     positions [B, Q] logical (-1 = padding, fed as 0 and masked out as a key); mask [B, Q, K] bool
@@ -52,6 +53,8 @@ def model_forward(dlm, positions: torch.Tensor, mask, ids: torch.Tensor | None =
     block being decoded, a mask block), where a drafting adapter acts (edlm.drafter): a [B, Q] bool,
     or an int n for "queries n on"; None: every query is clean, the parent's. experts: an MoE
     model's edlm.moe.ExpertPlan for this forward (what its expert layers count, reuse, limit).
+    vision: a VLM's edlm.vision.VisionRows of the batch's rows: the prompt's image tokens take their
+    image features and M-RoPE models get their 3-D position ids (edlm.vision).
     """
     if torch.is_tensor(mask) and mask.dim() == 3:
         mask = dlm.backend_mask(mask)
@@ -59,10 +62,14 @@ def model_forward(dlm, positions: torch.Tensor, mask, ids: torch.Tensor | None =
     if gate is not None and isinstance(noisy, int):
         noisy = (torch.arange(positions.shape[1], device=positions.device) >= noisy)[None].expand_as(positions)
     routing = routing_of(dlm.inner_model) if experts is not None else None
+    position_ids = positions.clamp_min(0)
+    if vision is not None:
+        embeds, position_ids = vision.inputs(dlm.inner_model, positions, ids, embeds)
+        ids = None
     with gate.open_on(noisy) if gate is not None else nullcontext(), \
             routing.planned(experts) if routing is not None else nullcontext():
         out = dlm.model(input_ids=ids, inputs_embeds=embeds, attention_mask=mask,
-                        position_ids=positions.clamp_min(0), cache=cache, use_cache=cache is not None,
+                        position_ids=position_ids, cache=cache, use_cache=cache is not None,
                         logits_to_keep=logits_to_keep)
     return candidate_logits(dlm, out.logits.float())
 
@@ -74,10 +81,14 @@ class KVRows:
     # an MoE model's [B, 2] (activations, pairs) since its reader (the block engine) last reset it; None:
     # not counted (the decoders that report no expert counts pay nothing for them)
     experts_used: torch.Tensor | None = None
+    # a VLM's images of the rows (edlm.vision.VisionRows), following rows as they leave and join;
+    # None: every row is text only
+    vision: VisionRows | None = None
 
-    def init_cache(self, n: int, device) -> None:
+    def init_cache(self, n: int, device, vision: list[VisionRow | None] | None = None) -> None:
         from transformers import DynamicCache
 
+        self.vision = VisionRows(vision) if vision is not None else None
         self.cache = DynamicCache()
         self.cache_pos = torch.zeros(n, 0, dtype=torch.long, device=device)  # [B, K]
         self.cache_valid = torch.zeros(n, 0, dtype=torch.bool, device=device)  # [B, K]
@@ -99,7 +110,8 @@ class KVRows:
         if experts is not None:
             experts.counted = q_pos >= 0  # padding is the batch's, not a row's
         logits = model_forward(dlm, q_pos, mask, ids=ids, embeds=embeds, cache=self.cache,
-                               logits_to_keep=logits_to_keep, noisy=noisy, experts=experts)
+                               logits_to_keep=logits_to_keep, noisy=noisy, experts=experts,
+                               vision=self.vision)
         self.calls += 1
         if counting and experts is not None and experts.activations is not None:
             self.experts_used = self.experts_used + torch.stack([experts.activations, experts.pairs], 1)
@@ -118,6 +130,8 @@ class KVRows:
             self.cache_pos, self.cache_valid = self.cache_pos[:, :-n], self.cache_valid[:, :-n]
 
     def select_cache_rows(self, idx: torch.Tensor) -> None:
+        if self.vision is not None:
+            self.vision = self.vision.select(idx.tolist())
         if self.cache.get_seq_length() == 0:
             # nothing cached yet (every prompt shorter than a block); DynamicCache leaves empty
             # layers at their old batch size here, which the next forward cannot extend
@@ -128,18 +142,21 @@ class KVRows:
             self.cache.batch_select_indices(idx)
         self.cache_pos, self.cache_valid = self.cache_pos[idx], self.cache_valid[idx]
 
-    def add_cache_rows(self, n_new: int) -> None:
-        """Rows for `n_new` joining requests: copies of row 0's KV, all masked out."""
+    def add_cache_rows(self, n_new: int, vision: list[VisionRow | None] | None = None) -> None:
+        """Rows for `n_new` joining requests: copies of row 0's KV, all masked out (and their
+        images, a VLM's, where they have some)."""
         n_old, dev = self.cache_pos.shape[0], self.cache_pos.device
         if n_old == 0:
-            self.init_cache(n_new, dev)
+            self.init_cache(n_new, dev, vision)
             return
+        joined = VisionRows.joined(self.vision, n_old, vision)
         idx = torch.cat([torch.arange(n_old), torch.zeros(n_new, dtype=torch.long)]).to(dev)
         self.select_cache_rows(idx)
         self.cache_valid = self.cache_valid.clone()
         self.cache_valid[n_old:] = False
         self.cache_pos = self.cache_pos.clone()
         self.cache_pos[n_old:] = -1
+        self.vision = joined
 
     def compact_keys(self) -> None:
         """Move each row's valid keys to the front of its cache row (in their order) and drop the

@@ -34,6 +34,7 @@ from edlm.decode.rules import accepted_drafts, cut_tokens, logprobs_of
 from edlm.decode.state import token_logprobs
 from edlm.errors import EdlmError
 from edlm.masks import draft_blocks_mask
+from edlm.vision import vision_of
 
 
 class AcceptedRows(KVRows):
@@ -52,7 +53,7 @@ class AcceptedRows(KVRows):
 
     def add(self, first_row: int, prompts: list[list[int]], budgets: list[int]) -> None:
         self.compact_keys()  # the keys earlier joins wrote are padding to every other row
-        self.add_cache_rows(len(prompts))
+        self.add_cache_rows(len(prompts), vision_of(prompts))
         self.ids += range(first_row, first_row + len(prompts))
         self.seq += [list(p) for p in prompts]
         self.fed += [0] * len(prompts)

@@ -13,6 +13,7 @@ import torch
 
 from edlm.decode.kv import KVRows
 from edlm.errors import EdlmError
+from edlm.vision import ImagePrompt, vision_of
 
 
 @dataclass
@@ -170,6 +171,9 @@ def encode_prompts(dlm, prompts) -> list[list[int]]:
         prompts = [prompts]  # one prompt as a flat list of token ids
     out = []
     for p in prompts:
+        if isinstance(p, ImagePrompt):  # token ids with their images (edlm.vision.encode)
+            out.append(p)
+            continue
         if isinstance(p, str):
             if not p:
                 raise EdlmError("empty prompt")
@@ -205,7 +209,7 @@ class Batch(KVRows):
         dev = dlm.device
         n = len(prompts)
         self.rows = torch.arange(first_row, first_row + n)  # request ids
-        self.init_cache(n, dev)
+        self.init_cache(n, dev, vision_of(prompts))
         starts = [len(p) // bs * bs for p in prompts]  # prompt tokens in complete blocks
         width = max(starts)
         self.unpadded_prompts = len(set(starts)) == 1  # no row's pending tokens are padding (host-known)
@@ -296,7 +300,7 @@ class Batch(KVRows):
         self.unpadded_prompts = False
         self.compact_keys()  # the keys earlier joins wrote are padding to every other row
         n_new = new.rows.numel()
-        self.add_cache_rows(n_new)
+        self.add_cache_rows(n_new, new.vision.rows if new.vision is not None else None)
         width = max(self.pending_ids.shape[1], new.pending_ids.shape[1])
         for b in (self, new):
             pad = width - b.pending_ids.shape[1]

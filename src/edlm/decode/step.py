@@ -26,7 +26,7 @@ SKIP_DECIDED_MIN_VOCAB = 8192
 def skips_decided_slots(dlm, batch) -> bool:
     """Whether plain steps should compute logits for undecided slots only (denoise_step's want): on
     large vocabularies, where a block is fed (an AR step's one logit is all it computes anyway)."""
-    return dlm.inner_model.config.vocab_size >= SKIP_DECIDED_MIN_VOCAB and feeds_block(dlm, batch)
+    return dlm.text_config.vocab_size >= SKIP_DECIDED_MIN_VOCAB and feeds_block(dlm, batch)
 
 
 def feeds_block(dlm, batch) -> bool:

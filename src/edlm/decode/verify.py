@@ -24,6 +24,7 @@ from edlm.decode.loop import Step
 from edlm.decode.selfverify import AcceptedRows, clean_inputs
 from edlm.errors import EdlmError
 from edlm.masks import position_block_mask
+from edlm.vision import vision_of
 
 
 def check_pair(drafter, verifier) -> None:
@@ -44,9 +45,9 @@ class BlockDrafts(KVRows):
         self.dlm, self.bs, self.cached = dlm, block_size, []
         self.init_cache(0, dlm.device)
 
-    def add(self, n: int) -> None:
+    def add(self, n: int, vision=None) -> None:
         self.compact_keys()
-        self.add_cache_rows(n)
+        self.add_cache_rows(n, vision)
         self.cached += [0] * n
 
     def select(self, idx: list[int]) -> None:
@@ -136,7 +137,7 @@ class ParentVerifiedDecoder:
         if options is not None:
             raise EdlmError("the two-model mode has no decode options of its own to mix")
         self.accepted.add(first_row, ids, budgets)
-        self.drafts.add(len(ids))
+        self.drafts.add(len(ids), vision_of(ids))  # a VLM pair: both read the parent's image features (conversion keeps them the dLM's too)
 
     def step(self) -> Step:
         rows = self.accepted

@@ -7,6 +7,7 @@ change exactly as a block mask says it must?), not by a list of model names.
 from __future__ import annotations
 
 import copy
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from edlm.errors import EdlmError, first_line
 from edlm.files import prepare_output_dir, write_dir_atomically
 from edlm.masks import block_causal_mask, to_backend_mask
 from edlm.model import DiffusionLM, load_causal_lm, read_checkpoint_config
+from edlm.vision import PROCESSOR_FILES, text_config
 
 NEW_MASK_TOKEN = "<|mask|>"
 # SDAR names Qwen3's mask token <|MASK|> (its generate.py strips "<|MASK|>"); keeping that name on
@@ -136,7 +138,7 @@ def convert_model(model, tokenizer, block_size: int = DEFAULT_BLOCK_SIZE, mask_t
     token-causal clean stream) and decodes with `verified`, the parent's own greedy text."""
     if block_size < 1:
         raise EdlmError(f"--block-size must be >= 1, got {block_size}")
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = getattr(text_config(model.config), "max_position_embeddings", None)
     if limit is not None and block_size > limit:
         raise EdlmError(f"--block-size {block_size} exceeds the model's {limit} positions")
     mask_id = choose_mask_token(model, tokenizer, mask_token)
@@ -242,5 +244,11 @@ def convert(base, out, block_size: int = DEFAULT_BLOCK_SIZE, mask_token: str | N
     dlm = convert_model(model, tokenizer, block_size, mask_token, shift, base_model=str(base), drafter=drafter)
     if DTYPES[dtype] != torch.float32:
         dlm.model.to(DTYPES[dtype])
-    write_dir_atomically(out, dlm.save_pretrained)
+    def save(where: Path) -> None:
+        dlm.save_pretrained(where)
+        for name in PROCESSOR_FILES:  # a VLM's processor files as the base ships them (chat template, video)
+            if found is None and (Path(base) / name).is_file() and not (where / name).exists():
+                shutil.copyfile(Path(base) / name, where / name)
+
+    write_dir_atomically(out, save)
     return dlm
