@@ -102,7 +102,8 @@ class TrainConfig:
     lora_rank: int = _opt(0, "LoRA rank (0 = full training); embeddings, norms and LM head stay trainable")
     train: str = _opt("all", "what trains: all (the weights, or --lora-rank's adapter) | drafter (only a drafting "
                       "adapter added by `edlm convert --drafter` and the mask token's embedding: the parent stays "
-                      "exact)", choices=("all", "drafter"))
+                      "exact) | vision (a VLM with --objective ar: only the vision tower and projector, LLaVA's "
+                      "alignment stage; the language model stays exact)", choices=("all", "drafter", "vision"))
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory)")
     attn_implementation: str = _opt("sdpa", "attention backend: sdpa | eager | flex_attention (CUDA)")
     # bookkeeping
@@ -154,6 +155,9 @@ class TrainConfig:
             raise EdlmError("--lr must be > 0")
         if self.train == "drafter" and self.lora_rank:
             raise EdlmError("--train drafter trains the model's drafting adapter: drop --lora-rank")
+        if self.train == "vision" and (self.lora_rank or self.objective != "ar"):
+            raise EdlmError("--train vision trains a VLM's vision tower and projector with --objective ar "
+                            "(the diffusion objective keeps them the parent's): use --objective ar, no --lora-rank")
         if self.min_lr > self.lr:
             raise EdlmError(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")
         if not 0.0 <= self.val_fraction < 1.0:

@@ -4,14 +4,22 @@ Goes through `datasets`, whose Arrow cache is memory-mapped, so corpora larger t
 Every example becomes input_ids + a `maskable` flag per token (False for prompt tokens of SFT
 data); documents are joined with EOS and packed into sequences of exactly seq_len tokens, so no
 compute is spent on padding.
+
+Data with images (a VLM's: rows with an `images` list, or message parts of type image) is not
+packed: a cut would split an image, and each image's features belong to one row. Each example
+is one sequence, right-padded (`build_image_dataset`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import mmap
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from edlm.errors import EdlmError, first_line
 
@@ -24,6 +32,7 @@ class DataFields:
     prompt: str = "prompt"
     response: str = "response"
     messages: str = "messages"
+    images: str = "images"
 
 
 def load_raw(files: list[str]):
@@ -222,10 +231,16 @@ def pack(batch, seq_len: int):
 
 
 def build_dataset(files: list[str], tokenizer, seq_len: int, fields: DataFields | None = None,
-                  num_proc: int | None = None):
-    """Packed dataset with columns input_ids [seq_len] and maskable [seq_len] (torch format)."""
+                  num_proc: int | None = None, model=None):
+    """Packed dataset with columns input_ids [seq_len] and maskable [seq_len] (torch format).
+    Data with images: `build_image_dataset` (`model`: the VLM being trained, which says how many
+    tokens an image becomes)."""
     fields = fields or DataFields()
+    if any(_mentions_images(Path(f), fields) for f in files):
+        return build_image_dataset(files, tokenizer, seq_len, fields, model)
     raw = load_raw(files)
+    if fields.images in raw.column_names:
+        return build_image_dataset(files, tokenizer, seq_len, fields, model)
     kind = detect_format(raw.column_names, fields)
     _check_types(raw, kind, fields, ", ".join(files))
     tokenized = raw.map(
@@ -236,3 +251,221 @@ def build_dataset(files: list[str], tokenizer, seq_len: int, fields: DataFields 
     if len(packed) == 0:
         raise EdlmError(f"data holds fewer than --seq-len={seq_len} tokens: nothing to train on")
     return packed.with_format("torch")
+
+
+# ---------------------------------------------------------------- data with images
+def _mentions_images(path: Path, fields: DataFields) -> bool:
+    """A JSON (lines) file whose rows carry an images field or an image message part. Searched as
+    bytes (memory-mapped: any size), as a row's key: text that merely says "images" is no match."""
+    if not path.is_file() or path.suffix.lower() not in (".jsonl", ".json") or path.stat().st_size == 0:
+        return False
+    key = re.escape(json.dumps(fields.images).encode())
+    pattern = re.compile(key + rb'\s*:|"type"\s*:\s*"image(?:_url)?"')
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return pattern.search(data) is not None
+
+
+def _json_rows(path: Path) -> list:
+    """The rows of a .json (one array) or JSON-lines file, read with json itself: VLM chat rows mix
+    string and list message contents, which one Arrow type cannot hold."""
+    text = path.read_bytes()
+    if path.suffix.lower() == ".json":
+        try:
+            doc = json.loads(text)
+        except (ValueError, UnicodeDecodeError):
+            doc = None  # JSON lines in a .json file
+        if isinstance(doc, list):
+            return doc
+    rows = []
+    try:
+        for line in text.decode("utf-8").splitlines():
+            if line.strip():
+                rows.append(json.loads(line))
+    except (ValueError, UnicodeDecodeError):
+        raise EdlmError(f"cannot read data files: {diagnose([path], 'json') or path}") from None
+    return rows
+
+
+def _rows_of(path: Path, fields: DataFields) -> list:
+    if path.is_file() and path.suffix.lower() in (".jsonl", ".json"):
+        rows = _json_rows(path)
+    else:
+        rows = load_raw([str(path)]).to_list()
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise EdlmError(f"{path}, row {i + 1}: expected a JSON object per row, got {_json_type(row)}")
+    return rows
+
+
+class _Images:
+    """What the data needs from the model being trained: its image token and placeholder, and how
+    many tokens each image becomes (each image file is read once)."""
+
+    def __init__(self, model, tokenizer):
+        from edlm import vision
+
+        self.vision, self.model = vision, model
+        self.vlm = model is not None and vision.is_vlm(model.config)
+        if self.vlm:
+            self.processor = getattr(model, "edlm_image_processor", None)
+            self.token = vision.image_token_id(model.config)
+            self.token_text = tokenizer.convert_ids_to_tokens(self.token)
+            self.placeholder = vision.placeholder_text(tokenizer, model.config)
+        self.counts: dict[str, int] = {}
+        self.memo: dict = {}
+
+    def count(self, source: str, what: str) -> int:
+        if source not in self.counts:
+            image = self.vision.load_image(source, what)
+            self.counts[source] = self.vision.image_token_count(self.model, self.processor, image, self.memo)
+        return self.counts[source]
+
+
+def _resolve(source, base: Path, where: str) -> str:
+    if not isinstance(source, str) or not source:
+        raise EdlmError(f"{where}: an image must be a file path or a data URL, got {source!r:.60}")
+    if source.startswith(("data:", "http://", "https://")):
+        return source  # a data URL is read as is; a URL gets load_image's one line
+    path = Path(source).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def _image_example(row: dict, where: str, base: Path, tokenizer, kind: str, fields: DataFields, img: _Images,
+                   seq_len: int) -> dict:
+    """One row as one sequence: the images' placeholders expanded to their image tokens (prompt only,
+    never maskable), the response maskable, padding to seq_len (`length`: the example's own tokens)."""
+    images = row.get(fields.images)
+    images = [] if images is None else images
+    if not isinstance(images, list):
+        raise EdlmError(f"{where}: field '{fields.images}' must be a list of image paths, got {images!r:.60}")
+    placeholder = img.placeholder if img.vlm else "<image>"
+    parts = []
+    if kind == "chat":
+        messages = row.get(fields.messages)
+        if not (isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), (str, list))
+                for m in messages)):
+            raise EdlmError(f"{where}: field '{fields.messages}' must be a non-empty list of {{'role': str, "
+                            f"'content': str or a list of parts}} messages, got {messages!r:.60}")
+        try:
+            messages, parts = img.vision.flatten_image_parts(messages, placeholder)
+        except EdlmError as exc:
+            raise EdlmError(f"{where}: {exc}") from None
+        named = [p for p in parts if p is not None]
+        if named and (images or len(named) != len(parts)):
+            raise EdlmError(f"{where}: give the images either in '{fields.images}' or in every image part, "
+                            "not both")
+        images = named or images
+    elif kind == "sft":
+        prompt, response = row.get(fields.prompt), row.get(fields.response)
+        for name, value in ((fields.prompt, prompt), (fields.response, response)):
+            if not isinstance(value, str):
+                raise EdlmError(f"{where}: field '{name}' must be a string, got {value!r:.60}")
+    elif images:
+        raise EdlmError(f"{where}: images go with prompt/response or messages rows, not plain "
+                        f"'{fields.text}' rows")
+    if (images or (kind == "chat" and parts)) and not img.vlm:
+        if img.model is None:
+            raise EdlmError(f"{where}: data with images needs the model being trained (build_dataset(model=))")
+        raise EdlmError(f"{where}: the row has images, but the model is a text-only LM (train a converted "
+                        "vision-language model)")
+    if images and img.processor is None:
+        raise EdlmError(f"{where}: the model has no image processor (preprocessor_config.json): copy it from "
+                        "the base VLM")
+    if kind == "chat":
+        if images and not any(img.token_text in m["content"] for m in messages):
+            # no placeholder anywhere: the images open the first user turn (as encode puts them first)
+            at = next((i for i, m in enumerate(messages[:-1]) if m["role"] == "user"), 0)
+            messages = [*messages]
+            messages[at] = {**messages[at], "content": placeholder * len(images) + messages[at]["content"]}
+        prompt, response = chat_prompt(tokenizer, messages[:-1]), messages[-1]["content"]
+    elif kind == "sft" and images and img.token_text not in prompt:
+        prompt = placeholder * len(images) + prompt  # a prompt naming no placeholder: the images first
+    if kind == "text":
+        text = row.get(fields.text)
+        if not isinstance(text, str):
+            raise EdlmError(f"{where}: field '{fields.text}' must be a string, got {text!r:.60}")
+        p_ids, r_ids = [], _encode(tokenizer, text) + [tokenizer.eos_token_id]
+    else:
+        bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and \
+            tokenizer.bos_token_id is not None else []
+        p_ids, r_ids = bos + _encode(tokenizer, prompt), _encode(tokenizer, response) + [tokenizer.eos_token_id]
+    if img.vlm and img.token in r_ids:
+        raise EdlmError(f"{where}: an image in the response (the last message): images sit in the prompt only")
+    holes = [i for i, t in enumerate(p_ids) if img.vlm and t == img.token]
+    if len(holes) != len(images):
+        raise EdlmError(f"{where}: the prompt has {len(holes)} image placeholders but {len(images)} images are given")
+    sources = [_resolve(s, base, where) for s in images]
+    ids, start = [], 0
+    for k, (hole, source) in enumerate(zip(holes, sources, strict=True)):
+        ids += p_ids[start:hole] + [img.token] * img.count(source, f"{where}: image {k + 1}")
+        start = hole + 1
+    ids += p_ids[start:]
+    n_prompt = len(ids)
+    ids += r_ids
+    if len(ids) > seq_len:
+        n_image = n_prompt - len(p_ids) + len(holes)
+        raise EdlmError(f"{where}: {len(ids)} tokens ({n_image} of them image tokens) exceed --seq-len {seq_len}: "
+                        "raise --seq-len, or shorten or drop the row")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {"input_ids": ids + [pad] * (seq_len - len(ids)),
+            "maskable": [False] * n_prompt + [True] * len(r_ids) + [False] * (seq_len - len(ids)),
+            "length": len(ids), "images": sources}
+
+
+def build_image_dataset(files: list[str], tokenizer, seq_len: int, fields: DataFields, model=None):
+    """Data with images: one example per sequence (never packed: a cut would split an image), each
+    right-padded to seq_len with pad tokens that are not maskable. Columns input_ids, maskable,
+    length (the example's tokens; the rest is padding) and images (each row's image files, resolved
+    against its data file's folder, or data URLs), read per batch (edlm.vision.training_vision).
+
+    Rows: {"images": [...], "prompt": ..., "response": ...} or {"images": [...], "messages": [...]}
+    (message contents a string or a list of text/image parts; image parts may name their image
+    instead). A prompt naming no placeholder gets its images at its start (chat: the first user
+    turn's). Every image is read once here: a missing file, a placeholder count that differs from
+    the images, images for a text-only model or an example longer than seq_len is one line naming
+    the file and row. Rows without images (text) are single padded sequences too."""
+    import datasets
+
+    if not files:
+        raise EdlmError("no data files given (--data)")
+    paths = [Path(f) for f in files]
+    for p in paths:
+        if not p.exists():
+            raise EdlmError(f"data file not found: {p}")
+        if p.is_file() and p.stat().st_size == 0:
+            raise EdlmError(f"data file is empty: {p}")
+    img = _Images(model, tokenizer)
+    out: dict[str, list] = {"input_ids": [], "maskable": [], "length": [], "images": []}
+    for path in paths:
+        rows = _rows_of(path, fields)
+        if not rows:
+            raise EdlmError(f"data is empty: {path}")
+        kind = detect_format(sorted({k for r in rows for k in r if k != fields.images}), fields)
+        base = path if path.is_dir() else path.parent
+        for i, row in enumerate(rows):
+            example = _image_example(row, f"{path}, row {i + 1}", base, tokenizer, kind, fields, img, seq_len)
+            for k, v in example.items():
+                out[k].append(v)
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int64")),
+                                  "maskable": datasets.Sequence(datasets.Value("bool")),
+                                  "length": datasets.Value("int64"),
+                                  "images": datasets.Sequence(datasets.Value("string"))})
+    return datasets.Dataset.from_dict(out, features=features).with_format("torch")
+
+
+def end_blocks_with_eos(input_ids, maskable, length, block_size: int, eos: int):
+    """A padded example's last block completed with EOS tokens, maskable: the model learns to end
+    a block after its answer (decoding fills the block that holds EOS, then stops), and the
+    non-maskable padding starts at a block boundary, where no token of the example sees it (block-
+    causal clean stream; a noisy block sees only itself and earlier clean blocks). Per step: a block
+    schedule changes where blocks end."""
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+    end = (length + block_size - 1) // block_size * block_size
+    tail = (pos >= length[:, None]) & (pos < end[:, None])
+    return torch.where(tail, torch.full_like(input_ids, eos), input_ids), maskable.bool() | tail
+
+
+def to_device(batch: dict, device) -> dict:
+    """A batch of dataset rows on `device` (tensors moved; a list column, such as images, as is)."""
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}

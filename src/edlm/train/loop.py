@@ -39,9 +39,10 @@ from edlm.files import (
 from edlm.model import DiffusionLM, load_causal_lm, read_checkpoint_config
 from edlm.moe import default_aux_coef, is_moe
 from edlm.train.config import TrainConfig
-from edlm.train.data import build_dataset
+from edlm.train.data import build_dataset, end_blocks_with_eos, to_device
 from edlm.train.objective import causal_lm_loss, diffusion_loss, row_generators
 from edlm.train.settings import TrainSettings, reconcile
+from edlm.vision import hf_model, is_vlm, training_vision, vision_parameters
 
 
 # ---------------------------------------------------------------- model set-up
@@ -111,6 +112,16 @@ def train_drafter_only(model, mask_id: int) -> None:
     row = torch.zeros(embed.shape[0], 1, dtype=embed.dtype, device=embed.device)
     row[mask_id] = 1
     embed.register_hook(lambda grad: grad * row)  # Adam moves a weight only where it had a gradient
+
+
+def train_vision_only(model) -> None:
+    """`--train vision`: only a VLM's vision tower and projector learn (LLaVA's alignment stage), so
+    the language model, embeddings and LM head stay bit-identical to the text model it was."""
+    if not is_vlm(hf_model(model).config):
+        raise EdlmError("--train vision needs a vision-language model; this one is a text-only LM")
+    model.requires_grad_(False)
+    for p in vision_parameters(model):
+        p.requires_grad_(True)
 
 
 def _no_decay(name: str, cfg: TrainConfig) -> bool:
@@ -376,12 +387,25 @@ def compute_loss(dlm, model, batch, cfg: TrainConfig, run: TrainSettings, step: 
     """The loss of one micro-batch at optimizer step `step` (its schedules); the noise is drawn for
     `noise_seed_step` (default `step`: validation fixes it)."""
     ids, maskable = batch["input_ids"], batch["maskable"]
-    if run.objective == "ar":
-        return causal_lm_loss(model, ids, maskable, run.loss.router_aux_weight)
+    images = batch.get("images")
+    if run.objective == "ar":  # an AR (parent) VLM learns to see: its vision tower trains too
+        return causal_lm_loss(model, ids, maskable, run.loss.router_aux_weight,
+                              vision=batch_vision(dlm, ids, images, grad=True))
     noise, block_size = run.at(step, cfg.steps)
+    if "length" in batch:  # one padded example per row (data with images)
+        ids, maskable = end_blocks_with_eos(ids, maskable, batch["length"], block_size, dlm.tokenizer.eos_token_id)
     seed_step = step if noise_seed_step is None else noise_seed_step
     return diffusion_loss(dlm, ids, maskable, noise, row_generators(cfg.seed, seed_step, rows), run.loss,
-                          teacher=teacher, block_size=block_size)
+                          teacher=teacher, block_size=block_size, vision=batch_vision(dlm, ids, images),
+                          teacher_vision=batch_vision(teacher, ids, images) if teacher is not None else None)
+
+
+def batch_vision(dlm, ids, images, grad: bool = False):
+    """A batch's images as `dlm`'s vision tower sees them (None: a text batch). Under the diffusion
+    objective the tower is frozen: features under no_grad, the parent's vision kept exactly."""
+    if not images or not any(images):
+        return None
+    return training_vision(dlm.inner_model, dlm.image_processor, ids, images, grad=grad)
 
 
 def load_teacher(cfg: TrainConfig, student: DiffusionLM, device) -> DiffusionLM | None:
@@ -405,7 +429,7 @@ def validate(dlm, model, val_ds, cfg, run, device, step: int = 0, teacher=None) 
     n = min(len(val_ds), cfg.eval_batches * cfg.batch_size)
     for start in range(0, n, cfg.batch_size):
         rows = torch.arange(start, min(n, start + cfg.batch_size))
-        batch = {k: v.to(device) for k, v in val_ds[rows].items()}
+        batch = to_device(val_ds[rows], device)
         loss, _ = compute_loss(dlm, model, batch, cfg, run, step, rows, teacher, noise_seed_step=-1)  # fixed noise
         losses.append(loss.item())
     model.train()
@@ -461,8 +485,9 @@ def _train(cfg: TrainConfig, accelerator, out: Path) -> Path:
         dlm, run = load_for_training(cfg, device)
         teacher = load_teacher(cfg, dlm, device)
     with accelerator.main_process_first():
-        train_ds = build_dataset(cfg.data, dlm.tokenizer, cfg.seq_len, cfg.fields)
-        val_ds = build_dataset(cfg.val_data, dlm.tokenizer, cfg.seq_len, cfg.fields) if cfg.val_data else None
+        train_ds = build_dataset(cfg.data, dlm.tokenizer, cfg.seq_len, cfg.fields, model=dlm.inner_model)
+        val_ds = build_dataset(cfg.val_data, dlm.tokenizer, cfg.seq_len, cfg.fields,
+                               model=dlm.inner_model) if cfg.val_data else None
     limit = dlm.max_positions  # checked after the data, whose mistakes are the commoner ones
     if limit is not None and cfg.seq_len > limit:
         raise EdlmError(f"--seq-len {cfg.seq_len} exceeds the model's {limit} positions")
@@ -477,6 +502,13 @@ def _train(cfg: TrainConfig, accelerator, out: Path) -> Path:
         model = apply_lora(model, cfg.lora_rank)
     if cfg.train == "drafter":
         train_drafter_only(model, dlm.config.mask_token_id)
+    if cfg.train == "vision":
+        train_vision_only(model)
+    if cfg.objective == "diffusion" and is_vlm(dlm.inner_model.config):
+        # the dLM keeps its parent's vision exactly, as conversion does: only the language model learns
+        # (--objective ar trains the tower and projector: an AR parent learning to see)
+        for p in vision_parameters(model):
+            p.requires_grad_(False)
     model.train()
     groups = [{"params": [p for n, p in model.named_parameters() if p.requires_grad and not _no_decay(n, cfg)]},
               {"params": [p for n, p in model.named_parameters() if p.requires_grad and _no_decay(n, cfg)],
@@ -515,7 +547,7 @@ def _train(cfg: TrainConfig, accelerator, out: Path) -> Path:
         step_loss = 0.0
         for micro in range(cfg.grad_accum):
             rows = sampler.global_rows(step, micro, accelerator.process_index)
-            batch = {k: v.to(device) for k, v in train_ds[sampler.indices(rows)].items()}
+            batch = to_device(train_ds[sampler.indices(rows)], device)
             with accelerator.accumulate(model):
                 loss, _ = compute_loss(dlm, model, batch, cfg, run, step, rows, teacher)
                 accelerator.backward(loss)

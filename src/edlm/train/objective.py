@@ -4,7 +4,9 @@ The terms that train for parallelism (on-policy drafts, certainty forcing, draft
 a smaller-block teacher) are options of the diffusion loss; their why: edlm.train.parallelism.
 
 Both take a packed batch (input_ids [B, L], maskable [B, L]: False on prompt/padding tokens,
-which are never masked and never scored) and return (loss, number of scored tokens).
+which are never masked and never scored) and return (loss, number of scored tokens). A VLM batch
+with images also passes its edlm.vision.VisionRows (`vision`): the forwards then feed input
+embeddings with the image features and, on M-RoPE models, 3-D position ids (edlm.vision).
 """
 
 from __future__ import annotations
@@ -81,12 +83,13 @@ def inverse_time_weights(masked: torch.Tensor, maskable: torch.Tensor, block_siz
 
 
 def diffusion_loss(dlm, input_ids, maskable, noise: NoiseSettings, generators, loss: LossSettings = LossSettings(),
-                   teacher=None, block_size: int | None = None):
+                   teacher=None, block_size: int | None = None, vision=None, teacher_vision=None):
     """Eq. 1: E_t E_x_t [ (1/t) * sum_masked -log p(x_0[i] | x_t, clean earlier blocks) ],
     normalised by the number of maskable tokens; plus `loss.ar_loss_weight` times the clean stream's
     next-token loss (causal-clean models), normalised as `causal_lm_loss` is, and the parallelism
     terms `loss` turns on. `teacher`: a frozen dLM for `loss.teacher_weight`; `block_size`: this
-    step's (a block schedule's), default the model's."""
+    step's (a block schedule's), default the model's; `vision` / `teacher_vision`: the batch's images
+    as the student's / the teacher's towers see them (edlm.vision.training_vision), or None."""
     block_size = block_size or dlm.config.block_size
     maskable = maskable.bool()
     clean_ids, clean_maskable = input_ids, maskable
@@ -99,15 +102,16 @@ def diffusion_loss(dlm, input_ids, maskable, noise: NoiseSettings, generators, l
         masked = torch.cat([masked, maskable & ~masked])
         input_ids = torch.cat([input_ids, input_ids])
         maskable = torch.cat([maskable, maskable])
+        vision, teacher_vision = (_twice(v) for v in (vision, teacher_vision))
     x_t = torch.where(masked, torch.full_like(input_ids, dlm.config.mask_token_id), input_ids)
     active = blocks_with_loss(masked, block_size) if loss.skip_unmasked_blocks else None
     if loss.repair_fraction > 0 or loss.on_policy > 0:
         chosen = chosen_for_drafts(masked, generators, loss.on_policy, loss.repair_fraction)
-        x_t = substitute_drafts(dlm, x_t, input_ids, chosen, loss.attention, active, block_size)
+        x_t = substitute_drafts(dlm, x_t, input_ids, chosen, loss.attention, active, block_size, vision)
     with_ar = loss.ar_loss_weight > 0
     with router_logits(dlm.inner_model, loss.router_aux_weight > 0) as routed:
         logits = dlm.forward_noisy(x_t, input_ids, attention=loss.attention, active=active, with_clean=with_ar,
-                                   block_size=block_size)
+                                   block_size=block_size, vision=vision)
     if with_ar:
         logits, clean = logits
     weights = inverse_time_weights(masked, maskable, block_size)
@@ -125,17 +129,24 @@ def diffusion_loss(dlm, input_ids, maskable, noise: NoiseSettings, generators, l
     if loss.certainty_weight > 0:
         total = total + loss.certainty_weight * certainty_loss(scored, labels, loss.certainty_temperature)
     if teacher is not None and loss.teacher_weight > 0:
-        total = total + loss.teacher_weight * top_k_kl(scored, teacher_logits(teacher, x_t, input_ids, masked, loss),
-                                                       loss.teacher_top_k)
+        taught = teacher_logits(teacher, x_t, input_ids, masked, loss, teacher_vision)
+        total = total + loss.teacher_weight * top_k_kl(scored, taught, loss.teacher_top_k)
     return total, int(masked.sum())
 
 
+def _twice(vision):
+    """The VisionRows of a batch stacked on itself (the complementary pair's rows)."""
+    from edlm.vision import VisionRows
+
+    return None if vision is None else VisionRows(vision.rows + vision.rows)
+
+
 @torch.no_grad()
-def teacher_logits(teacher, x_t, x_0, masked, loss: LossSettings) -> torch.Tensor:
+def teacher_logits(teacher, x_t, x_0, masked, loss: LossSettings, vision=None) -> torch.Tensor:
     """[N, V] the teacher's logits at the masked positions, from the student's noisy input read
     with the teacher's own (smaller) blocks: more clean context, the easier task BARD distils."""
     active = blocks_with_loss(masked, teacher.config.block_size) if loss.skip_unmasked_blocks else None
-    return teacher.forward_noisy(x_t, x_0, attention=loss.attention, active=active)[masked]
+    return teacher.forward_noisy(x_t, x_0, attention=loss.attention, active=active, vision=vision)[masked]
 
 
 def next_token_loss(logits, input_ids, maskable):
@@ -152,12 +163,20 @@ def blocks_with_loss(masked: torch.Tensor, block_size: int) -> torch.Tensor:
     return F.pad(masked, (0, n_blocks * block_size - seq_len)).view(batch, n_blocks, block_size).any(-1)
 
 
-def causal_lm_loss(model, input_ids, maskable, router_aux_weight: float = 0.0):
+def causal_lm_loss(model, input_ids, maskable, router_aux_weight: float = 0.0, vision=None):
     """Next-token cross-entropy (the AR baseline and the demo's AR parent), plus an MoE model's
-    router balance loss at `router_aux_weight`."""
+    router balance loss at `router_aux_weight`. `vision`: a VLM batch's images (the features
+    carry the vision tower's gradient when it trains: edlm.vision.training_vision(grad=True))."""
     labels = torch.where(maskable.bool(), input_ids, torch.full_like(input_ids, -100))
+    inputs = {"input_ids": input_ids}
+    if vision is not None:
+        from edlm.vision import hf_model
+
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
+        embeds, position_ids = vision.inputs(hf_model(model), pos, input_ids)
+        inputs = {"inputs_embeds": embeds, "position_ids": position_ids}
     with router_logits(model, router_aux_weight > 0) as routed:
-        out = model(input_ids=input_ids, labels=labels, use_cache=False)
+        out = model(**inputs, labels=labels, use_cache=False)
     loss = out.loss
     if routed:
         loss = loss + router_aux_weight * router_balance_loss(routed, model)

@@ -41,13 +41,15 @@ def chosen_for_drafts(masked: torch.Tensor, generators, rows_fraction: float,
 
 
 @torch.no_grad()
-def substitute_drafts(dlm, x_t, x_0, chosen, attention: str, active=None, block_size=None) -> torch.Tensor:
+def substitute_drafts(dlm, x_t, x_0, chosen, attention: str, active=None, block_size=None,
+                      vision=None) -> torch.Tensor:
     """x_t with the `chosen` positions replaced by the argmax of one no-grad forward on x_t (eval mode,
     as DMax's: no dropout in the drafts)."""
     was_training = dlm.model.training
     dlm.model.eval()
     try:
-        draft = dlm.forward_noisy(x_t, x_0, attention=attention, active=active, block_size=block_size).argmax(-1)
+        draft = dlm.forward_noisy(x_t, x_0, attention=attention, active=active, block_size=block_size,
+                                  vision=vision).argmax(-1)
     finally:
         dlm.model.train(was_training)
     return torch.where(chosen, draft, x_t)
