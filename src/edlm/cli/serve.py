@@ -37,6 +37,10 @@ def add_parser(sub) -> None:
                    help="largest request body in bytes, else 413 (default: 4194304 = 4 MiB)")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a client has to send its whole request body, else 408 (default 30)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="a vision-language model: fetch chat images given as http(s) URLs (each bounded in size and "
+                   "time); without it only inline data URLs are read. The server then fetches any URL a client "
+                   "names, from where it runs: keep it off where clients are not trusted")
     add_dtype_flag(p)
     p.set_defaults(func=run)
 
@@ -96,7 +100,7 @@ def run(args) -> None:
                 if args.verifier else None)
     app = create_app(dlm, names[0], max_batch=args.max_batch, max_queue=args.max_queue, aliases=names[1:],
                      verifier=verifier, api_key=args.api_key, max_request_bytes=args.max_request_bytes,
-                     body_timeout=args.body_timeout)
+                     body_timeout=args.body_timeout, allow_remote_images=args.allow_remote_images)
     print(f"serving {args.model} at http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if args.api_key else ''}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

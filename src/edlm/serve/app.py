@@ -20,6 +20,15 @@ verifier's log-probability, so in AR mode, `edlm serve --ar`, it equals HF's); t
 likely tokens at that slot. They cover the tokens of the returned text (a closing EOS is left out).
 Prompt scoring (echo with logprobs) is refused.
 
+Images (a vision-language model: edlm.vision): chat messages take OpenAI's content parts
+{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}} beside text parts. Each
+image stands where its part is (edlm.vision.flatten_image_parts) and is encoded with the prompt
+(edlm.vision.encode, while tokenizing), so an image request is one more token-id row in the
+batcher. A URL must be a data URL; http(s) URLs are fetched only by a server started with
+`--allow-remote-images` (bounded in time and size), and never a path on the server's disk. A bad
+image (not an image, malformed, too large, too many, a text-only model) is a 400 naming
+`messages`. /v1/completions takes text only.
+
 Exposing it (edlm.serve.app.HttpGuard, before any route runs): with an API key every /v1 endpoint
 and /metrics need `Authorization: Bearer KEY` (401); a body over max_request_bytes is refused
 with 413 (from Content-Length, or while it is read), one not received within body_timeout seconds
@@ -42,9 +51,11 @@ import base64
 import hmac
 import json
 import time
+import urllib.error
+import urllib.request
 import uuid
 from contextlib import asynccontextmanager
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from fastapi import FastAPI, Request
@@ -55,6 +66,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from edlm import vision
 from edlm.decode.options import (
     DecodeOptionError,
     DecodeOptions,
@@ -72,6 +84,7 @@ MAX_REQUEST_BYTES = 4 << 20  # 4 MiB: far above any prompt that fits a context, 
 BODY_TIMEOUT = 30.0  # seconds to receive a whole request body
 MAX_LOGPROBS = 20  # OpenAI's bound for logprobs / top_logprobs
 RETRY_AFTER = "1"  # seconds a client told 429 waits: the queue moves at the speed of one call
+IMAGE_FETCH_TIMEOUT = 10.0  # seconds to fetch one remote image (--allow-remote-images), connection and body
 
 
 # ------------------------------------------------------------------ errors
@@ -88,7 +101,10 @@ class ApiError(Exception):
 
 
 def _validation_error(exc: RequestValidationError) -> ApiError:
-    err = exc.errors()[0]
+    # the deepest error: for a value no member of a union takes (chat content: a string, or a list of
+    # parts), the member that got furthest says what is wrong ("...image_url.url: Field required"),
+    # not the first ("content.str: Input should be a valid string")
+    err = max(exc.errors(), key=lambda e: len(e.get("loc", ())))
     if err.get("type") == "json_invalid":
         return ApiError(400, f"request body is not valid JSON: {err.get('ctx', {}).get('error', '')}".rstrip(": "),
                         code="invalid_json")
@@ -192,15 +208,40 @@ class TextPart(_Body):
     text: str
 
 
+class ImageUrl(_Body):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # OpenAI's resolution hint: only "auto" is honoured
+
+
+class ImagePart(_Body):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[ContentPart]
     name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
+            return "".join(p.text for p in self.content if isinstance(p, TextPart))
         return self.content
+
+    def image_urls(self) -> list[ImageUrl]:
+        return [p.image_url for p in self.content if isinstance(p, ImagePart)] if isinstance(self.content, list) \
+            else []
+
+    def as_dict(self) -> dict:
+        """The message as edlm.vision.flatten_image_parts reads it (content parts as OpenAI's dicts)."""
+        if not isinstance(self.content, list):
+            return {"role": self.role, "content": self.content}
+        return {"role": self.role, "content": [{"type": "text", "text": p.text} if isinstance(p, TextPart) else
+                                               {"type": "image_url", "image_url": {"url": p.image_url.url}}
+                                               for p in self.content]}
 
 
 class ChatRequest(_DecodeBody):
@@ -228,6 +269,81 @@ class EmbeddingRequest(_Body):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
+
+
+# ------------------------------------------------------------------ images
+def _image_error(message: str) -> ApiError:
+    return ApiError(400, message, param="messages", code="invalid_value")
+
+
+def check_image_urls(dlm, messages: list[ChatMessage], allow_remote: bool) -> list[ImageUrl]:
+    """The request's images, in order, refused up front (before any byte is decoded or fetched)
+    where the model takes none, there are too many, a URL is neither a data URL nor (with
+    allow_remote) an http(s) URL, or a detail other than "auto" is asked for."""
+    urls = [u for m in messages for u in m.image_urls()]
+    if not urls:
+        return urls
+    if not vision.is_vlm(dlm.inner_model.config):
+        raise _image_error(f"the request holds {len(urls)} image(s), but this model is a text-only LM: it reads "
+                           "no images (serve a converted vision-language model)")
+    if len(urls) > vision.MAX_IMAGES:
+        raise _image_error(f"{len(urls)} images in one request; this server takes at most {vision.MAX_IMAGES}")
+    for i, u in enumerate(urls, 1):
+        if u.detail not in (None, "auto"):
+            raise _image_error(f"image {i}: detail={u.detail!r} is not supported by edlm (images are read at the "
+                               "model's own processor resolution): send 'auto' or leave it out")
+        if u.url.startswith(("http://", "https://")):
+            if not allow_remote:
+                raise _image_error(f"image {i} is a remote URL ({u.url[:80]}): this server does not fetch "
+                                   "images; send it inline as a data URL (data:image/png;base64,...), or start "
+                                   "the server with --allow-remote-images")
+        elif not u.url.startswith("data:"):
+            raise _image_error(f"image {i}: image_url.url must be a data URL (data:image/png;base64,...)"
+                               f"{' or an http(s) URL' if allow_remote else ''}, got {u.url[:40]!r}")
+    return urls
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not newurl.startswith(("http://", "https://")):
+            raise urllib.error.URLError(f"redirected to {newurl[:80]}, not an http(s) URL")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def fetch_image(url: str, what: str, timeout: float = IMAGE_FETCH_TIMEOUT, max_bytes: int | None = None) -> bytes:
+    """An http(s) image's bytes (`edlm serve --allow-remote-images`): within `timeout` seconds in
+    all and at most max_bytes (default edlm.vision.MAX_IMAGE_BYTES; refused from Content-Length, or
+    while reading), else EdlmError."""
+    max_bytes = vision.MAX_IMAGE_BYTES if max_bytes is None else max_bytes
+    opener = urllib.request.build_opener(_HttpOnlyRedirects)
+    deadline = time.monotonic() + timeout
+    short = url[:80]
+    try:
+        with opener.open(urllib.request.Request(url, headers={"User-Agent": "edlm"}), timeout=timeout) as r:
+            length = r.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > max_bytes:
+                raise EdlmError(f"{what} at {short} is {_size(int(length))}; at most {_size(max_bytes)}")
+            chunks, size = [], 0
+            while chunk := r.read(1 << 16):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise EdlmError(f"{what} at {short} is over {_size(max_bytes)}, the most an image may be")
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except urllib.error.HTTPError as exc:
+        raise EdlmError(f"cannot fetch {what} from {short}: HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        raise EdlmError(f"cannot fetch {what} from {short}: {exc.reason}") from None
+    except TimeoutError:
+        raise EdlmError(f"cannot fetch {what} from {short}: no answer within {timeout:g} s") from None
+    except (OSError, ValueError) as exc:  # a reset connection, a malformed URL or answer
+        raise EdlmError(f"cannot fetch {what} from {short}: {first_line(exc)}") from None
 
 
 # ------------------------------------------------------------------ prompts
@@ -558,12 +674,16 @@ class HttpGuard:
 # ------------------------------------------------------------------ the app
 def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256, aliases=(), verifier=None,
                api_key: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
-               body_timeout: float = BODY_TIMEOUT) -> FastAPI:
+               body_timeout: float = BODY_TIMEOUT, allow_remote_images: bool = False) -> FastAPI:
     """The server for one loaded DiffusionLM; clients pass `model_name` (listed by /v1/models) or
     one of `aliases` as `model`. One request holds at most max_batch prompts, each within the
     model's context, in a body of at most max_request_bytes: that bounds the memory one request can
-    take. With `api_key` every /v1 endpoint and /metrics need it as a bearer token."""
+    take. With `api_key` every /v1 endpoint and /metrics need it as a bearer token. With
+    allow_remote_images the server fetches chat images given as http(s) URLs (else only data URLs)."""
     served = {model_name, *aliases}
+    is_vlm = vision.is_vlm(dlm.inner_model.config)
+    placeholder = vision.placeholder_text(dlm.tokenizer, dlm.inner_model.config) if is_vlm else None
+    image_token = vision.image_token_id(dlm.inner_model.config) if is_vlm else None
     worker = BatchingWorker(dlm, max_batch=max_batch, max_queue=max_queue, verifier=verifier)
     metrics = ServerMetrics(worker)
     created = int(time.time())
@@ -669,18 +789,41 @@ def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256, 
     async def chat_completions(body: ChatRequest, request: Request):
         check_model(body.model)
         k = body.logprobs_k()
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        urls = check_image_urls(dlm, body.messages, allow_remote_images)
+        if urls:  # each image part becomes the model's placeholder where it stands
+            messages, _ = vision.flatten_image_parts([m.as_dict() for m in body.messages], placeholder)
+        else:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         _check_chars(dlm, ["".join(m["content"] for m in messages)], "messages", chars_per_token)
         _stops(body)
 
         def tokenize():
             try:
-                return render_chat(tokenizer, messages)
+                ids = render_chat(tokenizer, messages)
             except Exception as exc:  # noqa: BLE001 - chat templates raise anything (jinja, bad roles)
                 raise ApiError(400, f"cannot apply the chat template: {first_line(exc)}", param="messages",
                                code="invalid_value") from None
+            if not urls:
+                if is_vlm and image_token in ids:  # it would be read as an image feature that is not there
+                    raise EdlmError(f"the messages hold the model's image token "
+                                    f"{tokenizer.convert_ids_to_tokens(image_token)!r} as text, but no "
+                                    "image: send images as image_url content parts")
+                return ids
+            # the images' features computed now: an ImagePrompt, one token-id row to the batcher
+            images = [fetch_image(u.url, f"image {i}") if u.url.startswith(("http://", "https://")) else u.url
+                      for i, u in enumerate(urls, 1)]
+            try:
+                return vision.encode(dlm, ids, images)
+            except EdlmError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - an image processor's refusal (e.g. an extreme aspect ratio)
+                raise EdlmError(f"cannot read the images with the model's image processor: {first_line(exc)}") \
+                    from None
 
-        ids = _check_length(dlm, await asyncio.to_thread(tokenize), "messages")
+        try:
+            ids = _check_length(dlm, await asyncio.to_thread(tokenize), "messages")
+        except EdlmError as exc:
+            raise _image_error(str(exc)) from None
         max_tokens = body.max_completion_tokens or body.max_tokens
         job = submit(_job(dlm, body, [ids], max_tokens, "messages", verifier is not None, k))
         if body.stream:
@@ -707,7 +850,7 @@ def create_app(dlm, model_name: str, max_batch: int = 64, max_queue: int = 256, 
     async def embeddings(body: EmbeddingRequest, request: Request):
         check_model(body.model)
         texts = _listed(body.input, "input", max_batch * 16)  # embedding rows are cheap: one forward each
-        width = dlm.inner_model.config.hidden_size
+        width = dlm.text_config.hidden_size
         if body.dimensions is not None and body.dimensions > width:
             raise ApiError(400, f"dimensions {body.dimensions} exceeds the model's {width}", param="dimensions",
                            code="invalid_value")
