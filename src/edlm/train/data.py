@@ -35,10 +35,8 @@ class DataFields:
     images: str = "images"
 
 
-def load_raw(files: list[str]):
-    """Load files with one loader (all files must share a format), or one saved HF dataset dir."""
-    import datasets
-
+def check_data_files(files: list[str]) -> list[Path]:
+    """The --data paths, each existing and not empty (one line naming the first that is not)."""
     if not files:
         raise EdlmError("no data files given (--data)")
     paths = [Path(f) for f in files]
@@ -47,6 +45,14 @@ def load_raw(files: list[str]):
             raise EdlmError(f"data file not found: {p}")
         if p.is_file() and p.stat().st_size == 0:
             raise EdlmError(f"data file is empty: {p}")
+    return paths
+
+
+def load_raw(files: list[str]):
+    """Load files with one loader (all files must share a format), or one saved HF dataset dir."""
+    import datasets
+
+    paths = check_data_files(files)
     if len(paths) == 1 and paths[0].is_dir():
         try:
             ds = datasets.load_from_disk(str(paths[0]))
@@ -427,14 +433,7 @@ def build_image_dataset(files: list[str], tokenizer, seq_len: int, fields: DataF
     the file and row. Rows without images (text) are single padded sequences too."""
     import datasets
 
-    if not files:
-        raise EdlmError("no data files given (--data)")
-    paths = [Path(f) for f in files]
-    for p in paths:
-        if not p.exists():
-            raise EdlmError(f"data file not found: {p}")
-        if p.is_file() and p.stat().st_size == 0:
-            raise EdlmError(f"data file is empty: {p}")
+    paths = check_data_files(files)
     img = _Images(model, tokenizer)
     out: dict[str, list] = {"input_ids": [], "maskable": [], "length": [], "images": []}
     for path in paths:
