@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test lint models bench studies clean test-engines real-model test-real bench-real moe-models bench-moe
+.PHONY: demo test lint models bench studies clean test-engines real-model test-real bench-real moe-models bench-moe vlm-models bench-vlm
 
 $(VENV)/.core: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,15 @@ models: $(VENV)/.core
 # The MoE demo pair (models/moe-ar, models/moe-dlm), upcycled from the dense ones (README: MoE).
 moe-models: $(VENV)/.core
 	$(PY) -m edlm.recipes.moe_model
+
+# The VLM demo pair (models/vlm-ar, models/vlm-dlm), built on the text pair (README: Vision-language dLMs).
+vlm-models: $(VENV)/.core
+	$(PY) -m edlm.recipes.vlm_model
+
+# The VLM pair on 500 held-out picture problems (accuracy, TPF), then timed interleaved at batch 1.
+bench-vlm: $(VENV)/.core
+	$(VENV)/bin/edlm bench models/vlm-dlm --base models/vlm-ar --task pictures --strategies verified prefix threshold \
+		--thresholds 1.0 0.95 0.9 0.7 --limit 500 --out bench/results/vlm-cpu
 
 # TEAM on the MoE demo: accuracy, TPF and expert activations (500 problems), then tokens/s interleaved.
 bench-moe: $(VENV)/.core

@@ -12,7 +12,8 @@ def add_parser(sub) -> None:
                        "--thresholds 0.9 0.7 0.5 --batch-sizes 1 8 --limit 100 --out bench-out")
     p.add_argument("model", help="converted edlm model dir")
     p.add_argument("--base", required=True, help="the AR model it came from")
-    p.add_argument("--task", default="reasoning", help="reasoning | FILE.jsonl (prompt/answer) | lm-eval:TASK")
+    p.add_argument("--task", default="reasoning", help="reasoning | pictures (the VLM demo's: reasoning "
+                   "problems whose first number is an image) | FILE.jsonl (prompt/answer) | lm-eval:TASK")
     p.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLD_SWEEP),
                    help=f"thresholds of the strategies that read one (default {' '.join(map(str, THRESHOLD_SWEEP))})")
     p.add_argument("--strategies", nargs="+", default=None,

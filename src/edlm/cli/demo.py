@@ -18,6 +18,8 @@ def add_parser(sub) -> None:
                    help="commit rules to show: threshold (the paper's: any slot above the threshold) and prefix "
                    "(left to right while slots pass it)")
     p.add_argument("--out", default="demo-out", help="where results.json, results.md and pareto.png go")
+    p.add_argument("--vlm", action="store_true", help="the vision-language pair (models/vlm-ar, models/vlm-dlm, "
+                   "`make vlm-models`) on the same problems with their first number shown as a picture")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads, >= 1 (default: torch's choice)")
     p.set_defaults(func=run)
 
@@ -25,4 +27,4 @@ def add_parser(sub) -> None:
 def run(args) -> None:
     from edlm.recipes.demo import run_demo
 
-    run_demo(args.models, args.limit, args.thresholds, args.strategies, args.out, args.threads)
+    run_demo(args.models, args.limit, args.thresholds, args.strategies, args.out, args.threads, args.vlm)

@@ -30,6 +30,7 @@ from edlm.errors import EdlmError
 class Example:
     prompt: str
     answer: str
+    images: list | None = None  # a VLM task's images of this prompt (PIL images or paths)
 
     def correct(self, text: str) -> bool:
         from edlm.recipes.reasoning import extract_answer
@@ -44,6 +45,11 @@ def load_examples(task: str, limit: int) -> list[Example]:
 
     if task == "reasoning":
         return [Example(p.prompt, p.response) for p in reasoning.test_problems(min(limit, reasoning.TEST_SIZE))]
+    if task == "pictures":  # the VLM demo's: reasoning problems whose first number is a picture
+        from edlm.recipes import picture_problems
+
+        return [Example(p.prompt(picture_problems.PLACEHOLDER), p.response, [p.card()])
+                for p in picture_problems.test_problems(min(limit, reasoning.TEST_SIZE))]
     path = Path(task)
     if path.suffix == ".jsonl":
         if not path.is_file():
@@ -60,26 +66,30 @@ def load_examples(task: str, limit: int) -> list[Example]:
         if not rows:
             raise EdlmError(f"task file is empty: {path}")
         return rows[:limit]
-    raise EdlmError(f"unknown task {task!r}: use 'reasoning', a .jsonl of prompt/answer, or lm-eval:TASK")
+    raise EdlmError(f"unknown task {task!r}: use 'reasoning', 'pictures' (a VLM's), a .jsonl of prompt/answer, "
+                    "or lm-eval:TASK")
 
 
 # ------------------------------------------------------------------ runners
 # A runner decodes a list of prompts: run(prompts) -> (texts, generated tokens, model calls,
 # {tokens committed in one step: number of steps}); HF runners know neither calls nor steps.
+# On a task with images it is called run(prompts, images), one list of images per prompt.
 def engine_runner(dlm, max_new_tokens: int, **decode):
-    return _result_runner(lambda prompts: dlm.generate(prompts, max_new_tokens=max_new_tokens, **decode))
+    return _result_runner(lambda prompts, images: dlm.generate(prompts, max_new_tokens=max_new_tokens,
+                                                               images=images, **decode))
 
 
 def verified_runner(dlm, ar, max_new_tokens: int):
     """The dLM drafts, the AR parent verifies (edlm.decode.verify); calls = verification steps."""
-    return _result_runner(lambda prompts: dlm.generate(prompts, max_new_tokens=max_new_tokens, verifier=ar))
+    return _result_runner(lambda prompts, images: dlm.generate(prompts, max_new_tokens=max_new_tokens,
+                                                               images=images, verifier=ar))
 
 
 def _result_runner(decode):
-    """A runner from a function prompts -> GenerationResult."""
+    """A runner from a function (prompts, images) -> GenerationResult."""
 
-    def run(prompts):
-        res = decode(prompts)
+    def run(prompts, images=None):
+        res = decode(prompts, images)
         hist = Counter()
         for s in res.stats:
             hist.update(s.steps_histogram)
@@ -97,9 +107,14 @@ def hf_runner(ar, max_new_tokens: int, prompt_lookup: int | None = None):
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
 
-    def run(prompts):
+    def run(prompts, images=None):
         tok.padding_side = "left"
-        enc = tok(prompts, return_tensors="pt", padding=True).to(ar.device)
+        if images is not None:  # what a user of the HF processor feeds generate: ids and pixels
+            from edlm.vision import hf_inputs
+
+            enc = hf_inputs(ar, prompts, images)
+        else:
+            enc = tok(prompts, return_tensors="pt", padding=True).to(ar.device)
         extra = {"prompt_lookup_num_tokens": prompt_lookup} if prompt_lookup else {}
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
@@ -154,8 +169,13 @@ def measure_together(settings: list[tuple[str, object]], examples: list[Example]
     from tqdm.auto import tqdm
 
     prompts = [e.prompt for e in examples]
+    images = [e.images for e in examples] if any(e.images for e in examples) else None
+
+    def chunk(s: int) -> tuple:  # a VLM task's runners get each prompt's images too
+        return (prompts[s : s + batch_size],) + (() if images is None else (images[s : s + batch_size],))
+
     for _, run in settings:
-        run(prompts[:batch_size])  # warm-up, untimed: first calls pay for lazy init and allocator growth
+        run(*chunk(0))  # warm-up, untimed: first calls pay for lazy init and allocator growth
     stats = [{"seconds": [0.0] * repeats, "n_tok": [0] * repeats, "latencies": [], "correct": 0, "tokens": 0,
               "calls": 0, "hist": Counter(), "forward_s": 0.0, "forwards": 0} for _ in settings]
     chunks = range(0, len(prompts), batch_size)
@@ -167,7 +187,7 @@ def measure_together(settings: list[tuple[str, object]], examples: list[Example]
                 c0 = (clock.seconds, clock.calls) if clock is not None else None
                 _sync()
                 t = time.perf_counter()
-                texts, n, c, h = run(prompts[s : s + batch_size])
+                texts, n, c, h = run(*chunk(s))
                 _sync()
                 took = time.perf_counter() - t
                 st["seconds"][rep] += took
@@ -205,7 +225,7 @@ def forward_cost(dlm, batch_sizes, tokens=(1, 8, 16, 32, 64), context: int = 64,
     from transformers import DynamicCache
 
     out = []
-    vocab = dlm.model.config.vocab_size
+    vocab = dlm.text_config.vocab_size
     for b in batch_sizes:
         cache = DynamicCache()
         with torch.no_grad():

@@ -16,20 +16,24 @@ THRESHOLDS = (0.95, 0.9, 0.7)
 STRATEGIES = ("threshold", "prefix")
 
 
-def find_demo_models(models: str | Path | None = None) -> Path:
-    """The dir holding ar/ and dlm/: the one given, else ./models, else the source checkout's."""
+def find_demo_models(models: str | Path | None = None, pair: tuple[str, str] = ("ar", "dlm")) -> Path:
+    """The dir holding the pair (ar/ and dlm/; vlm-ar/ and vlm-dlm/): the one given, else ./models,
+    else the source checkout's."""
     here = Path(__file__).resolve().parents[3] / "models"  # src/edlm/recipes/demo.py -> repo root
     candidates = [Path(models)] if models is not None else [Path.cwd() / "models", here]
     for path in candidates:
-        if all((path / sub / "config.json").is_file() for sub in ("ar", "dlm")):
+        if all((path / sub / "config.json").is_file() for sub in pair):
             return path
-    raise EdlmError(f"no demo models (ar/ and dlm/) in {candidates[0]}: pass --models DIR, or build them "
-                    "with `make models` in a source checkout")
+    make = "make vlm-models" if pair[0].startswith("vlm") else "make models"
+    raise EdlmError(f"no demo models ({pair[0]}/ and {pair[1]}/) in {candidates[0]}: pass --models DIR, or build "
+                    f"them with `{make}` in a source checkout")
 
 
 def run_demo(models=None, limit: int = 100, thresholds=THRESHOLDS, strategies=STRATEGIES, out="demo-out",
-             threads: int | None = None) -> list[dict]:
-    """AR vs dLM on `limit` held-out problems at batch 1; prints the table, writes results and a plot."""
+             threads: int | None = None, vlm: bool = False) -> list[dict]:
+    """AR vs dLM on `limit` held-out problems at batch 1; prints the table, writes results and a plot.
+    vlm: the VLM pair (models/vlm-ar, models/vlm-dlm) on the same problems with their first number
+    shown as a picture (edlm.recipes.picture_problems), HF `generate` of the parent timed beside."""
     import torch
 
     from edlm.decode.options import DecodeOptions
@@ -38,6 +42,7 @@ def run_demo(models=None, limit: int = 100, thresholds=THRESHOLDS, strategies=ST
     from edlm.recipes import reasoning
     from edlm.recipes.bench import (
         engine_runner,
+        hf_runner,
         load_examples,
         markdown,
         measure_together,
@@ -56,16 +61,18 @@ def run_demo(models=None, limit: int = 100, thresholds=THRESHOLDS, strategies=ST
     if threads is not None and threads < 1:
         raise EdlmError(f"--threads must be >= 1, got {threads}")
     out = check_output_target(out)
-    models = find_demo_models(models)
+    pair = ("vlm-ar", "vlm-dlm") if vlm else ("ar", "dlm")
+    models = find_demo_models(models, pair)
     if threads is not None:
         torch.set_num_threads(threads)
-    examples = load_examples("reasoning", limit)
-    ar = DiffusionLM.from_pretrained(models / "ar", autoregressive=True)
-    dlm = DiffusionLM.from_pretrained(models / "dlm")
-    print(f"edlm demo: {len(examples)} held-out problems, batch 1, {torch.get_num_threads()} threads, "
-          f"dLM block size {dlm.config.block_size}")
+    examples = load_examples("pictures" if vlm else "reasoning", limit)
+    ar = DiffusionLM.from_pretrained(models / pair[0], autoregressive=True)
+    dlm = DiffusionLM.from_pretrained(models / pair[1])
+    print(f"edlm demo{' --vlm' if vlm else ''}: {len(examples)} held-out problems, batch 1, "
+          f"{torch.get_num_threads()} threads, dLM block size {dlm.config.block_size}")
     default = DecodeOptions.resolve(dlm)  # what `edlm generate models/dlm` uses with no flags
-    timed = [("AR (KV cache)", engine_runner(ar, MAX_NEW_TOKENS)),
+    timed = [("AR HF generate", hf_runner(ar, MAX_NEW_TOKENS))] if vlm else []
+    timed += [("AR (KV cache)", engine_runner(ar, MAX_NEW_TOKENS)),
              # the parent's own text, drafted a block at a time by the dLM (edlm.decode.verify)
              ("dLM drafts, AR verifies", verified_runner(dlm, ar, MAX_NEW_TOKENS))]
     if dlm.config.causal_clean:  # one model: drafts checked by its own AR stream (edlm.decode.selfverify)
