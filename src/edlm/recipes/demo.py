@@ -90,6 +90,6 @@ def run_demo(models=None, limit: int = 100, thresholds=THRESHOLDS, strategies=ST
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=1))
-    plot(rows, out / "pareto.png", f"edlm demo: {len(examples)} held-out problems, {dlm.device}")
+    plot(rows, out / "pareto.png", f"edlm demo{' --vlm' if vlm else ''}: {len(examples)} held-out problems, {dlm.device}")
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'pareto.png'}")
     return rows
