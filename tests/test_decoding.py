@@ -64,12 +64,19 @@ def tiny_dlm(arch="llama", block_size=4, shift=False, seed=0):
     return convert_model(model, make_tiny_tokenizer(), block_size=block_size, shift=shift)
 
 
+def text_forward(dlm, ids: list[int], mask: torch.Tensor) -> torch.Tensor:
+    """[L, V] logits of one sequence under `mask` [L, L], logical positions 0..L-1."""
+    return dlm.model(input_ids=torch.tensor([ids]), attention_mask=dlm.backend_mask(mask),
+                     position_ids=torch.arange(len(ids))[None]).logits[0].float()
+
+
 @torch.no_grad()
-def reference_decode(dlm, prompt, max_new, bs, **opts):
+def reference_decode(dlm, prompt, max_new, bs, forward=text_forward, **opts):
     """Recompute the whole sequence with the block-causal mask at every step; no cache.
-    Every block is decoded whole and the output cut to the budget (a budget never changes text)."""
+    Every block is decoded whole and the output cut to the budget (a budget never changes text).
+    prompt: text or token ids; forward(dlm, ids, mask) -> [L, V] logits (a VLM's places its images)."""
     tok, mask_id, eos = dlm.tokenizer, dlm.config.mask_token_id, dlm.tokenizer.eos_token_id
-    seq = tok(prompt)["input_ids"]
+    seq = list(prompt) if isinstance(prompt, list) else tok(prompt)["input_ids"]
     out = []
     start = len(seq) // bs * bs
     while len(out) < max_new:
@@ -79,13 +86,12 @@ def reference_decode(dlm, prompt, max_new, bs, **opts):
         gen = todo.clone()
         eos_slot = bs
         while todo.any():
-            ids = torch.tensor([seq[:start] + block])
-            n = ids.shape[1]
+            ids = seq[:start] + block
+            n = len(ids)
             mask = block_causal_mask(n, bs)
             if dlm.config.causal_clean:  # finished blocks are the clean stream: token-causal
                 mask[:start] = torch.ones(n, n, dtype=torch.bool).tril()[:start]
-            logits = dlm.model(input_ids=ids, attention_mask=dlm.backend_mask(mask),
-                               position_ids=torch.arange(n)[None]).logits[0].float()
+            logits = forward(dlm, ids, mask)
             slot_logits = logits[start - 1 : start + bs - 1] if dlm.config.shift else logits[start:]
             slot_logits = slot_logits.clone()
             slot_logits[:, mask_id] = float("-inf")

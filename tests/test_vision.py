@@ -7,12 +7,11 @@ import inspect
 import pytest
 import torch
 from PIL import Image
+from test_decoding import reference_decode as text_reference_decode
 
 from edlm import vision
-from edlm.decode.rules import pick_tokens
 from edlm.decode.strategies import STRATEGIES
 from edlm.errors import EdlmError
-from edlm.masks import block_causal_mask
 from edlm.model import DiffusionConfig, DiffusionLM
 from edlm.testing import VLM_ARCHITECTURES, make_tiny_causal_lm, make_tiny_tokenizer, make_tiny_vlm
 from edlm.train.convert import convert, convert_model
@@ -75,38 +74,10 @@ def hf_forward(dlm, ids, images, mask):
                  **inputs).logits[0].float()
 
 
-@torch.no_grad()
 def reference_decode(dlm, prompt, images, max_new, threshold):
-    """The threshold rule by recomputing everything at every step, with no cache (EOS ignored)."""
-    tok, mask_id, bs = dlm.tokenizer, dlm.config.mask_token_id, dlm.config.block_size
-    seq = expanded_ids(dlm, prompt, images)
-    out = []
-    start = len(seq) // bs * bs
-    while len(out) < max_new:
-        tail = seq[start:]
-        block = tail + [mask_id] * (bs - len(tail))
-        todo = torch.tensor([len(tail) <= j for j in range(bs)])
-        gen = todo.clone()
-        while todo.any():
-            ids = seq[:start] + block
-            mask = block_causal_mask(len(ids), bs)
-            if dlm.config.causal_clean:
-                mask[:start] = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()[:start]
-            logits = hf_forward(dlm, ids, images, mask)
-            slot = (logits[start - 1: start + bs - 1] if dlm.config.shift else logits[start:]).clone()
-            slot[:, mask_id] = float("-inf")
-            slot[:, len(tok):] = float("-inf")
-            tokens, conf, _ = pick_tokens(slot[None], 0.0, 1.0)
-            cand = conf[0].masked_fill(~todo, -1)
-            chosen = todo & (conf[0] >= threshold)
-            chosen[int(cand.argmax())] = True
-            for j in torch.nonzero(chosen).flatten().tolist():
-                block[j] = int(tokens[0, j])
-            todo &= ~chosen
-        out += [block[j] for j in range(bs) if gen[j]][: max_new - len(out)]
-        seq = seq[:start] + block
-        start += bs
-    return out
+    """test_decoding's no-cache reference (the threshold rule), each forward through the HF VLM."""
+    return text_reference_decode(dlm, expanded_ids(dlm, prompt, images), max_new, dlm.config.block_size,
+                                 forward=lambda d, ids, mask: hf_forward(d, ids, images, mask), threshold=threshold)
 
 
 def no_eos(dlm):

@@ -142,6 +142,19 @@ class VisionRow:
     def prompt_len(self) -> int:
         return self.slot.shape[0]
 
+    @classmethod
+    def build(cls, model, ids: torch.Tensor, features: torch.Tensor, grids: torch.Tensor | None) -> "VisionRow":
+        """The row of token ids [P] whose image tokens take `features` in order: their slots and, on
+        an M-RoPE model, the 3-D ids its own get_rope_index gives (`grids`: the images' (t, h, w))."""
+        is_image = ids == image_token_id(model.config)
+        row = cls(features, torch.where(is_image, is_image.long().cumsum(0) - 1, -1))
+        if uses_mrope(model):
+            fn = model.model.get_rope_index
+            kwargs = {"mm_token_type_ids": is_image.int()[None], "image_grid_thw": grids}
+            pos, delta = fn(ids[None], **{k: v for k, v in kwargs.items() if k in inspect.signature(fn).parameters})
+            row.mrope, row.delta = pos[:, 0].to(ids.device), int(delta.reshape(-1)[0])
+        return row
+
 
 class ImagePrompt(list):
     """A prompt's token ids (placeholders expanded) that carries its images' VisionRow: it goes
@@ -167,21 +180,57 @@ def _feature_kwargs(fn, config, inputs: dict) -> dict:
     return kwargs
 
 
-@torch.no_grad()
-def image_features(model, image_processor, image) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One image's features [N, H] in the language model's embedding space (the untouched vision
-    tower and projector) and its (t, h, w) grid where the model has one (M-RoPE)."""
-    inputs = dict(image_processor(images=[image], return_tensors="pt"))
-    device, dtype = model.get_input_embeddings().weight.device, model.get_input_embeddings().weight.dtype
-    inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
-              for k, v in inputs.items()}
+def processed(model, image_processor, images: list) -> dict:
+    """The image processor's tensors for `images`, on the model's device (floats in its dtype)."""
+    inputs = dict(image_processor(images=images, return_tensors="pt"))
+    weight = model.get_input_embeddings().weight
+    return {k: (v.to(weight.device, weight.dtype) if v.is_floating_point() else v.to(weight.device))
+            if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
+def _features(model, inputs: dict, n_images: int) -> list[torch.Tensor]:
+    """The features [N, H] of each processed image: the vision tower and projector's own
+    get_image_features, in the language model's embedding space and dtype."""
     fn = model.model.get_image_features
     out = fn(**_feature_kwargs(fn, model.config, inputs))
     pooled = out.pooler_output if hasattr(out, "pooler_output") else out
     if isinstance(pooled, (list, tuple)):
-        pooled = torch.cat([p.reshape(-1, p.shape[-1]) for p in pooled])
+        feats = [p.reshape(-1, p.shape[-1]) for p in pooled]
+    elif pooled.dim() == 3 and pooled.shape[0] == n_images:
+        feats = list(pooled.unbind(0))
+    else:
+        feats = list(pooled.reshape(n_images, -1, pooled.shape[-1]).unbind(0))
+    dtype = model.get_input_embeddings().weight.dtype
+    return [f.to(dtype) for f in feats]
+
+
+@torch.no_grad()
+def image_features(model, image_processor, images: list) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The images' features (one [N, H] each) from the untouched vision tower and projector, and
+    their (t, h, w) grids [n, 3] where the model has them (M-RoPE)."""
+    inputs = processed(model, image_processor, images)
     grid = inputs.get("image_grid_thw")
-    return pooled.reshape(-1, pooled.shape[-1]).to(dtype), grid
+    return _features(model, inputs, len(images)), grid.reshape(-1, 3) if grid is not None else None
+
+
+def with_placeholders(prompt: str, n_images: int, tokenizer, config) -> str:
+    """A text prompt naming no image token gets one placeholder per image at its start (HF processors
+    ask the caller to place them; a prompt that names none means "these images, then this text")."""
+    if n_images and tokenizer.convert_ids_to_tokens(image_token_id(config)) not in prompt:
+        return placeholder_text(tokenizer, config) * n_images + prompt
+    return prompt
+
+
+def expand_placeholders(ids: list[int], token: int, counts: list[int]) -> list[int]:
+    """`ids` with its k-th image token repeated counts[k] times (one token per image feature)."""
+    out, k = [], 0
+    for t in ids:
+        if t == token:
+            out += [token] * counts[k]
+            k += 1
+        else:
+            out.append(t)
+    return out
 
 
 def placeholder_text(tokenizer, config) -> str:
@@ -211,36 +260,19 @@ def encode(dlm, prompt, images) -> ImagePrompt | list[int]:
     images = [load_image(img, f"image {i + 1}") for i, img in enumerate(images)]
     token = image_token_id(model.config)
     if isinstance(prompt, str):
-        if images and tokenizer.convert_ids_to_tokens(token) not in prompt:
-            prompt = placeholder_text(tokenizer, model.config) * len(images) + prompt
+        prompt = with_placeholders(prompt, len(images), tokenizer, model.config)
         ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     else:
         ids = [int(t) for t in prompt]
-    holes = [i for i, t in enumerate(ids) if t == token]
-    if len(holes) != len(images):
-        raise EdlmError(f"the prompt has {len(holes)} image placeholders but {len(images)} images were given")
+    holes = ids.count(token)
+    if holes != len(images):
+        raise EdlmError(f"the prompt has {holes} image placeholders but {len(images)} images were given")
     if not images:
         return ids
-    feats, grids, out, start = [], [], [], 0
-    for hole, image in zip(holes, images, strict=True):
-        f, grid = image_features(model, dlm.image_processor, image)
-        feats.append(f)
-        if grid is not None:
-            grids.append(grid.reshape(-1, 3))
-        out += ids[start:hole] + [token] * f.shape[0]
-        start = hole + 1
-    out += ids[start:]
+    feats, grids = image_features(model, dlm.image_processor, images)
+    out = expand_placeholders(ids, token, [f.shape[0] for f in feats])
     device = model.get_input_embeddings().weight.device
-    ids_t = torch.tensor(out, device=device)
-    is_image = ids_t == token
-    slot = torch.where(is_image, is_image.long().cumsum(0) - 1, -1)
-    row = VisionRow(torch.cat(feats), slot)
-    if uses_mrope(model):
-        fn = model.model.get_rope_index
-        kwargs = {"mm_token_type_ids": is_image.int()[None], "image_grid_thw": torch.cat(grids).to(device)}
-        pos, delta = fn(ids_t[None], **{k: v for k, v in kwargs.items() if k in inspect.signature(fn).parameters})
-        row.mrope, row.delta = pos[:, 0].to(device), int(delta.reshape(-1)[0])
-    return ImagePrompt(out, row)
+    return ImagePrompt(out, VisionRow.build(model, torch.tensor(out, device=device), torch.cat(feats), grids))
 
 
 def flatten_image_parts(messages: list[dict], placeholder: str) -> tuple[list[dict], list]:
@@ -282,46 +314,29 @@ def with_images(dlm, prompts, images) -> list:
     return [p if not imgs else encode(dlm, p, imgs) for p, imgs in zip(prompts, images, strict=True)]
 
 
-def processed_token_count(model, processed: dict, i: int) -> int:
-    """Tokens image i of an image-processor output takes in the prompt, by the model's own rule:
-    a Qwen2-VL grid's patches merged merge x merge, or a LLaVA tower's patches (+ CLS when its
-    features keep it)."""
-    grid = processed.get("image_grid_thw")
-    if grid is not None:
-        return int(grid[i].prod()) // model.config.vision_config.spatial_merge_size ** 2
-    vc = model.config.vision_config
-    full = getattr(model.config, "vision_feature_select_strategy", "default") == "full"
-    return (vc.image_size // vc.patch_size) ** 2 + full
-
-
-def hf_inputs(dlm, prompts: list[str], images: list) -> dict:
+def hf_inputs(dlm, prompts: list[str], images: list, memo: dict | None = None) -> dict:
     """What a user of the model's HF processor feeds `generate` for text prompts and their images:
     left-padded input_ids with each placeholder expanded, attention_mask, and the image processor's
-    tensors (the HF baseline of `edlm bench`: no edlm code computes the features)."""
+    tensors (the HF baseline of `edlm bench`: no edlm code computes the features it is given).
+    memo: image_token_count's, kept by a caller that calls again (a LLaVA measures its count once)."""
     model, tok = dlm.inner_model, dlm.tokenizer
+    memo = {} if memo is None else memo
     token = image_token_id(model.config)
     flat = [load_image(img) for imgs in images for img in imgs or []]
-    processed = dict(dlm.image_processor(images=flat, return_tensors="pt")) if flat else {}
+    tensors = processed(model, dlm.image_processor, flat) if flat else {}
+    counts = [image_token_count(model, tensors, i, memo) for i in range(len(flat))]
     rows, seen = [], 0
     for prompt, imgs in zip(prompts, images, strict=True):
-        if imgs and tok.convert_ids_to_tokens(token) not in prompt:
-            prompt = placeholder_text(tok, model.config) * len(imgs) + prompt
-        ids = []
-        for t in tok(prompt, add_special_tokens=True)["input_ids"]:
-            if t == token:
-                ids += [token] * processed_token_count(model, processed, seen)
-                seen += 1
-            else:
-                ids.append(t)
-        rows.append(ids)
+        n = len(imgs or [])
+        ids = tok(with_placeholders(prompt, n, tok, model.config), add_special_tokens=True)["input_ids"]
+        rows.append(expand_placeholders(ids, token, counts[seen : seen + n]))
+        seen += n
     width = max(map(len, rows))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    device, dtype = model.get_input_embeddings().weight.device, model.get_input_embeddings().weight.dtype
-    out = {"input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device),
-           "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)}
-    for k, v in processed.items():
-        out[k] = v.to(device, dtype) if v.is_floating_point() else v.to(device)
-    return out
+    device = model.get_input_embeddings().weight.device
+    return {"input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device),
+            "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device),
+            **tensors}
 
 
 class VisionRows:
@@ -409,35 +424,21 @@ def vision_parameters(model) -> list[torch.nn.Parameter]:
     return [p for m in vision_modules(model) for p in m.parameters()]
 
 
-def _processed(model, image_processor, images: list) -> dict:
-    inputs = dict(image_processor(images=images, return_tensors="pt"))
-    weight = model.get_input_embeddings().weight
-    return {k: (v.to(weight.device, weight.dtype) if v.is_floating_point() else v.to(weight.device))
-            if torch.is_tensor(v) else v for k, v in inputs.items()}
-
-
-def _per_image(pooled, n_images: int) -> list[torch.Tensor]:
-    """get_image_features' pooler output as one [N, H] tensor per image."""
-    if isinstance(pooled, (list, tuple)):
-        return [p.reshape(-1, p.shape[-1]) for p in pooled]
-    if pooled.dim() == 3 and pooled.shape[0] == n_images:
-        return list(pooled.unbind(0))
-    return list(pooled.reshape(n_images, -1, pooled.shape[-1]).unbind(0))
-
-
-def image_token_count(model, image_processor, image, memo: dict) -> int:
-    """How many image tokens (features) `image` becomes in a prompt. M-RoPE models say it from the
-    processor's grid (t*h*w patches merged spatial_merge_size^2 to one); others are measured once
-    per processed shape by the vision tower itself (LLaVA: one measurement for every image)."""
+def image_token_count(model, tensors: dict, i: int, memo: dict) -> int:
+    """How many image tokens (features) image i of `processed` tensors becomes in a prompt.
+    M-RoPE models say it from the processor's grid (t*h*w patches merged spatial_merge_size^2 to
+    one); others are measured once per processed shape by the vision tower itself (LLaVA: one
+    measurement for every image)."""
     model = hf_model(model)
-    inputs = _processed(model, image_processor, [image])
-    grid = inputs.get("image_grid_thw")
+    grid = tensors.get("image_grid_thw")
     merge = getattr(getattr(model.config, "vision_config", None), "spatial_merge_size", None)
     if grid is not None and merge:
-        return int(grid.reshape(-1, 3)[0].prod()) // merge**2
-    key = tuple((k, tuple(v.shape)) for k, v in sorted(inputs.items()) if torch.is_tensor(v))
+        return int(grid.reshape(-1, 3)[i].prod()) // merge**2
+    one = {k: v[i : i + 1] if torch.is_tensor(v) else v for k, v in tensors.items()}
+    key = tuple((k, tuple(v.shape)) for k, v in sorted(one.items()) if torch.is_tensor(v))
     if key not in memo:
-        memo[key] = image_features(model, image_processor, image)[0].shape[0]
+        with torch.no_grad():
+            memo[key] = _features(model, one, 1)[0].shape[0]
     return memo[key]
 
 
@@ -454,7 +455,7 @@ def training_vision(model, image_processor, ids: torch.Tensor, sources: list[lis
         return None
     model = hf_model(model)
     images = [load_image(s, what) for row in sources for s in row]
-    inputs = _processed(model, image_processor, images)
+    inputs = processed(model, image_processor, images)
     modules = vision_modules(model)
     modes = [m.training for m in modules]
     try:
@@ -462,34 +463,24 @@ def training_vision(model, image_processor, ids: torch.Tensor, sources: list[lis
             for m in modules:
                 m.eval()
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            fn = model.model.get_image_features
-            out = fn(**_feature_kwargs(fn, model.config, inputs))
+            feats = _features(model, inputs, len(images))
     finally:
         for m, mode in zip(modules, modes, strict=True):
             m.train(mode)
-    pooled = out.pooler_output if hasattr(out, "pooler_output") else out
-    feats = _per_image(pooled, len(images))
-    dtype = model.get_input_embeddings().weight.dtype
     grids = inputs.get("image_grid_thw")
     grids = grids.reshape(-1, 3) if grids is not None else None
-    token, mrope = image_token_id(model.config), uses_mrope(model)
+    token = image_token_id(model.config)
     rows, k = [], 0
     for i, row in enumerate(sources):
         if not row:
             rows.append(None)
             continue
         n = len(row)
-        f = torch.cat(feats[k : k + n]).to(dtype)
-        is_image = ids[i] == token
-        if int(is_image.sum()) != f.shape[0]:
-            raise EdlmError(f"a training row has {int(is_image.sum())} image tokens but its {n} image(s) give "
+        f = torch.cat(feats[k : k + n])
+        n_tokens = int((ids[i] == token).sum())
+        if n_tokens != f.shape[0]:
+            raise EdlmError(f"a training row has {n_tokens} image tokens but its {n} image(s) give "
                             f"{f.shape[0]} features (an image file changed since the data was read?)")
-        vrow = VisionRow(f, torch.where(is_image, is_image.long().cumsum(0) - 1, -1))
-        if mrope:
-            fn = model.model.get_rope_index
-            kwargs = {"mm_token_type_ids": is_image.int()[None], "image_grid_thw": grids[k : k + n]}
-            pos, delta = fn(ids[i][None], **{a: v for a, v in kwargs.items() if a in inspect.signature(fn).parameters})
-            vrow.mrope, vrow.delta = pos[:, 0].to(ids.device), int(delta.reshape(-1)[0])
-        rows.append(vrow)
+        rows.append(VisionRow.build(model, ids[i], f, grids[k : k + n] if grids is not None else None))
         k += n
     return VisionRows(rows)

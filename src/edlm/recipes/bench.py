@@ -107,12 +107,14 @@ def hf_runner(ar, max_new_tokens: int, prompt_lookup: int | None = None):
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
 
+    memo: dict = {}  # image token counts a LLaVA measures once (in the untimed warm-up)
+
     def run(prompts, images=None):
         tok.padding_side = "left"
         if images is not None:  # what a user of the HF processor feeds generate: ids and pixels
             from edlm.vision import hf_inputs
 
-            enc = hf_inputs(ar, prompts, images)
+            enc = hf_inputs(ar, prompts, images, memo)
         else:
             enc = tok(prompts, return_tensors="pt", padding=True).to(ar.device)
         extra = {"prompt_lookup_num_tokens": prompt_lookup} if prompt_lookup else {}

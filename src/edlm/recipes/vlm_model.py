@@ -119,7 +119,7 @@ def dlm_init(work: Path, parent: Path, models: Path) -> Path:
 
     from edlm.config import DiffusionConfig
     from edlm.files import write_dir_atomically
-    from edlm.model import DiffusionLM, load_causal_lm, read_checkpoint_config
+    from edlm.model import load_causal_lm, read_checkpoint_config
     from edlm.train.convert import convert_model
 
     out = work / "dlm-init"
@@ -133,17 +133,11 @@ def dlm_init(work: Path, parent: Path, models: Path) -> Path:
     dlm.inner_model.model.language_model.load_state_dict(text.model.state_dict(), strict=True)
     dlm.inner_model.lm_head.load_state_dict(text.lm_head.state_dict())
     dlm.config = replace(text_cfg, base_model=str(parent), decoding={})
-    assert isinstance(dlm, DiffusionLM)
     return write_dir_atomically(out, dlm.save_pretrained)
 
 
-def ship(trained: Path, out: Path, decoding: dict | None = None) -> None:
-    from edlm.recipes.moe_model import ship as ship_bf16
-
-    ship_bf16(trained, out, decoding)
-
-
 def main(argv=None) -> None:
+    from edlm.recipes.moe_model import ship  # bf16, with the dLM's default decode setting
     from edlm.train import TrainConfig
     from edlm.train import train as run_training
 

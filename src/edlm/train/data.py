@@ -197,9 +197,15 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _bos(tokenizer) -> list[int]:
+    """The BOS a tokenizer that adds one puts first (our encoding adds no special tokens itself)."""
+    return [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and \
+        tokenizer.bos_token_id is not None else []
+
+
 def tokenize_examples(batch, tokenizer, kind: str, fields: DataFields):
     eos = tokenizer.eos_token_id
-    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
+    bos = _bos(tokenizer)
     ids_out, mask_out = [], []
     n = len(next(iter(batch.values())))
     for i in range(n):
@@ -323,7 +329,8 @@ class _Images:
     def count(self, source: str, what: str) -> int:
         if source not in self.counts:
             image = self.vision.load_image(source, what)
-            self.counts[source] = self.vision.image_token_count(self.model, self.processor, image, self.memo)
+            processed = self.vision.processed(self.model, self.processor, [image])
+            self.counts[source] = self.vision.image_token_count(self.model, processed, 0, self.memo)
         return self.counts[source]
 
 
@@ -385,32 +392,27 @@ def _image_example(row: dict, where: str, base: Path, tokenizer, kind: str, fiel
             messages = [*messages]
             messages[at] = {**messages[at], "content": placeholder * len(images) + messages[at]["content"]}
         prompt, response = chat_prompt(tokenizer, messages[:-1]), messages[-1]["content"]
-    elif kind == "sft" and images and img.token_text not in prompt:
-        prompt = placeholder * len(images) + prompt  # a prompt naming no placeholder: the images first
+    elif kind == "sft" and images:
+        prompt = img.vision.with_placeholders(prompt, len(images), tokenizer, img.model.config)
     if kind == "text":
         text = row.get(fields.text)
         if not isinstance(text, str):
             raise EdlmError(f"{where}: field '{fields.text}' must be a string, got {text!r:.60}")
         p_ids, r_ids = [], _encode(tokenizer, text) + [tokenizer.eos_token_id]
     else:
-        bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and \
-            tokenizer.bos_token_id is not None else []
-        p_ids, r_ids = bos + _encode(tokenizer, prompt), _encode(tokenizer, response) + [tokenizer.eos_token_id]
+        p_ids, r_ids = _bos(tokenizer) + _encode(tokenizer, prompt), _encode(tokenizer, response) + [tokenizer.eos_token_id]
     if img.vlm and img.token in r_ids:
         raise EdlmError(f"{where}: an image in the response (the last message): images sit in the prompt only")
-    holes = [i for i, t in enumerate(p_ids) if img.vlm and t == img.token]
-    if len(holes) != len(images):
-        raise EdlmError(f"{where}: the prompt has {len(holes)} image placeholders but {len(images)} images are given")
+    holes = p_ids.count(img.token) if img.vlm else 0
+    if holes != len(images):
+        raise EdlmError(f"{where}: the prompt has {holes} image placeholders but {len(images)} images are given")
     sources = [_resolve(s, base, where) for s in images]
-    ids, start = [], 0
-    for k, (hole, source) in enumerate(zip(holes, sources, strict=True)):
-        ids += p_ids[start:hole] + [img.token] * img.count(source, f"{where}: image {k + 1}")
-        start = hole + 1
-    ids += p_ids[start:]
+    counts = [img.count(source, f"{where}: image {k + 1}") for k, source in enumerate(sources)]
+    ids = img.vision.expand_placeholders(p_ids, img.token, counts) if img.vlm else p_ids
     n_prompt = len(ids)
-    ids += r_ids
+    ids = ids + r_ids
     if len(ids) > seq_len:
-        n_image = n_prompt - len(p_ids) + len(holes)
+        n_image = sum(counts)
         raise EdlmError(f"{where}: {len(ids)} tokens ({n_image} of them image tokens) exceed --seq-len {seq_len}: "
                         "raise --seq-len, or shorten or drop the row")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
