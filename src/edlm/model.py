@@ -177,7 +177,7 @@ class DiffusionLM:
         from edlm import drafter
 
         if drafter.gate_of(model) is not None:  # the parent's weights under their own names, the adapter beside
-            drafter.save(model, out)
+            drafter.save(model, out, drafter.DrafterConfig(**self.config.drafter), self.config.mask_token_id)
             state_dict = drafter.base_state(model) if state_dict is None else state_dict
         model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
         self.tokenizer.save_pretrained(str(out))

@@ -23,20 +23,23 @@ def add_parser(sub) -> None:
                    help="BASE is a directory holding GGUF files: convert this one")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the written weights (default float32; conversion runs in float32)")
-    p.add_argument("--drafter", default=None, metavar="lora:RANK[:MODULES]",
+    p.add_argument("--drafter", default=None, metavar="lora:RANK[:MODULES]|ADAPTER",
                    help="add a drafting adapter (LoRA on noisy positions only, e.g. lora:16 or lora:16:o_proj,v_proj) "
                    "over the untouched parent: `verified` then returns the parent's own greedy text; implies "
-                   "--shift and a token-causal clean stream (default: none)")
+                   "--shift and a token-causal clean stream. ADAPTER: a trained drafter.safetensors (or its "
+                   "folder) to put on this parent, e.g. one trained elsewhere (default: none)")
     p.add_argument("--force", action="store_true",
                    help="replace OUT when it holds an earlier edlm output or checkpoint (never other files)")
     p.set_defaults(func=run)
 
 
 def run(args) -> None:
-    from edlm.drafter import DrafterConfig
+    from edlm.drafter import DrafterConfig, adapter_file
     from edlm.train.convert import convert
 
-    drafter = DrafterConfig.parse(args.drafter) if args.drafter is not None else None
+    drafter = args.drafter
+    if drafter is not None and adapter_file(drafter) is None:
+        drafter = DrafterConfig.parse(drafter)  # a bad spec is one line before any loading
     dlm = convert(args.base, args.out, block_size=args.block_size, mask_token=args.mask_token,
                   shift=args.shift or drafter is not None, force=args.force, gguf_file=args.gguf_file,
                   dtype=args.dtype, drafter=drafter)
