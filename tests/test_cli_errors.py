@@ -125,6 +125,8 @@ EARLY = [  # (what was tried, argv, a word the message must hold): refused befor
     ("bench --repeats 0", ["bench", "{root}/dlm", "--base", "{ar}", "--repeats", "0"], "--repeats"),
     ("bench --block-sizes 0", ["bench", "{root}/dlm", "--base", "{ar}", "--block-sizes", "0"], "--block-sizes"),
     ("bench an AR model as MODEL", ["bench", "{ar}", "--base", "{ar}"], "edlm convert"),
+    ("bench --drafter without an adapter", ["bench", "{root}/dlm", "--base", "{ar}", "--drafter", "{root}/dlm"],
+     "has no drafting adapter"),
     ("demo --threads 0", ["demo", "--threads", "0"], "--threads"),
     ("demo --out in /proc", ["demo", "--out", "/proc/x"], "/proc"),
     ("eval --out in /proc", ["eval", "{root}/dlm", "--tasks", "x", "--out", "/proc/x/res.json"], "/proc"),

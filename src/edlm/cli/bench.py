@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=96, help="budget of new tokens per example")
     p.add_argument("--verified", action="store_true", help="also the dLM drafting for its AR parent (output = "
                    "the parent's greedy text; TPF = tokens per verification step)")
+    p.add_argument("--drafter", default=None, metavar="DIR",
+                   help="also this drafting adapter over the parent (`edlm convert --drafter`): one model, the "
+                   "parent's own greedy text")
     p.add_argument("--no-hf", dest="hf_baselines", action="store_false", help="skip the HF generate baselines")
     p.add_argument("--out", default="bench-out", help="directory for results.json, results.md, pareto.png")
     add_dtype_flag(p)
@@ -38,4 +41,4 @@ def run(args) -> None:
 
     run_bench(args.model, args.base, args.task, args.thresholds, args.strategies, args.block_sizes or (None,),
               args.batch_sizes, args.limit, args.repeats, args.max_new_tokens, args.out, args.hf_baselines,
-              args.verified, dtype_flag(args))
+              args.verified, dtype_flag(args), args.drafter)

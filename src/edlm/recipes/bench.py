@@ -405,7 +405,7 @@ def default_strategies(model: str) -> tuple[str, ...]:
 
 
 def check_bench_args(model: str, base: str, task: str, thresholds, strategies, block_sizes, batch_sizes, limit: int,
-                     repeats: int, max_new_tokens: int, out: str) -> Path:
+                     repeats: int, max_new_tokens: int, out: str, drafter: str | None = None) -> Path:
     """Every argument, before a model is loaded: a typo never waits for the measurement. Returns OUT."""
     from edlm.decode.options import declared_options
     from edlm.files import check_output_target
@@ -431,19 +431,24 @@ def check_bench_args(model: str, base: str, task: str, thresholds, strategies, b
         raise EdlmError(f"--base {base} is a converted dLM; pass the AR model it came from")
     if CONFIG_KEY not in read_checkpoint_config(model):
         raise EdlmError(f"{model} is not a converted edlm model (run `edlm convert {model} OUT` first)")
+    if drafter is not None and not read_checkpoint_config(drafter).get(CONFIG_KEY, {}).get("drafter"):
+        raise EdlmError(f"--drafter {drafter} has no drafting adapter (make one with `edlm convert {base} OUT "
+                        "--drafter lora:16`)")
     return out_dir
 
 
 def run_bench(model: str, base: str, task: str = "reasoning", thresholds=THRESHOLD_SWEEP, strategies=None,
               block_sizes=(None,), batch_sizes=(1,), limit: int = 50, repeats: int = 1, max_new_tokens: int = 96,
-              out: str = "bench-out", hf_baselines: bool = True, verified: bool = False, dtype=None) -> list[dict]:
-    """`strategies` None: `default_strategies(model)`."""
+              out: str = "bench-out", hf_baselines: bool = True, verified: bool = False, dtype=None,
+              drafter: str | None = None) -> list[dict]:
+    """`strategies` None: `default_strategies(model)`; `drafter`: a drafting adapter's dir over `base`
+    (edlm.drafter), timed beside as one more setting."""
     from edlm.decode.options import DecodeOptions
     from edlm.model import DiffusionLM
 
     strategies = tuple(strategies) if strategies is not None else default_strategies(model)
     out_dir = check_bench_args(model, base, task, thresholds, strategies, block_sizes, batch_sizes, limit, repeats,
-                               max_new_tokens, out)
+                               max_new_tokens, out, drafter)
     rows: list[dict] = []
     settings = [(s, t, b) for s in strategies for b in block_sizes
                 for t in (thresholds if s in strategies_reading("threshold") else [None])]
@@ -458,6 +463,7 @@ def run_bench(model: str, base: str, task: str = "reasoning", thresholds=THRESHO
         examples = load_examples(task, limit)
         ar = DiffusionLM.from_pretrained(base, autoregressive=True, dtype=dtype)
         dlm = DiffusionLM.from_pretrained(model, dtype=dtype)
+        drafting = DiffusionLM.from_pretrained(drafter, dtype=dtype) if drafter else None
         for s, t, b in settings:  # the strategies' constraints on this model, before any setting is timed
             DecodeOptions.resolve(dlm, strategy=s, threshold=t, block_size=b)
         clock = ForwardClock(ar.model, dlm.model)
@@ -469,6 +475,8 @@ def run_bench(model: str, base: str, task: str = "reasoning", thresholds=THRESHO
                     timed.append(("AR HF prompt-lookup", hf_runner(ar, max_new_tokens, prompt_lookup=10)))
             if verified:
                 timed.append(("dLM drafts, AR verifies", verified_runner(dlm, ar, max_new_tokens)))
+            if drafting is not None:
+                timed.append(("drafter on the AR (one model)", engine_runner(drafting, max_new_tokens)))
             for s, t, b in settings:
                 decode = {"strategy": s, "block_size": b, **({"threshold": t} if t is not None else {})}
                 timed.append((_label(s, t, b), engine_runner(dlm, max_new_tokens, **decode)))

@@ -75,6 +75,9 @@ def run_demo(models=None, limit: int = 100, thresholds=THRESHOLDS, strategies=ST
     timed += [("AR (KV cache)", engine_runner(ar, MAX_NEW_TOKENS)),
              # the parent's own text, drafted a block at a time by the dLM (edlm.decode.verify)
              ("dLM drafts, AR verifies", verified_runner(dlm, ar, MAX_NEW_TOKENS))]
+    if not vlm and (models / "drafter" / "config.json").is_file():  # a drafting adapter on the parent (edlm.drafter)
+        drafter = DiffusionLM.from_pretrained(models / "drafter")
+        timed.append(("drafter on the AR (one model)", engine_runner(drafter, MAX_NEW_TOKENS)))
     if dlm.config.causal_clean:  # one model: drafts checked by its own AR stream (edlm.decode.selfverify)
         name = "dLM verified (one model)" + (" (default)" if default.strategy == "verified" else "")
         timed.append((name, engine_runner(dlm, MAX_NEW_TOKENS, strategy="verified")))
