@@ -4,13 +4,15 @@
 
 Each run is its own process (`edlm train`, diffusion objective, full masking), so its peak resident
 memory (CPU) or peak allocated GPU memory is that run's alone. The drafter keeps the parent frozen:
-no gradients or Adam moments for the base weights, which is where full training's memory goes.
+no gradients or Adam moments for the base weights, and its clean stream is computed without a graph
+(DiffusionLM._over_frozen_clean), so backward holds the noisy half's activations only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,13 +60,16 @@ def main() -> None:
         cfg = dict(model=str(model), data=[str(data)], out=str(work / f"run-{model.name}"), masking="full",
                    steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=1e-4, save_every=10_000,
                    log_every=1, progress=False, train="drafter" if drafter else "all")
+        shutil.rmtree(cfg["out"], ignore_errors=True)  # a fresh run each time, not a resumed one
         proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("PEAK")), None)
         if proc.returncode != 0 or line is None:
             raise SystemExit(f"{name}: training failed\n{proc.stderr[-2000:]}")
         rss, gpu = map(int, line.split()[1:])
-        results[name] = {"peak_rss_mib": rss / 2**20, "peak_gpu_mib": gpu / 2**20}
-        print(f"{name:60s} peak RSS {rss / 2**20:8.0f} MiB" + (f", GPU {gpu / 2**20:.0f} MiB" if gpu else ""), flush=True)
+        tok_s = json.loads((Path(cfg["out"]) / "metrics.jsonl").read_text().splitlines()[-1])["tokens_per_s"]
+        results[name] = {"peak_rss_mib": rss / 2**20, "peak_gpu_mib": gpu / 2**20, "train_tokens_per_s": tok_s}
+        print(f"{name:60s} peak RSS {rss / 2**20:8.0f} MiB" + (f", GPU {gpu / 2**20:.0f} MiB" if gpu else "")
+              + f", {tok_s:.0f} tokens/s", flush=True)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -182,3 +182,30 @@ def test_a_trained_adapter_file_rebuilds_the_drafter_on_its_parent(tiny_ar_dir, 
     assert main(["convert", str(tmp_path / "other"), str(tmp_path / "y"), "--drafter", str(tmp_path / "trained")]) == 2
     assert "does not fit this model" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("some_blocks", [False, True])
+def test_training_over_a_frozen_parent_computes_the_clean_stream_apart(shift, some_blocks):
+    """With the parent frozen (--train drafter) forward_noisy runs the clean half without a graph
+    into a cache, then the noisy half over it: the same logits and adapter gradients as the one
+    [noisy ; clean] forward, in whole or with only some blocks fed (`active`)."""
+    model, tok = parent()
+    dlm = with_drafter(model, tok, targets=("o_proj", "v_proj", "up_proj"), block_size=4)
+    dlm.config.shift = shift
+    g = torch.Generator().manual_seed(0)
+    x_0 = torch.randint(3, len(tok), (2, 12), generator=g)
+    x_t = torch.where(torch.rand(x_0.shape, generator=g) < 0.5, dlm.config.mask_token_id, x_0)
+    active = torch.tensor([[True, False, True], [False, True, True]]) if some_blocks else None
+    gate, adapter = gate_of(dlm.model), [p for n, p in dlm.model.named_parameters() if ".lora_" in n]
+    got = {}
+    for frozen in (False, True):
+        gate.parent_frozen = frozen
+        logits = dlm.forward_noisy(x_t, x_0, active=active)
+        grads = torch.autograd.grad(logits.pow(2).mean(), adapter)
+        got[frozen] = (logits, grads)
+    torch.testing.assert_close(got[True][0], got[False][0])
+    for a, b in zip(got[True][1], got[False][1], strict=True):
+        torch.testing.assert_close(a, b)
+    assert any(g.abs().sum() > 0 for g in got[True][1])
+

@@ -59,19 +59,29 @@ class DrafterConfig:
 
 
 class TokenGate:
-    """The per-token gate [B, Q] of the forward in flight (None: no noisy token, the parent)."""
+    """The per-token gate [B, Q] of the forward in flight (None: no noisy token, the parent; True:
+    every token noisy). `parent_frozen`: the base weights get no gradient (`--train drafter`), so a
+    training forward may compute the clean stream without one (DiffusionLM.forward_noisy)."""
 
     def __init__(self):
-        self.value: torch.Tensor | None = None
+        self.value: torch.Tensor | bool | None = None
+        self.parent_frozen = False
+        self._factor: dict[torch.dtype, torch.Tensor] = {}
 
     @contextmanager
-    def open_on(self, noisy: torch.Tensor | None):
-        """Gate the adapter to the `noisy` queries [B, Q] bool for one forward."""
-        old, self.value = self.value, noisy
+    def open_on(self, noisy: torch.Tensor | bool | None):
+        """Gate the adapter to the `noisy` queries [B, Q] bool (True: all) for one forward."""
+        old, self.value, self._factor = (self.value, self._factor), noisy, {}
         try:
             yield
         finally:
-            self.value = old
+            self.value, self._factor = old
+
+    def factor(self, dtype: torch.dtype) -> torch.Tensor:
+        """The gate as a [B, Q, 1] multiplier in `dtype`, made once per forward instead of once a layer."""
+        if dtype not in self._factor:
+            self._factor[dtype] = self.value[..., None].to(dtype)
+        return self._factor[dtype]
 
 
 class GatedLoRA(nn.Module):
@@ -90,9 +100,11 @@ class GatedLoRA(nn.Module):
         gate = self.gate.value
         if gate is None:
             return out
+        if gate is True:
+            return out + self.lora_b(self.lora_a(x)) * self.scale
         if gate.shape != x.shape[:-1]:
             raise RuntimeError(f"drafter gate {tuple(gate.shape)} does not fit the tokens {tuple(x.shape[:-1])}")
-        return out + self.lora_b(self.lora_a(x)) * (self.scale * gate[..., None].to(out.dtype))
+        return torch.addcmul(out, self.lora_b(self.lora_a(x)), self.gate.factor(out.dtype), value=self.scale)
 
 
 def attach(model: nn.Module, config: DrafterConfig) -> TokenGate:

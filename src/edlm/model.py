@@ -239,6 +239,27 @@ class DiffusionLM:
         return to_backend_mask(mask, self.attn_implementation, key_padding, self.dtype)
 
     # ---- training forward ----
+    def _over_frozen_clean(self, ids, position_ids, mask, seq_len: int, clean_logits: bool, gate):
+        """forward_noisy's [noisy ; clean] forward when nothing that learns acts on the clean stream
+        (a drafter over its frozen parent): the clean half first, without a graph, into a KV cache
+        (clean tokens never see noisy ones, so this is exact), then the noisy half over that cache.
+        Backward then holds the noisy half's activations only, and attention is [W, L + W] rather
+        than [L + W, L + W]: the drafter's training memory. Logits as the one forward's: the noisy
+        inputs', then the clean stream's where `clean_logits`."""
+        from transformers import DynamicCache
+
+        w = ids.shape[1] - seq_len  # noisy inputs first
+        cache = DynamicCache()
+        with torch.no_grad():
+            clean = self.model(input_ids=ids[:, w:], attention_mask=self.backend_mask(mask[:, w:, w:]),
+                               position_ids=position_ids[:, w:], cache=cache, use_cache=True,
+                               logits_to_keep=0 if clean_logits else 1).logits
+        over_cache = torch.cat([mask[:, :w, w:], mask[:, :w, :w]], dim=-1)  # keys: the cache, then the noisy
+        with gate.open_on(True):
+            noisy = self.model(input_ids=ids[:, :w], attention_mask=self.backend_mask(over_cache),
+                               position_ids=position_ids[:, :w], cache=cache, use_cache=True).logits
+        return torch.cat([noisy, clean], dim=1) if clean_logits else noisy
+
     def forward_noisy(
         self,
         x_t: torch.Tensor,
@@ -320,15 +341,13 @@ class DiffusionLM:
 
             embeds, position_ids = vision.inputs(hf_model(self.model), position_ids, ids)
             inputs = {"inputs_embeds": embeds}
-        with gate.open_on(noisy) if gate is not None else contextlib.nullcontext():
-            out = self.model(
-                **inputs,
-                attention_mask=self.backend_mask(mask.expand(batch, -1, -1)),
-                position_ids=position_ids,
-                logits_to_keep=keep,
-                use_cache=False,
-            )
-        logits = out.logits
+        if attention == "clean" and gate is not None and gate.parent_frozen and vision is None:
+            logits = self._over_frozen_clean(ids, position_ids, mask.expand(batch, -1, -1), seq_len,
+                                             keep.numel() > ids.shape[1] - seq_len, gate)
+        else:
+            with gate.open_on(noisy) if gate is not None else contextlib.nullcontext():
+                logits = self.model(**inputs, attention_mask=self.backend_mask(mask.expand(batch, -1, -1)),
+                                    position_ids=position_ids, logits_to_keep=keep, use_cache=False).logits
         if noisy_at is not None:  # back to [B, L, V]; pad slots land on inactive positions
             width = noisy_at.shape[1]
             noisy = logits.new_zeros(batch, seq_len, logits.shape[-1])

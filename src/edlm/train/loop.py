@@ -102,9 +102,11 @@ def train_drafter_only(model, mask_id: int) -> None:
     other weight (the parent) stays bit-identical, so the clean stream stays the parent's."""
     from edlm.drafter import gate_of
 
-    if gate_of(model) is None:
+    gate = gate_of(model)
+    if gate is None:
         raise EdlmError("--train drafter needs a model with a drafting adapter: convert it with "
                         "`edlm convert BASE OUT --drafter lora:16`")
+    gate.parent_frozen = True
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_a." in name or ".lora_b." in name)
     embed = model.get_input_embeddings().weight
