@@ -30,6 +30,7 @@ import torch
 
 from edlm.decode.kv import KVRows, lag
 from edlm.decode.loop import Step
+from edlm.decode.rowwise import clean_rows_alone
 from edlm.decode.rules import accepted_drafts, cut_tokens, logprobs_of
 from edlm.decode.state import token_logprobs
 from edlm.errors import EdlmError
@@ -148,8 +149,9 @@ def verified_step(dlm, rows: AcceptedRows, bs: int, depth: int | None = None) ->
     k_start = torch.cat([torch.full_like(rows.cache_pos, -1), start], 1)
     mask = draft_blocks_mask(pos, start, k_pos, k_start, k_valid)
     n_blocks = max(len(x) for x in covered)
-    logits = rows.forward(dlm, pos, mask, n_new + n_drafts, ids=ids, noisy=n_new + n_drafts,  # the mask blocks
-                          logits_to_keep=1 + n_drafts + n_blocks * bs)  # from the last accepted token on
+    with clean_rows_alone(dlm, rows, n_new, n_new + n_drafts):
+        logits = rows.forward(dlm, pos, mask, n_new + n_drafts, ids=ids, noisy=n_new + n_drafts,  # the mask blocks
+                              logits_to_keep=1 + n_drafts + n_blocks * bs)  # from the last accepted token on
     rows.verifier_logits = logits[:, : n_drafts + 1] if rows.logprob_k is not None else None
     best = logits.argmax(-1).tolist()  # the step's one host read
     accepted, n_accepted = rows.accept([b[: n_drafts + 1] for b in best])  # the AR's token at p + j, j <= n_drafts

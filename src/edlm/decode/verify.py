@@ -21,6 +21,7 @@ import torch
 
 from edlm.decode.kv import KVRows, lag
 from edlm.decode.loop import Step
+from edlm.decode.rowwise import clean_rows_alone
 from edlm.decode.selfverify import AcceptedRows, clean_inputs
 from edlm.errors import EdlmError
 from edlm.masks import position_block_mask
@@ -108,7 +109,8 @@ def parent_greedy(ar, rows: AcceptedRows) -> tuple[list[list[int]], int, int]:
     k_pos, k_valid = rows.keys_with(pos)
     # token-causal over valid keys: the block-causal rule at block size 1, as the engine's AR steps
     mask = position_block_mask(pos, k_pos, 1, k_valid)
-    logits = rows.forward(ar, pos, mask, n_new + n_drafts, ids=ids, logits_to_keep=n_drafts + 1)
+    with clean_rows_alone(ar, rows, n_new, n_new + n_drafts):  # alone, the parent's bits (edlm.decode.rowwise)
+        logits = rows.forward(ar, pos, mask, n_new + n_drafts, ids=ids, logits_to_keep=n_drafts + 1)
     rows.verifier_logits = logits if rows.logprob_k is not None else None
     greedy = logits.argmax(-1).tolist()
     return [g[: len(x) + 1] for g, x in zip(greedy, rows.drafts, strict=True)], n_new, n_drafts
