@@ -2,7 +2,7 @@
 run: texts identical to HF generate, tokens per forward, tokens/s at each batch size and dtype.
 
     python bench/real_drafter.py --adapter models/smollm2-drafter [--parent GGUF_OR_HF_DIR] \
-        [--limit 20] [--batch-sizes 1 8] [--dtypes float32] [--block-sizes 8 4] [--out bench/results/real-drafter-cpu]
+        [--limit 20] [--batch-sizes 1 8] [--dtypes bfloat16 float32] [--block-sizes 8 4] [--out bench/results/real-drafter-cpu]
 
 The prompts are the demo's held-out reasoning problems as one-turn chats (the parent's template);
 the drafter is rebuilt from the adapter file on the parent (`edlm convert PARENT --drafter FILE`).
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=20, help="held-out problems (default 20)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=("float32", "bfloat16"))
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=("float32", "bfloat16"))
     ap.add_argument("--block-sizes", type=int, nargs="+", default=[8, 4], help="verified's draft block sizes")
     ap.add_argument("--device", default=None, help="default: cuda if there is one")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
