@@ -182,3 +182,26 @@ def test_hf_export_round_trip(dlm_dir, dlm, tmp_path):
     prompt = chat_text(dlm.tokenizer, CHATS[1])
     kw = dict(max_new_tokens=2 * BLOCK, threshold=0.9)
     assert back.generate(prompt, **kw).token_ids == dlm.generate(prompt, **kw).token_ids
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="bf16 bit for bit is a CPU property (edlm.decode.rowwise)")
+def test_the_shipped_drafter_gives_hf_generates_bf16_text(ar_dir, tmp_path_factory):
+    """models/smollm2-drafter rebuilt on the parent: in bf16, one prompt at a time, `verified` returns
+    HF generate's text of the bf16 parent token for token, drafts accepted on the way. Block 4
+    (12 rows a forward) keeps the CPU's bf16 GEMMs in their row-invariant range (edlm.decode.rowwise)."""
+    from edlm.train.convert import convert
+
+    out = tmp_path_factory.mktemp("smollm2") / "drafter"
+    convert(ar_dir, out, shift=True, block_size=4,
+            drafter=str(Path(__file__).parents[2] / "models" / "smollm2-drafter"))
+    drafter = DiffusionLM.from_pretrained(out, device="cpu", dtype=torch.bfloat16)
+    parent = DiffusionLM.from_pretrained(ar_dir, device="cpu", dtype=torch.bfloat16, autoregressive=True).model
+    calls = tokens = 0
+    for content in CHATS:
+        ids = drafter.tokenizer(chat_text(drafter.tokenizer, content), return_tensors="pt").input_ids
+        with torch.no_grad():
+            hf = parent.generate(ids, max_new_tokens=32, do_sample=False, attention_mask=torch.ones_like(ids))
+        got = drafter.generate(ids[0].tolist(), max_new_tokens=32)
+        assert got.token_ids[0] == hf[0, ids.shape[1]:].tolist(), content
+        calls, tokens = calls + got.stats[0].model_calls, tokens + len(got.token_ids[0])
+    assert tokens / calls > 1.1  # general chats: the adapter learned on math problems (TPF 2.3 there)

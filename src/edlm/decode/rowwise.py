@@ -1,18 +1,20 @@
 """A verification forward's clean rows attended as the parent's own decode attends them, one query at a time.
 
 Why: `verified` (with a drafter, the parent's exact text) computes its clean rows, the accepted token
-and the drafts, in one forward with the mask blocks; the two-model mode's parent scores its drafts
-in one forward too. On a CPU in bf16 every linear layer, norm and
-RoPE gives a row the same bits whatever else is in the forward (oneDNN's bf16 GEMM; checked on
-SmolLM2-135M), but SDPA does not: a query sent with others and a 4-D mask gets other bits than the
-same query sent alone, as HF `generate` sends it (logits up to 0.5 apart after 30 layers; 7 of 12
+and the drafts, in one forward with the mask blocks; the two-model mode's parent scores its drafts in
+one forward too. On a CPU in bf16, norms and RoPE give a row the same bits whatever else is in the
+forward, and so does the GEMM for up to ~17 rows (measured on this CPU: from 18 rows on, a few
+elements in 10^4 move; block 4 with draft_depth 1 feeds 12 rows, block 32 feeds 96 and moved a
+text). SDPA does not: a query sent with others and a 4-D mask gets other bits than the same query
+sent alone, as HF `generate` sends it (SmolLM2-135M: logits up to 0.5 apart after 30 layers; 7 of 12
 drafter texts at batch 1 left HF generate's). Here the clean rows go through HF's own SDPA function
 the way HF generate calls it: the first forward's prompt in one causal call without a mask (HF's
 prefill), every other clean row alone over the keys it sees (HF's one-token step); the mask blocks
 keep their one masked call. One row per forward, with a cache holding only its accepted tokens, is
-what makes "the keys it sees" a prefix; other batches take the one-call path. In fp32, CPU GEMMs themselves
-differ by row count (MKL's one-row path): fp32 is left as it was, within rounding of HF generate
-(20 of 20 SmolLM2 texts identical either way), and spared the extra calls.
+what makes "the keys it sees" a prefix; other batches take the one-call path. The result is
+measured, not promised: it rests on the CPU's GEMM kernels (20 of 20 SmolLM2 texts at blocks 4 and
+8). In fp32 the CPU's GEMMs differ by row count at once (MKL's one-row path): fp32 is left as it
+was, within rounding of HF generate (20 of 20 texts either way), and spared the extra calls.
 
 The override is HF's attention registry entry "sdpa", installed once; it changes nothing unless a
 forward runs inside `clean_rows_alone` (a ContextVar, so other threads and models are untouched).
