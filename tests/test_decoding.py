@@ -71,10 +71,12 @@ def text_forward(dlm, ids: list[int], mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_decode(dlm, prompt, max_new, bs, forward=text_forward, **opts):
+def reference_decode(dlm, prompt, max_new, bs, forward=text_forward, times=None, **opts):
     """Recompute the whole sequence with the block-causal mask at every step; no cache.
-    Every block is decoded whole and the output cut to the budget (a budget never changes text).
-    prompt: text or token ids; forward(dlm, ids, mask) -> [L, V] logits (a VLM's places its images)."""
+    Every block is decoded whole and the output cut to the budget (a budget never changes text);
+    a block stops once the slots the budget keeps are decided. prompt: text or token ids;
+    forward(dlm, ids, mask) -> [L, V] logits (a VLM's places its images); times: a list that gets
+    each token's commit time (its step in the block / the block's steps)."""
     tok, mask_id, eos = dlm.tokenizer, dlm.config.mask_token_id, dlm.tokenizer.eos_token_id
     seq = list(prompt) if isinstance(prompt, list) else tok(prompt)["input_ids"]
     out = []
@@ -85,7 +87,9 @@ def reference_decode(dlm, prompt, max_new, bs, forward=text_forward, **opts):
         todo = torch.tensor([len(tail) <= j for j in range(bs)])
         gen = todo.clone()
         eos_slot = bs
-        while todo.any():
+        kept = gen & (gen.cumsum(0) <= max_new - len(out))
+        stamp, step = [0] * bs, 0
+        while (todo & kept).any():
             ids = seq[:start] + block
             n = len(ids)
             mask = block_causal_mask(n, bs)
@@ -101,12 +105,16 @@ def reference_decode(dlm, prompt, max_new, bs, forward=text_forward, **opts):
             chosen = commit(opts.get("strategy", "threshold"), conf, ent, todo[None], **rule_opts)[0]
             for j in torch.nonzero(chosen).flatten().tolist():
                 block[j] = int(tokens[0, j])
+                stamp[j] = step
+            step += 1
             todo &= ~chosen
             for j in range(bs):
                 if gen[j] and not todo[j] and block[j] == eos:
                     eos_slot = min(eos_slot, j)
             todo &= torch.arange(bs) < eos_slot
         new = [block[j] for j in range(bs) if gen[j] and j <= eos_slot][: max_new - len(out)]
+        if times is not None:
+            times += [stamp[j] / step for j in range(bs) if gen[j] and j <= eos_slot][: len(new)]
         out += new
         if eos_slot < bs and new and new[-1] == eos:
             break
@@ -162,6 +170,31 @@ def test_every_strategy_matches_reference_and_commits(strategy):
     s = res.stats[0]
     assert s.generated_tokens == 11 and 1 <= s.model_calls <= 13  # 13 slots: the last block is decoded whole
     assert all(k >= 1 for k in s.steps_histogram)
+
+
+@pytest.mark.parametrize("strategy", PLAIN)
+def test_commit_times_are_the_references_and_batched_equals_alone(strategy):
+    """commit_times (d3LLM's pseudo-trajectories, edlm distill-data --trajectory): each token's step in
+    its block over the block's steps, as the no-cache reference counts them, batched as alone."""
+    dlm = tiny_dlm("llama", block_size=4)
+    values = {"threshold": 0.3, "factor": 2.0, "gamma": 1.0, "tokens_per_step": 1}
+    kw = {"strategy": strategy, **{k: v for k, v in values.items() if k in STRATEGIES[strategy].reads}}
+    batched = dlm.generate(PROMPTS, max_new_tokens=11, commit_times=True, **kw)
+    for i, prompt in enumerate(PROMPTS):
+        times = []
+        assert batched.token_ids[i] == reference_decode(dlm, prompt, 11, 4, times=times, **kw)
+        assert batched.commit_times[i] == times
+        assert all(0 <= t < 1 for t in times)
+    if strategy == "steps":  # one token a step: a whole block's times are a permutation of its steps
+        whole = [t for t in batched.commit_times[2][2:6]]  # prompt "ab": its second block, 4 slots
+        assert sorted(whole) == [0, 0.25, 0.5, 0.75]
+
+
+def test_commit_times_only_where_recorded():
+    dlm = tiny_dlm("llama", block_size=4, shift=True)
+    assert dlm.generate(PROMPTS[0], max_new_tokens=4).commit_times is None
+    with pytest.raises(EdlmError, match="commit times"):  # verified commits by acceptance, left to right
+        dlm.generate(PROMPTS[0], max_new_tokens=4, strategy="verified", commit_times=True)
 
 
 @pytest.mark.usefixtures("head")

@@ -50,3 +50,22 @@ def test_distill_from_python_with_a_dlm_and_decode_options(tiny_dlm_dir, tmp_pat
     with pytest.raises(Exception, match="threshold does not apply"):
         distill(dlm, ["ef"], tmp_path / "e.jsonl", max_new_tokens=5, progress=False, strategy="lossless",
                 threshold=0.5)
+
+
+def test_trajectory_rows_carry_each_tokens_commit_time(tiny_dlm_dir, tiny_ar_dir, tmp_path, capsys):
+    dlm = DiffusionLM.from_pretrained(tiny_dlm_dir, dtype=torch.float32)
+    (tmp_path / "p.txt").write_text("The cat sat\nab\n")
+    out = tmp_path / "t.jsonl"
+    args = ["distill-data", str(tiny_dlm_dir), "--prompts", str(tmp_path / "p.txt"), "--out", str(out),
+            "--max-new-tokens", "9", "--trajectory", "--strategy", "steps", "--tokens-per-step", "1"]
+    assert main(args) == 0
+    for row in map(json.loads, out.read_text().splitlines()):
+        res = dlm.generate(row["prompt"], max_new_tokens=9, strategy="steps", tokens_per_step=1, commit_times=True)
+        assert row["response"] == res.texts[0]
+        assert row["trajectory"] == [round(t, 4) for t in res.commit_times[0]]
+        assert len(row["trajectory"]) == len(res.token_ids[0])
+    bad = ["distill-data", str(tiny_ar_dir), "--ar", "--prompts", str(tmp_path / "p.txt"), "--out",
+           str(tmp_path / "x.jsonl"), "--trajectory"]
+    capsys.readouterr()
+    assert main(bad) == 2
+    assert "an AR model commits one token a step" in capsys.readouterr().err

@@ -22,6 +22,9 @@ def add_parser(sub) -> None:
     p.add_argument("--ar", action="store_true", help="MODEL is a plain AR checkpoint (greedy, block size 1)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="budget per answer")
     p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
+    p.add_argument("--trajectory", action="store_true",
+                   help="a dLM: also record when each token was committed in its block (a `trajectory` field, "
+                   "d3LLM's pseudo-trajectory) for `edlm train --masking trajectory`; the block engine's strategies")
     add_decode_flags(p)
     add_dtype_flag(p)
     p.set_defaults(func=run)
@@ -40,5 +43,6 @@ def run(args) -> None:
     check_output_target(Path(args.out).parent)  # before the model loads
     prompts = read_prompts(args.prompts, args.prompt_field)
     dlm = DiffusionLM.from_pretrained(args.model, autoregressive=args.ar, dtype=dtype_flag(args))
-    n = distill(dlm, prompts, args.out, args.max_new_tokens, args.batch_size, **decode_flags(args))
+    n = distill(dlm, prompts, args.out, args.max_new_tokens, args.batch_size, trajectory=args.trajectory,
+                **decode_flags(args))
     print(f"wrote {n} rows to {args.out} ({len(prompts) - n} already there)")

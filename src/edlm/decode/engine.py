@@ -48,8 +48,10 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 class BlockDecoder:
     """The block engine as a decoder of edlm.decode.loop: a Batch and its strategy's step."""
 
-    def __init__(self, dlm, opts: DecodeOptions, generator=None, logprobs: int | None = None):
+    def __init__(self, dlm, opts: DecodeOptions, generator=None, logprobs: int | None = None,
+                 commit_times: bool = False):
         self.dlm, self.opts, self.generator, self.logprob_k = dlm, opts, generator, logprobs
+        self.commit_times = commit_times  # record when each slot was committed (Batch.TIME_ROWS)
         self.batch: Batch | None = None
         self.rows: list[int] = []
         self.budget_left: list[int] = []  # new tokens each row may still emit (batch.budget_left on the host)
@@ -68,7 +70,8 @@ class BlockDecoder:
             if not self.opts.shares_calls_with(own):
                 raise EdlmError(f"rows decoding with strategy {own.strategy!r} cannot join a call of "
                                 f"{self.opts.strategy!r} with other options")
-        fresh = Batch(self.dlm, ids, self.opts, budgets, first_row=first_row, logprob_k=self.logprob_k)
+        fresh = Batch(self.dlm, ids, self.opts, budgets, first_row=first_row, logprob_k=self.logprob_k,
+                      commit_times=self.commit_times)
         fresh.open_blocks()
         if self.batch is None:
             self.batch = fresh
@@ -101,17 +104,34 @@ class BlockDecoder:
         moe = routing_of(self.dlm.inner_model) is not None
         batch.experts_used = torch.zeros(len(self.rows), 2, dtype=torch.long, device=batch.block_ids.device) \
             if moe else None  # an MoE model's expert counts of this step (KVRows.forward adds them up)
+        todo = batch.todo.clone() if self.commit_times else None
         committed = self.opts.algorithm.step(self.dlm, batch, self.generator)
+        if self.commit_times:  # slots committed now (a re-masked slot is stamped again when it recommits)
+            batch.slot_step = torch.where(todo & ~batch.todo, batch.block_step[:, None], batch.slot_step)
+            batch.block_step = batch.block_step + 1
         moving = self._moving()
         # the step's one host read: what each row committed, whether it moves on, and its block
-        # (and an MoE model's expert counts)
+        # (and an MoE model's expert counts, and the slots' commit steps where they are recorded)
         host = torch.cat([committed[:, None], moving[:, None], batch.block_ids, batch.gen]
+                         + ([batch.slot_step, batch.block_step[:, None]] if self.commit_times else [])
                          + ([batch.experts_used] if moe else []), 1).tolist()
         experts = [h[-2:] for h in host] if moe else None
         self.moved = [i for i, h in enumerate(host) if h[1]]
         emitted = {i: cut_tokens([t for t, g in zip(host[i][2:2 + bs], host[i][2 + bs:2 + 2 * bs], strict=True) if g],
                                  self.budget_left[i], self.eos) for i in self.moved}
-        return Step(batch.calls - calls, [h[0] for h in host], emitted, self._logprobs(host, emitted), experts)
+        return Step(batch.calls - calls, [h[0] for h in host], emitted, self._logprobs(host, emitted), experts,
+                    self._times(host, emitted))
+
+    def _times(self, host: list[list[int]], emitted: dict[int, list[int]]) -> dict[int, list[float]]:
+        """The emitted tokens' commit times (step / the block's steps), where the call records them."""
+        if not self.commit_times:
+            return {}
+        bs = self.opts.block_size
+        out = {}
+        for i, tokens in emitted.items():
+            gen, steps, taken = host[i][2 + bs:2 + 2 * bs], host[i][2 + 2 * bs:2 + 3 * bs], host[i][2 + 3 * bs]
+            out[i] = [s / taken for s, g in zip(steps, gen, strict=True) if g][: len(tokens)]
+        return out
 
     def _logprobs(self, host: list[list[int]], emitted: dict[int, list[int]]) -> dict:
         """The emitted tokens' TokenLogprobs (a second host read, only when the call asked for them)."""
@@ -163,7 +183,7 @@ class BlockDecoder:
 
 def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NEW_TOKENS, stop=None,
            result: list | None = None, admit=None, options: DecodeOptions | None = None, verifier=None,
-           logprobs: int | None = None, images=None, **given):
+           logprobs: int | None = None, images=None, commit_times: bool = False, **given):
     """Yield a BlockEvent per committed piece and row; append the GenerationResult to `result`.
 
     given: decode options (block_size, strategy, threshold, temperature, top_p, factor, gamma,
@@ -175,6 +195,9 @@ def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NE
     alternatives (TokenLogprob on events and results; None: off, nothing computed).
     images: a VLM's images (PIL images, paths, bytes or data URLs): a list for one prompt given as a
     str, else one list (or None) per prompt; see edlm.vision.encode for where they go in the text.
+    commit_times: also report when each token was committed within its block (GenerationResult.
+    commit_times; the block engine's strategies only: `verified` and the two-model mode commit left to
+    right by acceptance).
     admit: called after every step (speculative strategies: every block boundary) while rows are
     decoding; returns None or more requests for this call as (prompts, max_new_tokens, stop), in
     the forms the arguments take. They get the next row ids and decode exactly as they would
@@ -190,18 +213,25 @@ def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NE
     if verifier is not None:
         from edlm.decode.verify import ParentVerifiedDecoder
 
+        if commit_times:
+            raise EdlmError("commit times are recorded by the block engine's strategies; the two-model mode "
+                            "commits by acceptance, left to right")
+
         decoder = ParentVerifiedDecoder(dlm, verifier, resolve_parent_verified(dlm, **given), logprobs)
         model = verifier  # rows are the parent's: its tokenizer, context and EOS
     else:
         opts = options if options is not None else DecodeOptions.resolve(dlm, **given)
         generator = torch.Generator(device=dlm.device).manual_seed(opts.seed) if opts.seed is not None else None
         make = opts.algorithm.decoder or BlockDecoder
-        decoder, model = make(dlm, opts, generator, logprobs), dlm
+        if commit_times and make is not BlockDecoder:
+            raise EdlmError(f"commit times are recorded by the block engine's strategies; {opts.strategy!r} "
+                            "commits by acceptance, left to right")
+        decoder, model = make(dlm, opts, generator, logprobs, *([commit_times] if commit_times else [])), dlm
     if images is not None:
         from edlm.vision import with_images
 
         prompts = with_images(model, prompts, images)
-    out = Outputs(model, logprobs=logprobs is not None)
+    out = Outputs(model, logprobs=logprobs is not None, commit_times=commit_times)
     ids, budget, stops = resolve_rows(model, prompts, max_new_tokens, stop)
     decoder.add(out.add_rows(budget, stops), ids, budget)
 

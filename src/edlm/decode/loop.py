@@ -30,6 +30,7 @@ class Step:
     emitted: dict[int, list[int]] = field(default_factory=dict)  # row index -> tokens it emits now
     logprobs: dict[int, list] = field(default_factory=dict)  # row index -> their TokenLogprobs (when asked)
     experts: list[list[int]] | None = None  # an MoE model's [activations, pairs] per row (edlm.moe.ExpertPlan)
+    times: dict[int, list[float]] = field(default_factory=dict)  # row index -> their commit times (when asked)
 
 
 def decode_loop(decoder, out: Outputs, admit=None, resolve=None, result: list | None = None):
@@ -49,7 +50,7 @@ def decode_loop(decoder, out: Outputs, admit=None, resolve=None, result: list | 
         done = set()
         for i, tokens in sorted(step.emitted.items()):
             event = out.event(rows[i], tokens, eos is not None and bool(tokens) and tokens[-1] == eos,
-                              step.logprobs.get(i))
+                              step.logprobs.get(i), step.times.get(i))
             if event.done:
                 done.add(i)
             yield event
@@ -61,4 +62,4 @@ def decode_loop(decoder, out: Outputs, admit=None, resolve=None, result: list | 
             ids, budgets, stops, *options = resolve(*joining)
             decoder.add(out.add_rows(budgets, stops), ids, budgets, *options)
     if result is not None:
-        result.append(GenerationResult(out.text, out.tokens, out.stats, out.reason, out.logprobs))
+        result.append(GenerationResult(out.text, out.tokens, out.stats, out.reason, out.logprobs, out.times))

@@ -72,6 +72,10 @@ class GenerationResult:
     stats: list[RowStats]
     finish_reasons: list[str]
     logprobs: list[list[TokenLogprob]] | None = None  # per row, aligned with token_ids (logprobs=k asked)
+    # per row, aligned with token_ids (commit_times=True asked): when the decoder committed each token
+    # within its block, step / the block's steps in [0, 1) (0: the block's first forward); the order
+    # a block was unmasked in, d3LLM's pseudo-trajectory (edlm distill-data --trajectory)
+    commit_times: list[list[float]] | None = None
 
 
 @dataclass
@@ -91,9 +95,10 @@ class Outputs:
     """Per-request token lists, text, stats and finish reason, with stop-string handling: every
     decoder ends its rows through it (edlm.decode.loop)."""
 
-    def __init__(self, dlm, logprobs: bool = False):
+    def __init__(self, dlm, logprobs: bool = False, commit_times: bool = False):
         self.dlm = dlm
         self.logprobs: list[list[TokenLogprob]] | None = [] if logprobs else None
+        self.times: list[list[float]] | None = [] if commit_times else None
         self.budget: list[int] = []
         self.stops: list[list[str]] = []
         self.tokens: list[list[int]] = []
@@ -114,16 +119,20 @@ class Outputs:
         self.started += [time.perf_counter()] * n
         if self.logprobs is not None:
             self.logprobs += [[] for _ in range(n)]
+        if self.times is not None:
+            self.times += [[] for _ in range(n)]
         return first
 
-    def add_block(self, row: int, new: list[int], hit_eos: bool,
-                  logprobs: list[TokenLogprob] | None = None) -> tuple[str, bool]:
+    def add_block(self, row: int, new: list[int], hit_eos: bool, logprobs: list[TokenLogprob] | None = None,
+                  times: list[float] | None = None) -> tuple[str, bool]:
         """Append a finished block's tokens (already cut to the budget); returns (new text, row is done)."""
         tok = self.dlm.tokenizer
         old_text = self.text[row]
         self.tokens[row].extend(new)
         if self.logprobs is not None:
             self.logprobs[row].extend(logprobs or [])
+        if self.times is not None:
+            self.times[row].extend(times or [])
         body = self.tokens[row][:-1] if hit_eos else self.tokens[row]
         text = tok.decode(body, skip_special_tokens=True)
         done = hit_eos
@@ -140,10 +149,10 @@ class Outputs:
         self.stats[row].generated_tokens = len(self.tokens[row])
         return text[len(old_text):], done
 
-    def event(self, row: int, new: list[int], hit_eos: bool,
-              logprobs: list[TokenLogprob] | None = None) -> BlockEvent:
+    def event(self, row: int, new: list[int], hit_eos: bool, logprobs: list[TokenLogprob] | None = None,
+              times: list[float] | None = None) -> BlockEvent:
         """add_block, then the row's event: with its finish reason and stats when it is done."""
-        text, done = self.add_block(row, new, hit_eos, logprobs)
+        text, done = self.add_block(row, new, hit_eos, logprobs, times)
         self.stats[row].seconds = time.perf_counter() - self.started[row]
         if done:
             return BlockEvent(row, text, new, True, self.reason[row], self.stats[row], self.text[row], logprobs)
@@ -156,6 +165,8 @@ class Outputs:
                 self.tokens[row] = toks[:n]
                 if self.logprobs is not None:
                     self.logprobs[row] = self.logprobs[row][:n]
+                if self.times is not None:
+                    self.times[row] = self.times[row][:n]
                 return
 
 
@@ -201,10 +212,13 @@ class Batch(KVRows):
                "eos_slot", "prompt_tail", "budget_left")  # plus rows (cpu), the cache and carry
 
     LOGPROB_ROWS = ("slot_lp", "slot_top_ids", "slot_top_lp")  # per slot: what its token reports (logprobs=k)
+    # commit_times=True: the step of its block at which each slot was committed, and the steps the
+    # current block has taken so far (edlm.decode.engine.BlockDecoder records them)
+    TIME_ROWS = ("slot_step", "block_step")
 
     def __init__(self, dlm, prompts: list[list[int]], opts, budgets: list[int] | None = None, first_row: int = 0,
-                 logprob_k: int | None = None):
-        self.dlm, self.opts, self.logprob_k = dlm, opts, logprob_k
+                 logprob_k: int | None = None, commit_times: bool = False):
+        self.dlm, self.opts, self.logprob_k, self.commit_times = dlm, opts, logprob_k, commit_times
         bs = opts.block_size
         dev = dlm.device
         n = len(prompts)
@@ -241,10 +255,14 @@ class Batch(KVRows):
             self.slot_lp = torch.zeros(n, bs, device=dev)
             self.slot_top_ids = torch.zeros(n, bs, logprob_k, dtype=torch.long, device=dev)
             self.slot_top_lp = torch.zeros(n, bs, logprob_k, device=dev)
+        if commit_times:
+            self.slot_step = torch.zeros(n, bs, dtype=torch.long, device=dev)
+            self.block_step = torch.zeros(n, dtype=torch.long, device=dev)
 
     @property
     def per_row(self) -> tuple[str, ...]:
-        return self.PER_ROW + (self.LOGPROB_ROWS if self.logprob_k is not None else ())
+        return self.PER_ROW + (self.LOGPROB_ROWS if self.logprob_k is not None else ()) \
+            + (self.TIME_ROWS if self.commit_times else ())
 
     def open_blocks(self, rows: torch.Tensor | None = None) -> None:
         """Open the current block of `rows` ([B] bool, default all): every slot after the prompt
@@ -263,6 +281,8 @@ class Batch(KVRows):
         self.todo = torch.where(sel[:, None], gen, self.todo)
         self.block_ids = torch.where(sel[:, None], opened, self.block_ids)
         self.eos_slot = torch.where(sel, torch.full_like(self.eos_slot, bs), self.eos_slot)
+        if self.commit_times:
+            self.block_step = torch.where(sel, 0, self.block_step)
 
     def next_blocks(self, rows: torch.Tensor) -> None:
         """The finished blocks of `rows` ([B] bool) become pending clean tokens (written by the next

@@ -5,6 +5,11 @@ the text the model itself writes (DMax, dParallel, d3LLM all train on the model'
 this decodes prompts with a model and writes jsonl rows {"prompt", "response"} that `edlm train`
 treats as SFT data (prompt tokens never masked nor scored). Batched; resumable: rows already in
 OUT are kept and their prompts skipped, each batch is appended and flushed as it finishes.
+
+With `trajectory`, a dLM's row also gets the order it unmasked each block in (d3LLM's pseudo-
+trajectory): per generated token (the response's, then the EOS where it ended with one), the step
+of its block that committed it over the block's steps, in [0, 1). `edlm train --masking trajectory`
+masks by it, so training sees the partly decoded blocks this decode setting visits.
 """
 
 from __future__ import annotations
@@ -39,8 +44,11 @@ def read_prompts(path: str | Path, field: str = "prompt") -> list[str]:
 
 
 def distill(dlm, prompts: list[str], out: str | Path, max_new_tokens: int = 128, batch_size: int = 32,
-            progress: bool = True, **decode) -> int:
+            progress: bool = True, trajectory: bool = False, **decode) -> int:
     """Decode every prompt not yet in OUT and append its row; returns the rows written now."""
+    if trajectory and not dlm.config.diffusion:
+        raise EdlmError("--trajectory records the order a dLM unmasks its blocks in; an AR model commits "
+                        "one token a step")
     out = Path(out)
     if out.is_dir():
         raise EdlmError(f"--out {out} is a directory; name a .jsonl file")
@@ -62,9 +70,12 @@ def distill(dlm, prompts: list[str], out: str | Path, max_new_tokens: int = 128,
     with out.open("a", encoding="utf-8") as f, tqdm(total=len(todo), disable=not progress, desc="edlm distill") as bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            res = dlm.generate(chunk, max_new_tokens=max_new_tokens, **decode)
-            for prompt, text in zip(chunk, res.texts, strict=True):
-                f.write(json.dumps({"prompt": prompt, "response": text}) + "\n")
+            res = dlm.generate(chunk, max_new_tokens=max_new_tokens, commit_times=trajectory, **decode)
+            for i, (prompt, text) in enumerate(zip(chunk, res.texts, strict=True)):
+                row = {"prompt": prompt, "response": text}
+                if trajectory:
+                    row["trajectory"] = [round(t, 4) for t in res.commit_times[i]]
+                f.write(json.dumps(row) + "\n")
             f.flush()
             written += len(chunk)
             bar.update(len(chunk))
