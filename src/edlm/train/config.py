@@ -53,7 +53,9 @@ class TrainConfig:
     attention: str = _opt("clean", "clean (the paper's: noisy blocks see clean earlier blocks) | noisy | "
                           "bidirectional (study variants)", choices=ATTENTION_VARIANTS)
     masking: str = _opt("position", "position-dependent masking (the paper's) | uniform | reverse "
-                        "(right-to-left study variant) | full (TiDAR: every block all masks, for drafting)",
+                        "(right-to-left study variant) | full (TiDAR: every block all masks, for drafting) | "
+                        "trajectory (d3LLM: the decoder's own states, as recorded by edlm distill-data "
+                        "--trajectory; tokens without a recorded time fall back to position masking)",
                         choices=MASKINGS)
     ar_loss_weight: float = _opt(0.0, "weight a of the clean stream's AR next-token loss: a * L_AR + L_diffusion "
                                  "(turns on --causal-clean)")
@@ -136,7 +138,7 @@ class TrainConfig:
             raise EdlmError(f"--attention must be one of {ATTENTION_VARIANTS}, got {self.attention!r}")
         if self.masking not in MASKINGS:
             raise EdlmError(f"--masking must be one of {MASKINGS}, got {self.masking!r}")
-        if self.masking in ("position", "reverse") and self.half_life <= 0:
+        if self.masking in ("position", "reverse", "trajectory") and self.half_life <= 0:
             raise EdlmError(f"--half-life must be > 0, got {self.half_life}")
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "save_every", "keep_last", "log_every",
                      "eval_batches"):

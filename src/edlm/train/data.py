@@ -3,7 +3,8 @@
 Goes through `datasets`, whose Arrow cache is memory-mapped, so corpora larger than RAM work.
 Every example becomes input_ids + a `maskable` flag per token (False for prompt tokens of SFT
 data); documents are joined with EOS and packed into sequences of exactly seq_len tokens, so no
-compute is spent on padding.
+compute is spent on padding. Prompt/response data that records the decoder's trajectory (`edlm
+distill-data --trajectory`) also gets each token's decode time, `order` (trajectory masking).
 
 Data with images (a VLM's: rows with an `images` list, or message parts of type image) is not
 packed: a cut would split an image, and each image's features belong to one row. Each example
@@ -33,6 +34,7 @@ class DataFields:
     response: str = "response"
     messages: str = "messages"
     images: str = "images"
+    trajectory: str = "trajectory"  # prompt/response data: each response token's decode time
 
 
 def check_data_files(files: list[str]) -> list[Path]:
@@ -141,9 +143,18 @@ def _is_string(feature) -> bool:
     return getattr(feature, "dtype", None) in ("string", "large_string")
 
 
+def _is_number(feature) -> bool:
+    return str(getattr(feature, "dtype", "")).startswith(("float", "int", "uint", "null"))
+
+
 def _check_types(raw, kind: str, fields: DataFields, where: str) -> None:
     """Every column the format reads must hold strings (messages: role/content objects); names the row.
     String columns (the usual case) are accepted from their Arrow type without a pass over the data."""
+    if kind == "sft" and fields.trajectory in raw.column_names:
+        feature = raw.features[fields.trajectory]
+        if not (_is_number(getattr(feature, "feature", None)) or getattr(feature, "dtype", None) == "null"):
+            raise EdlmError(f"{where}: field '{fields.trajectory}' must be a list of decode times (numbers in "
+                            f"[0, 1), as edlm distill-data --trajectory writes), got {feature}")
     wanted = {"text": [fields.text], "sft": [fields.prompt, fields.response], "chat": [fields.messages]}[kind]
     for name in wanted:
         feature = raw.features[name]
@@ -170,7 +181,7 @@ def detect_format(columns: list[str], fields: DataFields) -> str:
     """The data's format from its columns. A field name the user set (not the default) must be
     there: otherwise another format's columns would be trained on without a word."""
     defaults, chosen = DataFields(), []
-    for name in ("text", "prompt", "response", "messages"):
+    for name in ("text", "prompt", "response", "messages", "trajectory"):
         value = getattr(fields, name)
         if value != getattr(defaults, name):
             if value not in columns:
@@ -204,9 +215,12 @@ def _bos(tokenizer) -> list[int]:
 
 
 def tokenize_examples(batch, tokenizer, kind: str, fields: DataFields):
+    """input_ids and maskable per example; prompt/response data with a trajectory field also `order`,
+    each token's decode time (-1: a prompt token, or unknown)."""
     eos = tokenizer.eos_token_id
     bos = _bos(tokenizer)
-    ids_out, mask_out = [], []
+    timed = kind == "sft" and fields.trajectory in batch
+    ids_out, mask_out, order_out = [], [], []
     n = len(next(iter(batch.values())))
     for i in range(n):
         if kind == "text":
@@ -226,25 +240,41 @@ def tokenize_examples(batch, tokenizer, kind: str, fields: DataFields):
             r_ids = _encode(tokenizer, response) + [eos]
             ids = p_ids + r_ids
             maskable = [False] * len(p_ids) + [True] * len(r_ids)
+            if timed:
+                order_out.append([-1.0] * len(p_ids) + response_order(batch[fields.trajectory][i], len(r_ids)))
         ids_out.append(ids)
         mask_out.append(maskable)
-    return {"input_ids": ids_out, "maskable": mask_out}
+    return {"input_ids": ids_out, "maskable": mask_out, **({"order": order_out} if timed else {})}
+
+
+def response_order(trajectory: list | None, n: int) -> list[float]:
+    """The decode times of a response's n tokens, its final EOS included. The decoder's trajectory has
+    one more time for an EOS it generated, none when the budget ended the answer (its EOS unknown).
+    A trajectory of another length did not survive re-tokenisation (these tokens are not the
+    decoder's): unknown throughout. Unknown (-1), and times outside [0, 1), take trajectory
+    masking's fallback, position masking."""
+    if trajectory is not None and len(trajectory) == n - 1:
+        trajectory = [*trajectory, -1.0]
+    if trajectory is None or len(trajectory) != n:
+        return [-1.0] * n
+    return [float(u) if u is not None and 0.0 <= u < 1.0 else -1.0 for u in trajectory]
 
 
 def pack(batch, seq_len: int):
-    """Concatenate examples and cut into seq_len chunks (the remainder is dropped)."""
-    ids = [t for row in batch["input_ids"] for t in row]
-    msk = [m for row in batch["maskable"] for m in row]
-    n = (len(ids) // seq_len) * seq_len
-    return {
-        "input_ids": [ids[i : i + seq_len] for i in range(0, n, seq_len)],
-        "maskable": [msk[i : i + seq_len] for i in range(0, n, seq_len)],
-    }
+    """Concatenate examples and cut into seq_len chunks (the remainder is dropped); every column is
+    per token (input_ids, maskable, and order where the data has decode times) and cut alike."""
+    out = {}
+    for name, rows in batch.items():
+        flat = [x for row in rows for x in row]
+        n = (len(flat) // seq_len) * seq_len
+        out[name] = [flat[i : i + seq_len] for i in range(0, n, seq_len)]
+    return out
 
 
 def build_dataset(files: list[str], tokenizer, seq_len: int, fields: DataFields | None = None,
                   num_proc: int | None = None, model=None):
-    """Packed dataset with columns input_ids [seq_len] and maskable [seq_len] (torch format).
+    """Packed dataset with columns input_ids [seq_len] and maskable [seq_len] (torch format), and
+    order [seq_len] float where prompt/response data has a trajectory field (tokenize_examples).
     Data with images: `build_image_dataset` (`model`: the VLM being trained, which says how many
     tokens an image becomes)."""
     fields = fields or DataFields()

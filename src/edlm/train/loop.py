@@ -399,7 +399,8 @@ def compute_loss(dlm, model, batch, cfg: TrainConfig, run: TrainSettings, step: 
     seed_step = step if noise_seed_step is None else noise_seed_step
     return diffusion_loss(dlm, ids, maskable, noise, row_generators(cfg.seed, seed_step, rows), run.loss,
                           teacher=teacher, block_size=block_size, vision=batch_vision(dlm, ids, images),
-                          teacher_vision=batch_vision(teacher, ids, images) if teacher is not None else None)
+                          teacher_vision=batch_vision(teacher, ids, images) if teacher is not None else None,
+                          order=batch.get("order"))
 
 
 def batch_vision(dlm, ids, images, grad: bool = False):
@@ -490,6 +491,9 @@ def _train(cfg: TrainConfig, accelerator, out: Path) -> Path:
         train_ds = build_dataset(cfg.data, dlm.tokenizer, cfg.seq_len, cfg.fields, model=dlm.inner_model)
         val_ds = build_dataset(cfg.val_data, dlm.tokenizer, cfg.seq_len, cfg.fields,
                                model=dlm.inner_model) if cfg.val_data else None
+    if cfg.objective == "diffusion" and cfg.masking == "trajectory" and "order" not in train_ds.column_names:
+        raise EdlmError(f"--masking trajectory needs prompt/response rows with a '{cfg.fields.trajectory}' field "
+                        f"(edlm distill-data --trajectory): {', '.join(cfg.data)} has none")
     limit = dlm.max_positions  # checked after the data, whose mistakes are the commoner ones
     if limit is not None and cfg.seq_len > limit:
         raise EdlmError(f"--seq-len {cfg.seq_len} exceeds the model's {limit} positions")

@@ -5,6 +5,12 @@ w_i(t) = exp(beta * (1 - t) * i) with beta = ln 2 / (half_life * L'). Exactly ro
 positions per block are drawn without replacement proportionally to w (Gumbel-top-k). At small
 t later positions are masked far more often, mirroring the roughly left-to-right order in which
 decoding unmasks a block; as t -> 1 the weights flatten to uniform.
+
+Trajectory masking (d3LLM's pseudo-trajectory distillation): where the data records when the
+decoder committed each token (u = step / steps of its decode block, `edlm distill-data
+--trajectory`), a token is masked iff u >= 1 - t, so every decode block is in a state its decoder
+really passed through, the input the model meets when decoding; tokens with no recorded time fall
+back to position masking.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-MASKINGS = ("position", "uniform", "reverse", "full")
+MASKINGS = ("position", "uniform", "reverse", "full", "trajectory")
 
 
 @dataclass(frozen=True)
@@ -23,9 +29,10 @@ class NoiseSettings:
 
     # position: Eq. 2 (the paper's); uniform; reverse: Eq. 2 mirrored (earlier positions masked
     # more, the paper's right-to-left study); full: every maskable token of every block (t = 1),
-    # TiDAR's drafting blocks, a dense loss on predicting whole blocks from the clean earlier context.
+    # TiDAR's drafting blocks, a dense loss on predicting whole blocks from the clean earlier context;
+    # trajectory: the decoder's recorded states (d3LLM), position masking where no time is recorded.
     masking: str = "position"
-    half_life: float = 0.1  # lambda of position/reverse masking
+    half_life: float = 0.1  # lambda of position/reverse masking (and trajectory's fallback)
     t_per_block: bool = False  # the paper draws one t per sequence
     t_min: float = 1e-3
     complementary: bool = False  # also each sample with the inverse mask
@@ -44,7 +51,7 @@ class NoiseSettings:
     @property
     def signed_half_life(self) -> float | None:
         """sample_block_mask's half_life: None = uniform, negative = mirrored."""
-        return {"position": self.half_life, "reverse": -self.half_life}.get(self.masking)
+        return {"position": self.half_life, "reverse": -self.half_life, "trajectory": self.half_life}.get(self.masking)
 
 
 def position_weights(t: torch.Tensor | float, block_size: int, half_life: float) -> torch.Tensor:
@@ -119,8 +126,29 @@ def sample_noise_level(
     return t_min + (1.0 - t_min) * u
 
 
-def sample_masks(input_ids, maskable, block_size: int, noise: NoiseSettings, generators) -> torch.Tensor:
-    """[B, L] bool masked positions, each row drawn from its own generator."""
+def trajectory_mask(t: torch.Tensor, order: torch.Tensor, maskable: torch.Tensor, block_size: int,
+                    half_life: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bool [B, L]: maskable tokens committed at time u >= s = 1 - t (t: [B] or [B, n_blocks]).
+
+    u = step / steps of its decode block, so {u >= s} is every decode block "before step ceil(s *
+    steps)": a state the decoder really passed through (with t per block: every decode block that
+    lies inside one training block; packing need not align the two). Tokens with no time (order < 0:
+    a response whose trajectory did not survive re-tokenisation, an EOS the decoder never generated)
+    take position masking of the same t among themselves; with none known this is exactly
+    `sample_block_mask` (the same generator draws).
+    """
+    seq_len = order.shape[1]
+    t = torch.as_tensor(t, dtype=torch.float32)
+    known = maskable.bool() & (order >= 0)
+    fallback = sample_block_mask(t, seq_len, block_size, half_life, generator, maskable.bool() & ~known)
+    t_at = t[:, None] if t.dim() == 1 else t.repeat_interleave(block_size, dim=1)[:, :seq_len]  # [B, 1 | L]
+    return fallback | (known & (order >= 1.0 - t_at))
+
+
+def sample_masks(input_ids, maskable, block_size: int, noise: NoiseSettings, generators,
+                 order: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, L] bool masked positions, each row drawn from its own generator. order: [B, L] float,
+    each token's decode time (trajectory masking; -1 = unknown), or None (every token unknown)."""
     if noise.masking == "full":
         return maskable.bool().clone()
     seq_len = input_ids.shape[1]
@@ -130,5 +158,9 @@ def sample_masks(input_ids, maskable, block_size: int, noise: NoiseSettings, gen
         t = sample_noise_level(1, n_blocks if noise.t_per_block else None, noise.t_min, gen)
         if noise.mask_ratio is not None:
             t = torch.full_like(t, noise.mask_ratio)  # drawn all the same: the generator stays in step
-        out.append(sample_block_mask(t, seq_len, block_size, noise.signed_half_life, gen, maskable[i : i + 1].cpu()))
+        row = maskable[i : i + 1].cpu()
+        if noise.masking == "trajectory" and order is not None:
+            out.append(trajectory_mask(t, order[i : i + 1].cpu(), row, block_size, noise.half_life, gen))
+        else:
+            out.append(sample_block_mask(t, seq_len, block_size, noise.signed_half_life, gen, row))
     return torch.cat(out).to(input_ids.device)

@@ -83,20 +83,21 @@ def inverse_time_weights(masked: torch.Tensor, maskable: torch.Tensor, block_siz
 
 
 def diffusion_loss(dlm, input_ids, maskable, noise: NoiseSettings, generators, loss: LossSettings = LossSettings(),
-                   teacher=None, block_size: int | None = None, vision=None, teacher_vision=None):
+                   teacher=None, block_size: int | None = None, vision=None, teacher_vision=None, order=None):
     """Eq. 1: E_t E_x_t [ (1/t) * sum_masked -log p(x_0[i] | x_t, clean earlier blocks) ],
     normalised by the number of maskable tokens; plus `loss.ar_loss_weight` times the clean stream's
     next-token loss (causal-clean models), normalised as `causal_lm_loss` is, and the parallelism
     terms `loss` turns on. `teacher`: a frozen dLM for `loss.teacher_weight`; `block_size`: this
     step's (a block schedule's), default the model's; `vision` / `teacher_vision`: the batch's images
-    as the student's / the teacher's towers see them (edlm.vision.training_vision), or None."""
+    as the student's / the teacher's towers see them (edlm.vision.training_vision), or None; `order`:
+    [B, L] each token's decode time for trajectory masking (the batch's `order` column), or None."""
     block_size = block_size or dlm.config.block_size
     maskable = maskable.bool()
     clean_ids, clean_maskable = input_ids, maskable
     if dlm.config.shift:
         maskable = maskable.clone()
         maskable[:, 0] = False  # nothing predicts position 0 under shift
-    masked = sample_masks(input_ids, maskable, block_size, noise, generators)
+    masked = sample_masks(input_ids, maskable, block_size, noise, generators, order)
     if noise.complementary:
         # the inverse mask trains every maskable token in every sample exactly once
         masked = torch.cat([masked, maskable & ~masked])
