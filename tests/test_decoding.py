@@ -76,7 +76,7 @@ def reference_decode(dlm, prompt, max_new, bs, forward=text_forward, times=None,
     Every block is decoded whole and the output cut to the budget (a budget never changes text);
     a block stops once the slots the budget keeps are decided. prompt: text or token ids;
     forward(dlm, ids, mask) -> [L, V] logits (a VLM's places its images); times: a list that gets
-    each token's commit time (its step in the block / the block's steps)."""
+    each token's commit time ((its step in the block + 1) / the block's steps)."""
     tok, mask_id, eos = dlm.tokenizer, dlm.config.mask_token_id, dlm.tokenizer.eos_token_id
     seq = list(prompt) if isinstance(prompt, list) else tok(prompt)["input_ids"]
     out = []
@@ -114,7 +114,7 @@ def reference_decode(dlm, prompt, max_new, bs, forward=text_forward, times=None,
             todo &= torch.arange(bs) < eos_slot
         new = [block[j] for j in range(bs) if gen[j] and j <= eos_slot][: max_new - len(out)]
         if times is not None:
-            times += [stamp[j] / step for j in range(bs) if gen[j] and j <= eos_slot][: len(new)]
+            times += [(stamp[j] + 1) / step for j in range(bs) if gen[j] and j <= eos_slot][: len(new)]
         out += new
         if eos_slot < bs and new and new[-1] == eos:
             break
@@ -184,10 +184,10 @@ def test_commit_times_are_the_references_and_batched_equals_alone(strategy):
         times = []
         assert batched.token_ids[i] == reference_decode(dlm, prompt, 11, 4, times=times, **kw)
         assert batched.commit_times[i] == times
-        assert all(0 <= t < 1 for t in times)
+        assert all(0 < t <= 1 for t in times)
     if strategy == "steps":  # one token a step: a whole block's times are a permutation of its steps
         whole = [t for t in batched.commit_times[2][2:6]]  # prompt "ab": its second block, 4 slots
-        assert sorted(whole) == [0, 0.25, 0.5, 0.75]
+        assert sorted(whole) == [0.25, 0.5, 0.75, 1.0]
 
 
 def test_commit_times_only_where_recorded():

@@ -19,9 +19,9 @@ B, L, BLOCK = 6, 16, 4
 
 
 def _orders(known_fraction=1.0, seed=0):
-    """[B, L] random decode times in [0, 1) on steps of 1/4, -1 for the unknown; 3 prompt tokens a row."""
+    """[B, L] random decode times in (0, 1] on steps of 1/4, -1 for the unknown; 3 prompt tokens a row."""
     g = torch.Generator().manual_seed(seed)
-    order = torch.randint(0, 4, (B, L), generator=g).float() / 4
+    order = torch.randint(1, 5, (B, L), generator=g).float() / 4
     order[torch.rand(B, L, generator=g) >= known_fraction] = -1.0
     maskable = torch.ones(B, L, dtype=torch.bool)
     maskable[:, :3] = False
@@ -40,7 +40,7 @@ def test_masks_are_decode_states(t_per_block):
         t = sample_noise_level(1, L // BLOCK if t_per_block else None, noise.t_min, g)[0]
         for j in range(3, L):
             s = 1.0 - float(t[j // BLOCK] if t_per_block else t)
-            assert bool(masked[i, j]) == (float(order[i, j]) >= s), (i, j)
+            assert bool(masked[i, j]) == (float(order[i, j]) > s), (i, j)
     # a state of the decode: in a block, every token committed at or after a masked one is masked too
     for i in range(B):
         for span in (slice(b, b + BLOCK) for b in range(0, L, BLOCK)):
@@ -53,7 +53,7 @@ def test_fixed_ratio_masks_exactly_the_late_tokens():
     ids, maskable, order = _orders()
     masked = sample_masks(ids, maskable, BLOCK, NoiseSettings(masking="trajectory", mask_ratio=0.5),
                           row_generators(0, 0, torch.arange(B)), order)
-    assert torch.equal(masked, maskable & (order >= 0.5))
+    assert torch.equal(masked, maskable & (order > 0.5))
 
 
 def test_unknown_orders_fall_back_to_position_masking():
@@ -75,7 +75,7 @@ def test_unknown_orders_fall_back_to_position_masking():
             span = slice(b * BLOCK, (b + 1) * BLOCK)
             assert int(masked[i, span][unknown[i, span]].sum()) == int(torch.floor(t[b] * unknown[i, span].sum() + 0.5))
             known = maskable[i, span] & ~unknown[i, span]
-            assert torch.equal(masked[i, span][known], order[i, span][known] >= 1.0 - t[b])
+            assert torch.equal(masked[i, span][known], order[i, span][known] > 1.0 - t[b])
 
 
 def _tokenize(rows, fields=DataFields()):
@@ -84,19 +84,19 @@ def _tokenize(rows, fields=DataFields()):
 
 
 def test_tokenize_aligns_trajectories():
-    rows = [{"prompt": "ab", "response": "xyz", "trajectory": [0.0, 0.5, 0.25, 0.75]},  # EOS generated
-            {"prompt": "ab", "response": "xyz", "trajectory": [0.0, 0.5, 0.25]},  # the budget ended it
-            {"prompt": "ab", "response": "xyz", "trajectory": [0.0, 0.5]},  # did not round-trip
+    rows = [{"prompt": "ab", "response": "xyz", "trajectory": [1.0, 0.5, 0.25, 0.75]},  # EOS generated
+            {"prompt": "ab", "response": "xyz", "trajectory": [1.0, 0.5, 0.25]},  # the budget ended it
+            {"prompt": "ab", "response": "xyz", "trajectory": [1.0, 0.5]},  # did not round-trip
             {"prompt": "ab", "response": "xyz", "trajectory": None}]
     out = _tokenize(rows)
     assert [len(o) for o in out["order"]] == [len(i) for i in out["input_ids"]] == [6] * 4
-    assert out["order"][0] == [-1.0, -1.0, 0.0, 0.5, 0.25, 0.75]
-    assert out["order"][1] == [-1.0, -1.0, 0.0, 0.5, 0.25, -1.0]
+    assert out["order"][0] == [-1.0, -1.0, 1.0, 0.5, 0.25, 0.75]
+    assert out["order"][1] == [-1.0, -1.0, 1.0, 0.5, 0.25, -1.0]
     assert out["order"][2] == out["order"][3] == [-1.0] * 6
     no_field = _tokenize([{"prompt": "ab", "response": "xyz"}])
     assert set(no_field) == {"input_ids", "maskable"}
-    renamed = _tokenize([{"prompt": "a", "response": "x", "times": [0.5, 0.0]}], DataFields(trajectory="times"))
-    assert renamed["order"] == [[-1.0, 0.5, 0.0]]
+    renamed = _tokenize([{"prompt": "a", "response": "x", "times": [0.5, 0.0]}], DataFields(trajectory="times"))  # 0: no time
+    assert renamed["order"] == [[-1.0, 0.5, -1.0]]
 
 
 def test_pack_carries_order_with_its_tokens():
@@ -115,7 +115,7 @@ def data(tmp_path_factory):
     for i in range(60):  # a left-to-right decode of 4-token blocks, one token a step, and its EOS
         response = f" {i + 2}"
         rows.append({"prompt": f"Q{i}: add {i} and 2?", "response": response,
-                     "trajectory": [(j % 4) / 4 for j in range(len(response) + 1)]})
+                     "trajectory": [(j % 4 + 1) / 4 for j in range(len(response) + 1)]})
     (d / "traj.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (d / "plain.jsonl").write_text("\n".join(json.dumps({"prompt": r["prompt"], "response": r["response"]})
                                              for r in rows))

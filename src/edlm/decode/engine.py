@@ -123,14 +123,14 @@ class BlockDecoder:
                     self._times(host, emitted))
 
     def _times(self, host: list[list[int]], emitted: dict[int, list[int]]) -> dict[int, list[float]]:
-        """The emitted tokens' commit times (step / the block's steps), where the call records them."""
+        """The emitted tokens' commit times ((step + 1) / the block's steps), where the call records them."""
         if not self.commit_times:
             return {}
         bs = self.opts.block_size
         out = {}
         for i, tokens in emitted.items():
             gen, steps, taken = host[i][2 + bs:2 + 2 * bs], host[i][2 + 2 * bs:2 + 3 * bs], host[i][2 + 3 * bs]
-            out[i] = [s / taken for s, g in zip(steps, gen, strict=True) if g][: len(tokens)]
+            out[i] = [(s + 1) / taken for s, g in zip(steps, gen, strict=True) if g][: len(tokens)]
         return out
 
     def _logprobs(self, host: list[list[int]], emitted: dict[int, list[int]]) -> dict:

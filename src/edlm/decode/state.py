@@ -73,8 +73,9 @@ class GenerationResult:
     finish_reasons: list[str]
     logprobs: list[list[TokenLogprob]] | None = None  # per row, aligned with token_ids (logprobs=k asked)
     # per row, aligned with token_ids (commit_times=True asked): when the decoder committed each token
-    # within its block, step / the block's steps in [0, 1) (0: the block's first forward); the order
-    # a block was unmasked in, d3LLM's pseudo-trajectory (edlm distill-data --trajectory)
+    # within its block, the fraction of the block's steps done then, (step + 1) / steps in (0, 1] (1/steps:
+    # its first forward; 1: its last); the order a block was unmasked in, d3LLM's pseudo-trajectory
+    # (edlm distill-data --trajectory)
     commit_times: list[list[float]] | None = None
 
 

@@ -7,8 +7,8 @@ treats as SFT data (prompt tokens never masked nor scored). Batched; resumable: 
 OUT are kept and their prompts skipped, each batch is appended and flushed as it finishes.
 
 With `trajectory`, a dLM's row also gets the order it unmasked each block in (d3LLM's pseudo-
-trajectory): per generated token (the response's, then the EOS where it ended with one), the step
-of its block that committed it over the block's steps, in [0, 1). `edlm train --masking trajectory`
+trajectory): per generated token (the response's, then the EOS where it ended with one), the
+fraction of its block's steps done when it was committed, in (0, 1]. `edlm train --masking trajectory`
 masks by it, so training sees the partly decoded blocks this decode setting visits.
 """
 

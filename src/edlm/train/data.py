@@ -154,7 +154,7 @@ def _check_types(raw, kind: str, fields: DataFields, where: str) -> None:
         feature = raw.features[fields.trajectory]
         if not (_is_number(getattr(feature, "feature", None)) or getattr(feature, "dtype", None) == "null"):
             raise EdlmError(f"{where}: field '{fields.trajectory}' must be a list of decode times (numbers in "
-                            f"[0, 1), as edlm distill-data --trajectory writes), got {feature}")
+                            f"(0, 1], as edlm distill-data --trajectory writes), got {feature}")
     wanted = {"text": [fields.text], "sft": [fields.prompt, fields.response], "chat": [fields.messages]}[kind]
     for name in wanted:
         feature = raw.features[name]
@@ -251,13 +251,13 @@ def response_order(trajectory: list | None, n: int) -> list[float]:
     """The decode times of a response's n tokens, its final EOS included. The decoder's trajectory has
     one more time for an EOS it generated, none when the budget ended the answer (its EOS unknown).
     A trajectory of another length did not survive re-tokenisation (these tokens are not the
-    decoder's): unknown throughout. Unknown (-1), and times outside [0, 1), take trajectory
+    decoder's): unknown throughout. Unknown (-1), and times outside (0, 1], take trajectory
     masking's fallback, position masking."""
     if trajectory is not None and len(trajectory) == n - 1:
         trajectory = [*trajectory, -1.0]
     if trajectory is None or len(trajectory) != n:
         return [-1.0] * n
-    return [float(u) if u is not None and 0.0 <= u < 1.0 else -1.0 for u in trajectory]
+    return [float(u) if u is not None and 0.0 < u <= 1.0 else -1.0 for u in trajectory]
 
 
 def pack(batch, seq_len: int):

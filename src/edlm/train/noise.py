@@ -7,8 +7,8 @@ t later positions are masked far more often, mirroring the roughly left-to-right
 decoding unmasks a block; as t -> 1 the weights flatten to uniform.
 
 Trajectory masking (d3LLM's pseudo-trajectory distillation): where the data records when the
-decoder committed each token (u = step / steps of its decode block, `edlm distill-data
---trajectory`), a token is masked iff u >= 1 - t, so every decode block is in a state its decoder
+decoder committed each token (u = (step + 1) / steps of its decode block, `edlm distill-data
+--trajectory`), a token is masked iff u > 1 - t, so every decode block is in a state its decoder
 really passed through, the input the model meets when decoding; tokens with no recorded time fall
 back to position masking.
 """
@@ -128,10 +128,11 @@ def sample_noise_level(
 
 def trajectory_mask(t: torch.Tensor, order: torch.Tensor, maskable: torch.Tensor, block_size: int,
                     half_life: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Bool [B, L]: maskable tokens committed at time u >= s = 1 - t (t: [B] or [B, n_blocks]).
+    """Bool [B, L]: maskable tokens committed at time u > s = 1 - t (t: [B] or [B, n_blocks]).
 
-    u = step / steps of its decode block, so {u >= s} is every decode block "before step ceil(s *
-    steps)": a state the decoder really passed through (with t per block: every decode block that
+    u = (step + 1) / steps of its decode block, so {u > s} is every decode block "before step
+    floor(s * steps)" (step >= k iff u > k / steps): a state the decoder really passed through, each of
+    a block's states about equally often as s runs over [0, 1), its first (all masked) included (with t per block: every decode block that
     lies inside one training block; packing need not align the two). Tokens with no time (order < 0:
     a response whose trajectory did not survive re-tokenisation, an EOS the decoder never generated)
     take position masking of the same t among themselves; with none known this is exactly
@@ -142,7 +143,7 @@ def trajectory_mask(t: torch.Tensor, order: torch.Tensor, maskable: torch.Tensor
     known = maskable.bool() & (order >= 0)
     fallback = sample_block_mask(t, seq_len, block_size, half_life, generator, maskable.bool() & ~known)
     t_at = t[:, None] if t.dim() == 1 else t.repeat_interleave(block_size, dim=1)[:, :seq_len]  # [B, 1 | L]
-    return fallback | (known & (order >= 1.0 - t_at))
+    return fallback | (known & (order > 1.0 - t_at))
 
 
 def sample_masks(input_ids, maskable, block_size: int, noise: NoiseSettings, generators,
