@@ -186,7 +186,7 @@ def test_commit_times_are_the_references_and_batched_equals_alone(strategy):
         assert batched.commit_times[i] == times
         assert all(0 < t <= 1 for t in times)
     if strategy == "steps":  # one token a step: a whole block's times are a permutation of its steps
-        whole = [t for t in batched.commit_times[2][2:6]]  # prompt "ab": its second block, 4 slots
+        whole = batched.commit_times[2][2:6]  # prompt "ab": its second block, 4 slots
         assert sorted(whole) == [0.25, 0.5, 0.75, 1.0]
 
 

@@ -48,10 +48,9 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 class BlockDecoder:
     """The block engine as a decoder of edlm.decode.loop: a Batch and its strategy's step."""
 
-    def __init__(self, dlm, opts: DecodeOptions, generator=None, logprobs: int | None = None,
-                 commit_times: bool = False):
+    def __init__(self, dlm, opts: DecodeOptions, generator=None, logprobs: int | None = None):
         self.dlm, self.opts, self.generator, self.logprob_k = dlm, opts, generator, logprobs
-        self.commit_times = commit_times  # record when each slot was committed (Batch.TIME_ROWS)
+        self.commit_times = False  # record when each slot was committed (Batch.TIME_ROWS); set by `stream`
         self.batch: Batch | None = None
         self.rows: list[int] = []
         self.budget_left: list[int] = []  # new tokens each row may still emit (batch.budget_left on the host)
@@ -213,20 +212,18 @@ def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NE
     if verifier is not None:
         from edlm.decode.verify import ParentVerifiedDecoder
 
-        if commit_times:
-            raise EdlmError("commit times are recorded by the block engine's strategies; the two-model mode "
-                            "commits by acceptance, left to right")
-
         decoder = ParentVerifiedDecoder(dlm, verifier, resolve_parent_verified(dlm, **given), logprobs)
         model = verifier  # rows are the parent's: its tokenizer, context and EOS
     else:
         opts = options if options is not None else DecodeOptions.resolve(dlm, **given)
         generator = torch.Generator(device=dlm.device).manual_seed(opts.seed) if opts.seed is not None else None
         make = opts.algorithm.decoder or BlockDecoder
-        if commit_times and make is not BlockDecoder:
-            raise EdlmError(f"commit times are recorded by the block engine's strategies; {opts.strategy!r} "
-                            "commits by acceptance, left to right")
-        decoder, model = make(dlm, opts, generator, logprobs, *([commit_times] if commit_times else [])), dlm
+        decoder, model = make(dlm, opts, generator, logprobs), dlm
+    if commit_times:
+        if not isinstance(decoder, BlockDecoder):
+            raise EdlmError("commit times are recorded by the block engine's strategies; `verified` and the "
+                            "two-model mode commit by acceptance, left to right")
+        decoder.commit_times = True  # before its first rows: their Batch keeps the stamps
     if images is not None:
         from edlm.vision import with_images
 

@@ -132,8 +132,9 @@ def trajectory_mask(t: torch.Tensor, order: torch.Tensor, maskable: torch.Tensor
 
     u = (step + 1) / steps of its decode block, so {u > s} is every decode block "before step
     floor(s * steps)" (step >= k iff u > k / steps): a state the decoder really passed through, each of
-    a block's states about equally often as s runs over [0, 1), its first (all masked) included (with t per block: every decode block that
-    lies inside one training block; packing need not align the two). Tokens with no time (order < 0:
+    a block's states about equally often as s runs over [0, 1), its first (all masked) included. With
+    t per block this holds for every decode block that lies inside one training block (packing need
+    not align the two). Tokens with no time (order < 0:
     a response whose trajectory did not survive re-tokenisation, an EOS the decoder never generated)
     take position masking of the same t among themselves; with none known this is exactly
     `sample_block_mask` (the same generator draws).
