@@ -55,7 +55,8 @@ class BlockDecoder:
         self.rows: list[int] = []
         self.budget_left: list[int] = []  # new tokens each row may still emit (batch.budget_left on the host)
         self.row_opts: list[DecodeOptions] = []  # each row's options (joins may bring their own)
-        self.moved: list[int] = []  # rows whose block the last step finished
+        self.moved: list[int] = []  # rows that finished a block in the last step
+        self.lead: list[int] = []  # per row, the blocks the last step finished (edlm.decode.state.Batch.next_blocks)
         # plain steps: each row opens its next block alone (TEAM's exploration keeps rows together)
         self.own_pace = opts.algorithm.rule is not None and "explore" not in team_mechanisms(opts.team)
         self.joinable = True
@@ -98,7 +99,7 @@ class BlockDecoder:
                                             gamma=column("gamma"), tokens_per_step=column("tokens_per_step", torch.long))
 
     def step(self) -> Step:
-        batch, bs = self.batch, self.opts.block_size
+        batch, w = self.batch, self.batch.width
         calls = batch.calls
         moe = routing_of(self.dlm.inner_model) is not None
         batch.experts_used = torch.zeros(len(self.rows), 2, dtype=torch.long, device=batch.block_ids.device) \
@@ -108,16 +109,18 @@ class BlockDecoder:
         if self.commit_times:  # slots committed now (a re-masked slot is stamped again when it recommits)
             batch.slot_step = torch.where(todo & ~batch.todo, batch.block_step[:, None], batch.slot_step)
             batch.block_step = batch.block_step + 1
-        moving = self._moving()
-        # the step's one host read: what each row committed, whether it moves on, and its block
+        lead = self._lead()
+        # the step's one host read: what each row committed, how many blocks it finished, and its window
         # (and an MoE model's expert counts, and the slots' commit steps where they are recorded)
-        host = torch.cat([committed[:, None], moving[:, None], batch.block_ids, batch.gen]
+        host = torch.cat([committed[:, None], lead[:, None], batch.block_ids, batch.gen]
                          + ([batch.slot_step, batch.block_step[:, None]] if self.commit_times else [])
                          + ([batch.experts_used] if moe else []), 1).tolist()
         experts = [h[-2:] for h in host] if moe else None
-        self.moved = [i for i, h in enumerate(host) if h[1]]
-        emitted = {i: cut_tokens([t for t, g in zip(host[i][2:2 + bs], host[i][2 + bs:2 + 2 * bs], strict=True) if g],
-                                 self.budget_left[i], self.eos) for i in self.moved}
+        self.lead = [h[1] for h in host]
+        self.moved = [i for i, n in enumerate(self.lead) if n]
+        out = [self.opts.block_size * n for n in self.lead]  # slots each row emits
+        emitted = {i: cut_tokens([t for t, g in zip(host[i][2:2 + out[i]], host[i][2 + w:2 + w + out[i]], strict=True)
+                                  if g], self.budget_left[i], self.eos) for i in self.moved}
         return Step(batch.calls - calls, [h[0] for h in host], emitted, self._logprobs(host, emitted), experts,
                     self._times(host, emitted))
 
@@ -125,10 +128,10 @@ class BlockDecoder:
         """The emitted tokens' commit times ((step + 1) / the block's steps), where the call records them."""
         if not self.commit_times:
             return {}
-        bs = self.opts.block_size
+        w = self.batch.width
         out = {}
         for i, tokens in emitted.items():
-            gen, steps, taken = host[i][2 + bs:2 + 2 * bs], host[i][2 + 2 * bs:2 + 3 * bs], host[i][2 + 3 * bs]
+            gen, steps, taken = host[i][2 + w:2 + 2 * w], host[i][2 + 2 * w:2 + 3 * w], host[i][2 + 3 * w]
             out[i] = [(s + 1) / taken for s, g in zip(steps, gen, strict=True) if g][: len(tokens)]
         return out
 
@@ -136,30 +139,34 @@ class BlockDecoder:
         """The emitted tokens' TokenLogprobs (a second host read, only when the call asked for them)."""
         if self.logprob_k is None or not emitted:
             return {}
-        batch, bs = self.batch, self.opts.block_size
+        batch, w = self.batch, self.batch.width
         lp, top_ids, top_lp = (getattr(batch, name).tolist() for name in batch.LOGPROB_ROWS)
         out = {}
         for i, tokens in emitted.items():
-            slots = [j for j in range(bs) if host[i][2 + bs + j]][: len(tokens)]
+            slots = [j for j in range(w) if host[i][2 + w + j]][: len(tokens)]
             out[i] = token_logprobs(tokens, [lp[i][j] for j in slots], [top_ids[i][j] for j in slots],
                                     [top_lp[i][j] for j in slots])
         return out
 
-    def _moving(self) -> torch.Tensor:
-        """[B] rows done with their block: all of it decided, an EOS in it, or every slot they keep
-        decided where their budget ends inside it (later steps could only fill slots it cuts,
-        unless the strategy revises committed slots)."""
-        batch = self.batch
-        block_done = ~batch.todo.any(-1)
+    def _lead(self) -> torch.Tensor:
+        """[B] how many leading blocks of its window each row is done with (0: it goes on as it is).
+
+        A block is done once all of it is decided (with multi-block decoding, every block before it
+        too); a row's whole window once an EOS is decided in its done blocks, or once every slot it
+        keeps is decided where its budget ends inside the window (later steps could only fill slots
+        it cuts, unless the strategy revises committed slots)."""
+        batch, bs, blocks = self.batch, self.opts.block_size, self.opts.blocks
+        decided = ~batch.todo.view(-1, blocks, bs).any(-1)  # [B, blocks]
+        lead = decided.long().cumprod(-1).sum(-1)
         kept_slots = batch.gen.cumsum(-1) <= batch.budget_left[:, None]
         ends_here = batch.budget_left <= batch.gen.sum(-1)
         budget_done = ends_here & ~(batch.todo & (kept_slots | self.opts.algorithm.revises)).any(-1)
-        finishing = (block_done & (batch.eos_slot < self.opts.block_size)) | budget_done
-        moving = block_done | finishing
+        finishing = (batch.eos_slot < lead * bs) | budget_done
+        lead = torch.where(budget_done, blocks, lead)
         if self.own_pace:
-            return moving
+            return lead
         # speculative strategies keep state across a block's steps: rows move on together
-        return torch.where(moving.all(), moving, finishing)
+        return torch.where((lead > 0).all(), lead, torch.where(finishing, lead, 0))
 
     def advance(self, stay: list[int], budget_left: list[int]) -> None:
         batch, moved = self.batch, set(self.moved)
@@ -176,8 +183,7 @@ class BlockDecoder:
             dev = batch.block_ids.device
             step_on = torch.tensor(advancing, device=dev)
             batch.budget_left = torch.where(step_on, torch.tensor(budget_left, device=dev), batch.budget_left)
-            batch.next_blocks(step_on)
-            batch.open_blocks(step_on)
+            batch.next_blocks([self.lead[i] for i in stay])
 
 
 def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NEW_TOKENS, stop=None,
@@ -223,6 +229,8 @@ def stream(dlm, prompts, max_new_tokens: int | list[int] | None = DEFAULT_MAX_NE
         if not isinstance(decoder, BlockDecoder):
             raise EdlmError("commit times are recorded by the block engine's strategies; `verified` and the "
                             "two-model mode commit by acceptance, left to right")
+        if decoder.opts.blocks > 1:
+            raise EdlmError("commit times are a block's own steps: record them with blocks 1")
         decoder.commit_times = True  # before its first rows: their Batch keeps the stamps
     if images is not None:
         from edlm.vision import with_images

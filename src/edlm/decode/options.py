@@ -120,6 +120,12 @@ class DecodeOptions:
                                read_by=("lossless", "psd", "verified"))
     remask_below: float = _option(0.9, "WINO narrow-out: an earlier draft whose leave-one-out confidence is "
                                   "lower goes back to the mask", low=0.0, high=1.0, low_open=True, read_by=("wino",))
+    blocks: int = _option(1, "blocks decoded at once (multi-block decoding, as d3LLM and D2F): the next block opens "
+                          "while the current one still has masks, and sees it as it stands", kind=int, low=1,
+                          read_by=_PLAIN)
+    next_block_at: float = _option(0.0, "multi-block decoding: a block's slots may commit once this fraction of the "
+                                   "block before it is decided (0: at once)", low=0.0, high=1.0, high_open=True,
+                                   read_by=_PLAIN)
     team: str = _option("off", "TEAM for mixture-of-experts dLMs (fewer expert activations per token): cache "
                         "(reuse decided tokens' MoE outputs), cold (limit far, unsure masked tokens to the experts "
                         "the others chose), explore (four block versions per forward), two joined by +, or all",
@@ -138,7 +144,7 @@ class DecodeOptions:
             return True
         plain = self.algorithm.rule is not None and other.algorithm.rule is not None
         return plain and self.block_size == other.block_size and self.temperature == other.temperature == 0 \
-            and self.team == other.team and "explore" not in team_mechanisms(self.team)
+            and self.blocks == other.blocks and self.next_block_at == other.next_block_at and self.team == other.team and "explore" not in team_mechanisms(self.team)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -177,6 +183,8 @@ class DecodeOptions:
                                     "AR model: train it with --ar-loss-weight (or use a --shift model)")
         if self.team != "off" and not is_moe(dlm.inner_model):
             raise DecodeOptionError("team", "team applies to mixture-of-experts models; this one has no expert layers")
+        if self.blocks > 1:
+            _check_blocks(self, limit)
         if "draft_depth" in algo.reads and limit is not None and self.draft_depth * self.block_size > limit:
             raise DecodeOptionError("draft_depth", f"draft_depth {self.draft_depth} x block size {self.block_size} "
                                     f"tokens in one forward exceed the model's {limit} positions")
@@ -274,6 +282,19 @@ def _check_block_size(dlm, block_size) -> None:
         raise DecodeOptionError("block_size", f"block size {block_size} exceeds the model's {limit} positions")
     if not dlm.config.diffusion and block_size != 1:
         raise DecodeOptionError("block_size", "an autoregressive model decodes with block size 1")
+
+
+def _check_blocks(opts: DecodeOptions, limit: int | None) -> None:
+    """Multi-block decoding: several blocks of a dLM in one window, by a plain rule, without TEAM
+    (its caches and cold tokens are a block's)."""
+    if opts.block_size == 1:
+        raise DecodeOptionError("blocks", "multi-block decoding needs blocks of at least 2 tokens (block size 1 "
+                                "decodes one token at a time)")
+    if opts.team != "off":
+        raise DecodeOptionError("blocks", "team works on one block at a time: use blocks 1 with team")
+    if limit is not None and opts.blocks * opts.block_size > limit:
+        raise DecodeOptionError("blocks", f"blocks {opts.blocks} x block size {opts.block_size} tokens in one forward "
+                                f"exceed the model's {limit} positions")
 
 
 def _integer(name: str, value, low: int) -> None:

@@ -67,6 +67,20 @@ def cut_tokens(tokens: list[int], budget_left: int, eos: int | None) -> list[int
     return tokens
 
 
+def opened_slots(todo: torch.Tensor, gen: torch.Tensor, blocks: int, at: float) -> torch.Tensor:
+    """Multi-block decoding's candidates: the masked slots [B, W] of a window of `blocks` blocks whose
+    block before has at least the fraction `at` of its generated slots decided (the first block's
+    always; at 0 every block's). D2F's "add a block once the last one is this far", applied per step,
+    so a rule sees one set of candidates and a block never opens ahead of the one before it."""
+    if blocks == 1:
+        return todo
+    n, w = todo.shape
+    decided = (gen & ~todo).view(n, blocks, w // blocks).sum(-1)
+    share = decided / gen.view(n, blocks, w // blocks).sum(-1).clamp_min(1)
+    opened = torch.cat([torch.ones_like(share[:, :1], dtype=torch.bool), share[:, :-1] >= at], 1)
+    return todo & opened.repeat_interleave(w // blocks, 1)
+
+
 def _top_n(score: torch.Tensor, n: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """Commit the n[b] highest-scoring candidates of each row."""
     score = score.masked_fill(~candidates, float("-inf"))

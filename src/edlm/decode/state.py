@@ -202,10 +202,13 @@ class Batch(KVRows):
     """Tensors of the rows still decoding, plus the KV cache of their finished blocks.
 
     pending_*: clean tokens whose KV the next forward writes (the prompt's complete blocks, or the
-    block just finished). block_*: the current block; `todo` marks its slots still masked, `gen`
-    the generated (not prompt) slots. Every slot of a block is a candidate even when a row's
-    budget ends inside it, so a budget never changes the tokens it keeps (as in SGLang: decode the
-    whole block, then cut); only slots past the model's last position are left out.
+    blocks just finished). block_*: the current window of `opts.blocks` blocks (`width` slots; one
+    block unless multi-block decoding); `todo` marks its slots still masked, `gen` the generated (not
+    prompt) slots. Every slot of a window is a candidate even when a row's budget ends inside it, so
+    a budget never changes the tokens it keeps (as in SGLang: decode the whole block, then cut);
+    only slots past the model's last position are left out. A window's blocks attend block-causally
+    (a later block sees the earlier ones as they stand, masks included); once its first blocks are
+    decided they leave it as pending clean tokens and fresh blocks open at its end (`next_blocks`).
     `memo` is what a strategy remembers between the steps of one block (edlm.decode.step.remember).
     """
 
@@ -216,11 +219,14 @@ class Batch(KVRows):
     # commit_times=True: the step of its block at which each slot was committed, and the steps the
     # current block has taken so far (edlm.decode.engine.BlockDecoder records them)
     TIME_ROWS = ("slot_step", "block_step")
+    SLOT_ROWS = ("block_ids", "todo", "gen")  # per window slot: they slide with the window (with the logprob
+    # and commit-step slots where kept)
 
     def __init__(self, dlm, prompts: list[list[int]], opts, budgets: list[int] | None = None, first_row: int = 0,
                  logprob_k: int | None = None, commit_times: bool = False):
         self.dlm, self.opts, self.logprob_k, self.commit_times = dlm, opts, logprob_k, commit_times
         bs = opts.block_size
+        self.width = w = bs * opts.blocks  # slots of the current window
         dev = dlm.device
         n = len(prompts)
         self.rows = torch.arange(first_row, first_row + n)  # request ids
@@ -235,9 +241,9 @@ class Batch(KVRows):
                 self.pending_ids[r, width - s:] = torch.tensor(p[:s], device=dev)
                 self.pending_pos[r, width - s:] = torch.arange(s, device=dev)
         self.block_start = torch.tensor(starts, device=dev)
-        self.block_ids = torch.zeros(n, bs, dtype=torch.long, device=dev)
-        self.todo = torch.zeros(n, bs, dtype=torch.bool, device=dev)  # masked, to generate
-        self.gen = torch.zeros(n, bs, dtype=torch.bool, device=dev)  # generated (not prompt) slots
+        self.block_ids = torch.zeros(n, w, dtype=torch.long, device=dev)
+        self.todo = torch.zeros(n, w, dtype=torch.bool, device=dev)  # masked, to generate
+        self.gen = torch.zeros(n, w, dtype=torch.bool, device=dev)  # generated (not prompt) slots
         self.carry = None  # [n, V] logits predicting slot 0 (shift models only)
         self.memo = None  # a strategy's state between steps of a block
         self.block_mask = None  # (positions, backend mask) of the current blocks, while the cache is unchanged
@@ -245,7 +251,7 @@ class Batch(KVRows):
         # each row's options as [B, 1] tensors; None while every row has the call's own options
         self.mixed_rules: dict | None = None
         self.row_options = None
-        self.eos_slot = torch.full((n,), bs, dtype=torch.long, device=dev)
+        self.eos_slot = torch.full((n,), w, dtype=torch.long, device=dev)  # the window's first decided EOS
         for r, (p, s) in enumerate(zip(prompts, starts, strict=True)):
             tail = p[s:]
             self.block_ids[r, : len(tail)] = torch.tensor(tail, dtype=torch.long, device=dev)
@@ -253,11 +259,11 @@ class Batch(KVRows):
         # new tokens each row may still emit (its budget left); the engine cuts a block's output to it
         self.budget_left = torch.tensor(budgets if budgets is not None else [bs] * n, device=dev)
         if logprob_k is not None:
-            self.slot_lp = torch.zeros(n, bs, device=dev)
-            self.slot_top_ids = torch.zeros(n, bs, logprob_k, dtype=torch.long, device=dev)
-            self.slot_top_lp = torch.zeros(n, bs, logprob_k, device=dev)
+            self.slot_lp = torch.zeros(n, w, device=dev)
+            self.slot_top_ids = torch.zeros(n, w, logprob_k, dtype=torch.long, device=dev)
+            self.slot_top_lp = torch.zeros(n, w, logprob_k, device=dev)
         if commit_times:
-            self.slot_step = torch.zeros(n, bs, dtype=torch.long, device=dev)
+            self.slot_step = torch.zeros(n, w, dtype=torch.long, device=dev)
             self.block_step = torch.zeros(n, dtype=torch.long, device=dev)
 
     @property
@@ -266,36 +272,58 @@ class Batch(KVRows):
             + (self.TIME_ROWS if self.commit_times else ())
 
     def open_blocks(self, rows: torch.Tensor | None = None) -> None:
-        """Open the current block of `rows` ([B] bool, default all): every slot after the prompt
+        """Open the current window of `rows` ([B] bool, default all): every slot after the prompt
         tail is masked and todo (up to the model's last position)."""
-        bs = self.opts.block_size
         sel = torch.ones_like(self.eos_slot, dtype=torch.bool) if rows is None else rows
-        slot = torch.arange(bs, device=self.block_ids.device)[None]
-        first = self.prompt_tail[:, None]
-        gen = slot >= first
+        self._open(sel[:, None].expand_as(self.todo))
+        self.eos_slot = torch.where(sel, self.width, self.eos_slot)
+        if self.commit_times:
+            self.block_step = torch.where(sel, 0, self.block_step)
+
+    def _open(self, slots: torch.Tensor) -> None:
+        """Mask `slots` ([B, width] bool) and make them todo, except the prompt tail's and those past
+        the model's last position."""
+        slot = torch.arange(self.width, device=self.block_ids.device)[None]
+        after_prompt = slot >= self.prompt_tail[:, None]
+        gen = after_prompt
         limit = self.dlm.max_positions
         if limit is not None:
             gen = gen & (self.block_start[:, None] + slot < limit)
         fill = self.dlm.config.mask_token_id if self.dlm.config.mask_token_id is not None else 0
-        opened = torch.where(slot >= first, torch.full_like(self.block_ids, fill), self.block_ids)
-        self.gen = torch.where(sel[:, None], gen, self.gen)
-        self.todo = torch.where(sel[:, None], gen, self.todo)
-        self.block_ids = torch.where(sel[:, None], opened, self.block_ids)
-        self.eos_slot = torch.where(sel, torch.full_like(self.eos_slot, bs), self.eos_slot)
-        if self.commit_times:
-            self.block_step = torch.where(sel, 0, self.block_step)
+        self.gen = torch.where(slots, gen, self.gen)
+        self.todo = torch.where(slots, gen, self.todo)
+        self.block_ids = torch.where(slots & after_prompt, fill, self.block_ids)
 
-    def next_blocks(self, rows: torch.Tensor) -> None:
-        """The finished blocks of `rows` ([B] bool) become pending clean tokens (written by the next
-        forward); the other rows get masked padding there and go on with their current block."""
+    def next_blocks(self, lead: list[int]) -> None:
+        """Each row's first lead[r] blocks (decided) become pending clean tokens, written by the next
+        forward; its window slides past them and opens as many fresh blocks at its end. Rows with
+        lead 0 get padding there and go on with their window as it is."""
         self.block_mask = None
         self.unpadded_prompts = False  # rows that did not finish a block get padding here
-        bs = self.opts.block_size
-        pos = self.block_start[:, None] + torch.arange(bs, device=self.block_ids.device)[None]
-        self.pending_ids = torch.where(rows[:, None], self.block_ids, 0)
-        self.pending_pos = torch.where(rows[:, None], pos, -1)
-        self.block_start = torch.where(rows, self.block_start + bs, self.block_start)
-        self.prompt_tail = torch.where(rows, 0, self.prompt_tail)
+        bs, w, dev = self.opts.block_size, self.width, self.block_ids.device
+        leaving = torch.tensor(lead, device=dev) * bs  # [B] slots leaving each window
+        k = max(lead) * bs
+        col = torch.arange(k, device=dev)[None] - (k - leaving[:, None])  # pending column -> its slot (< 0: pad)
+        real = col >= 0
+        self.pending_ids = torch.where(real, self.block_ids.gather(1, col.clamp_min(0)), 0)
+        self.pending_pos = torch.where(real, self.block_start[:, None] + col, -1)
+        src = torch.arange(w, device=dev)[None] + leaving[:, None]  # slot s now holds slot s + leaving
+        fresh = src >= w
+        src = src.clamp_max(w - 1)
+        slot_rows = self.SLOT_ROWS + (self.LOGPROB_ROWS if self.logprob_k is not None else ()) \
+            + (("slot_step",) if self.commit_times else ())
+        for name in slot_rows:
+            t = getattr(self, name)
+            setattr(self, name, t.gather(1, src.view(*src.shape, *[1] * (t.dim() - 2)).expand_as(t)))
+        moved = leaving > 0
+        self.eos_slot = torch.where(self.eos_slot < w, (self.eos_slot - leaving).clamp_min(0), w)
+        self.block_start = self.block_start + leaving
+        self.prompt_tail = torch.where(moved, 0, self.prompt_tail)
+        self._open(fresh)
+        slot = torch.arange(w, device=dev)[None]
+        self.todo = self.todo & (slot < self.eos_slot[:, None])  # an EOS carried along: nothing after it opens
+        if self.commit_times:
+            self.block_step = torch.where(moved, 0, self.block_step)
 
     def select_rows(self, idx: list[int]) -> None:
         """Keep only rows `idx` everywhere (cache included): finished rows cost nothing from now on."""

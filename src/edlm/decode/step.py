@@ -36,13 +36,14 @@ def feeds_block(dlm, batch) -> bool:
 
 @torch.no_grad()
 def denoise_step(dlm, batch, want: torch.Tensor | None = None, experts=None) -> torch.Tensor:
-    """One model call: write pending clean KV, return candidate logits [B, bs, V] for the current block.
+    """One model call: write pending clean KV, return candidate logits [B, W, V] for the current window
+    (W = batch.width: the block, or the blocks of multi-block decoding).
 
-    want [B, bs] bool: only these slots' logits, as [N, V] in row-major order. The LM head and
+    want [B, W] bool: only these slots' logits, as [N, V] in row-major order. The LM head and
     everything after it cost as much as the vocabulary is large (151k rows on Qwen), and a
     block's decided slots need none: on average half a block's slots per step. experts: an MoE
     model's plan for the block's forward (edlm.decode.team), never for a causal prefill of its own."""
-    bs, shift = batch.opts.block_size, lag(dlm)
+    w, shift = batch.width, lag(dlm)
     feed_block = feeds_block(dlm, batch)
     if feed_block and causal_prefill(dlm, batch) and batch.pending_ids.shape[1] >= CAUSAL_PREFILL_MIN:
         _prefill_causally(dlm, batch)  # a long prompt: its own forward through the causal fast path
@@ -51,9 +52,9 @@ def denoise_step(dlm, batch, want: torch.Tensor | None = None, experts=None) -> 
     has_pending = batch.pending_pos[:, -1] >= 0 if n_pending else None  # [B]: rows writing a finished block
     wanted = want is not None and feed_block
     if wanted:
-        logits_for = _wanted_positions(ids.shape, bs, shift, want, has_pending)  # [B, Q] bool
-    else:  # the block's queries, and with shift the last pending one (it predicts slot 0)
-        logits_for = bs + (shift if n_pending else 0) if feed_block else 1
+        logits_for = _wanted_positions(ids.shape, w, shift, want, has_pending)  # [B, Q] bool
+    else:  # the window's queries, and with shift the last pending one (it predicts slot 0)
+        logits_for = w + (shift if n_pending else 0) if feed_block else 1
     logits = batch.forward(dlm, q_pos, mask, n_pending, ids=ids, logits_to_keep=logits_for,
                            noisy=n_pending if feed_block else None, experts=experts)  # the block's slots, after the clean ones
     batch.pending_ids, batch.pending_pos = batch.pending_ids[:, :0], batch.pending_pos[:, :0]
@@ -103,11 +104,10 @@ def _step_inputs(dlm, batch, feed_block: bool):
     if n_pending == 0 and batch.block_mask is not None:
         q_pos, mask = batch.block_mask
         return batch.block_ids, q_pos, mask
-    bs = batch.opts.block_size
     ids, q_pos = [batch.pending_ids], [batch.pending_pos]
     if feed_block:
         ids.append(batch.block_ids)
-        q_pos.append(batch.block_start[:, None] + torch.arange(bs, device=batch.block_ids.device)[None])
+        q_pos.append(batch.block_start[:, None] + torch.arange(batch.width, device=batch.block_ids.device)[None])
     ids, q_pos = torch.cat(ids, 1), torch.cat(q_pos, 1)
     if not feed_block and causal_prefill(dlm, batch):  # an AR model's prompt: HF's own causal path
         return ids, q_pos, None
@@ -115,7 +115,8 @@ def _step_inputs(dlm, batch, feed_block: bool):
     clean_q = None
     if dlm.config.causal_clean:  # pending tokens are clean: token-causal, as the clean stream was trained
         clean_q = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1) < n_pending
-    mask = dlm.backend_mask(position_block_mask(q_pos, k_pos, bs, k_valid, clean_q))  # [B, 1, Q, K]
+    # block-causal by position: a window's later blocks see its earlier ones as they stand
+    mask = dlm.backend_mask(position_block_mask(q_pos, k_pos, batch.opts.block_size, k_valid, clean_q))  # [B, 1, Q, K]
     if feed_block and not n_pending:
         batch.block_mask = (q_pos, mask)
     elif feed_block and torch.is_tensor(mask):
@@ -123,11 +124,11 @@ def _step_inputs(dlm, batch, feed_block: bool):
     return ids, q_pos, mask
 
 
-def _wanted_positions(shape, bs: int, shift: int, want, has_pending) -> torch.Tensor:
+def _wanted_positions(shape, width: int, shift: int, want, has_pending) -> torch.Tensor:
     """The queries whose logits the wanted slots need (HF's boolean `logits_to_keep`): slot j at
-    the block's query j, or j - 1 with shift; there, slot 0 comes from the carry, refreshed at the
+    the window's query j, or j - 1 with shift; there, slot 0 comes from the carry, refreshed at the
     last pending position of the rows that have one."""
-    first = shape[1] - bs  # the block's first query
+    first = shape[1] - width  # the window's first query
     logits_for = torch.zeros(shape, dtype=torch.bool, device=want.device)
     if not shift:
         logits_for[:, first:] = want
@@ -141,7 +142,7 @@ def _wanted_positions(shape, bs: int, shift: int, want, has_pending) -> torch.Te
 def _wanted_logits(batch, logits, logits_for, want, has_pending) -> torch.Tensor:
     """A shift model's wanted slots from the kept logits [M, V] (row-major over `logits_for`): the
     carry rows refresh the carry, slot 0 is read from it; [N, V], N = want.sum(), row-major."""
-    fresh = logits_for.nonzero()[:, 1] == logits_for.shape[1] - batch.opts.block_size - 1  # carry rows of M
+    fresh = logits_for.nonzero()[:, 1] == logits_for.shape[1] - batch.width - 1  # carry rows of M
     carry = batch.carry.clone() if batch.carry is not None else logits.new_zeros(want.shape[0], logits.shape[-1])
     if has_pending is not None:
         carry[has_pending] = logits[fresh]

@@ -50,7 +50,8 @@ def rule_step(rule: Callable) -> Callable:
     batch of mixed plain settings (batch.mixed_rules), each row's own rule and options do."""
 
     def step(dlm, batch, generator=None) -> torch.Tensor:
-        opts, todo = batch.opts, batch.todo
+        opts = batch.opts  # the candidates: masked slots of the window's opened blocks (multi-block decoding)
+        todo = rules.opened_slots(batch.todo, batch.gen, opts.blocks, opts.next_block_at)
         mixed = batch.mixed_rules  # None, or {strategy name: [B] bool rows} (edlm.decode.engine)
         needs_entropy = any("gamma" in STRATEGIES[name].reads for name in mixed) if mixed else \
             "gamma" in opts.algorithm.reads
