@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = [("verified", None), ("prefix", 0.95), ("prefix", 0.9), ("prefix", 0.8), ("prefix", 0.7),
-            ("threshold", 0.9), ("threshold", 0.7), ("threshold", 0.5)]
+SETTINGS = ["verified", "prefix:0.95", "prefix:0.9", "prefix:0.8", "prefix:0.7",
+            "threshold:0.9", "threshold:0.7", "threshold:0.5"]
 
 
 def main() -> None:
@@ -36,8 +38,10 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=500, help="held-out problems (default 500)")
     ap.add_argument("--batch-size", type=int, default=64, help="decode batch (TPF/accuracy only; default 64)")
     ap.add_argument("--settings", nargs="+", default=None,
-                    help="strategy[:threshold][@block] to decode with (default: verified, prefix 0.95-0.7, "
-                    "threshold 0.9-0.5, at each model's block size)")
+                    help="[BLOCKSx]strategy[/GATE][:threshold][@block] to decode with, e.g. prefix:0.95, "
+                    "2xprefix:0.95 (a window of two blocks), 2xprefix/0.5:0.9 (the next block opens once the "
+                    "leading one is half decided); default: verified, prefix 0.95-0.7, threshold 0.9-0.5, at "
+                    "each model's block size")
     ap.add_argument("--block-size", type=int, default=None, help="decode block size (default: each model's)")
     ap.add_argument("--timed", action="store_true", help="instead: tokens/s against HF generate at batch 1 and 8, "
                     "every model at every setting, interleaved (run on a quiet machine)")
@@ -48,24 +52,19 @@ def main() -> None:
     if args.merge:
         return merge([Path(p) for p in args.merge], Path(args.out or "."))
     torch.set_num_threads(2)
-    settings = SETTINGS if args.settings is None else [parse_setting(s) for s in args.settings]
+    settings = [parse_setting(s) for s in (args.settings or SETTINGS)]
     examples = load_examples("reasoning", args.limit)
     ar = DiffusionLM.from_pretrained(args.parent, autoregressive=True)
     models = {name: DiffusionLM.from_pretrained(path) for name, path in (m.split("=", 1) for m in args.models)}
 
-    def runner(dlm, strategy, threshold, block_size=None):
-        extra = {} if threshold is None else {"threshold": threshold}
-        return engine_runner(dlm, 96, strategy=strategy, block_size=block_size or args.block_size, **extra)
-
-    def label(name, strategy, threshold, block_size=None):
-        return f"{name} {strategy}" + ("" if threshold is None else f" {threshold}") + \
-            ("" if block_size is None else f" @{block_size}")
+    def runner(dlm, setting):
+        return engine_runner(dlm, 96, **{"block_size": args.block_size, **setting.decode})
 
     rows = []
     if args.timed:
         for bs in (1, 8):
             runs = [("HF generate (parent)", hf_runner(ar, 96)), ("AR engine (parent)", engine_runner(ar, 96))]
-            runs += [(label(n, *st), runner(d, *st)) for n, d in models.items() for st in settings]
+            runs += [(f"{n} {st.label}", runner(d, st)) for n, d in models.items() for st in settings]
             got = measure_together(runs, examples, batch_size=bs)
             for row in got:
                 row["x_hf"] = row["tokens_per_s"] / got[0]["tokens_per_s"]
@@ -73,7 +72,7 @@ def main() -> None:
     else:
         rows += measure_together([("AR parent", engine_runner(ar, 96))], examples, args.batch_size)
         for name, dlm in models.items():
-            rows += measure_together([(label(name, *st), runner(dlm, *st)) for st in settings], examples,
+            rows += measure_together([(f"{name} {st.label}", runner(dlm, st)) for st in settings], examples,
                                      args.batch_size)
     y_max = 100 * rows[0]["accuracy"] if not args.timed else None
     lines = ["| setting | batch | accuracy | TPF | tokens/s | x HF |", "|---|---|---|---|---|---|"]
@@ -85,8 +84,8 @@ def main() -> None:
     if y_max is not None:
         lines += ["", f"AUP per strategy (y_max = the parent's {y_max:.1f}%):"]
         for name in models:
-            for strategy in dict.fromkeys(st[0] for st in settings):
-                pts = [(r["tpf"], 100 * r["accuracy"]) for r in rows if r["name"].startswith(f"{name} {strategy}")]
+            for strategy in dict.fromkeys(st.group for st in settings):
+                pts = [(r["tpf"], 100 * r["accuracy"]) for r in rows if r["name"].split()[:2] == [name, strategy]]
                 lines.append(f"- {name} {strategy}: {aup(pts, y_max):.0f}")
     lines += ["", "Tokens committed per model call ({tokens: calls}):", ""]
     lines += [f"- {r['name']}: {json.dumps(r['commit_histogram'])}" for r in rows if r.get("commit_histogram")]
@@ -155,11 +154,31 @@ def merge(paths: list[Path], out: Path) -> None:
     plt.close(fig)
 
 
-def parse_setting(text: str) -> tuple:
-    """'prefix:0.95@16' -> ('prefix', 0.95, 16); threshold and block optional."""
-    text, _, block = text.partition("@")
-    strategy, _, threshold = text.partition(":")
-    return strategy, float(threshold) if threshold else None, int(block) if block else None
+class Setting(NamedTuple):
+    group: str  # what AUP is taken over: the strategy and its window, e.g. 'prefix' or '2xprefix/0.5'
+    label: str
+    decode: dict  # keyword arguments of DiffusionLM.generate
+
+
+def parse_setting(text: str) -> Setting:
+    """'2xprefix/0.5:0.9@16' -> strategy prefix, a window of 2 blocks, the next opening at 0.5 decided,
+    threshold 0.9, block size 16; everything but the strategy optional."""
+    m = re.fullmatch(r"(?:(\d+)x)?([a-z_-]+)(?:/([\d.]+))?(?::([\d.]+))?(?:@(\d+))?", text)
+    if m is None:
+        raise SystemExit(f"bad setting {text!r}: expected [BLOCKSx]strategy[/GATE][:threshold][@block]")
+    blocks, strategy, gate, threshold, block = m.groups()
+    decode = {"strategy": strategy}
+    if blocks:
+        decode["blocks"] = int(blocks)
+    if gate:
+        decode["next_block_at"] = float(gate)
+    if threshold:
+        decode["threshold"] = float(threshold)
+    if block:
+        decode["block_size"] = int(block)
+    group = text.partition(":")[0].partition("@")[0]
+    label = group + (f" {threshold}" if threshold else "") + (f" @{block}" if block else "")
+    return Setting(group, label, decode)
 
 
 if __name__ == "__main__":
