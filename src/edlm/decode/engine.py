@@ -55,7 +55,6 @@ class BlockDecoder:
         self.rows: list[int] = []
         self.budget_left: list[int] = []  # new tokens each row may still emit (batch.budget_left on the host)
         self.row_opts: list[DecodeOptions] = []  # each row's options (joins may bring their own)
-        self.moved: list[int] = []  # rows that finished a block in the last step
         self.lead: list[int] = []  # per row, the blocks the last step finished (edlm.decode.state.Batch.next_blocks)
         # plain steps: each row opens its next block alone (TEAM's exploration keeps rows together)
         self.own_pace = opts.algorithm.rule is not None and "explore" not in team_mechanisms(opts.team)
@@ -117,12 +116,16 @@ class BlockDecoder:
                          + ([batch.experts_used] if moe else []), 1).tolist()
         experts = [h[-2:] for h in host] if moe else None
         self.lead = [h[1] for h in host]
-        self.moved = [i for i, n in enumerate(self.lead) if n]
         out = [self.opts.block_size * n for n in self.lead]  # slots each row emits
         emitted = {i: cut_tokens([t for t, g in zip(host[i][2:2 + out[i]], host[i][2 + w:2 + w + out[i]], strict=True)
                                   if g], self.budget_left[i], self.eos) for i in self.moved}
         return Step(batch.calls - calls, [h[0] for h in host], emitted, self._logprobs(host, emitted), experts,
                     self._times(host, emitted))
+
+    @property
+    def moved(self) -> list[int]:
+        """Rows that finished a block in the last step."""
+        return [i for i, n in enumerate(self.lead) if n]
 
     def _times(self, host: list[list[int]], emitted: dict[int, list[int]]) -> dict[int, list[float]]:
         """The emitted tokens' commit times ((step + 1) / the block's steps), where the call records them."""

@@ -143,8 +143,10 @@ class DecodeOptions:
         if self == other:
             return True
         plain = self.algorithm.rule is not None and other.algorithm.rule is not None
-        return plain and self.block_size == other.block_size and self.temperature == other.temperature == 0 \
-            and self.blocks == other.blocks and self.next_block_at == other.next_block_at and self.team == other.team and "explore" not in team_mechanisms(self.team)
+        same_window = (self.block_size, self.blocks, self.next_block_at) == \
+            (other.block_size, other.blocks, other.next_block_at)
+        return plain and same_window and self.temperature == other.temperature == 0 and self.team == other.team \
+            and "explore" not in team_mechanisms(self.team)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -271,14 +271,10 @@ class Batch(KVRows):
         return self.PER_ROW + (self.LOGPROB_ROWS if self.logprob_k is not None else ()) \
             + (self.TIME_ROWS if self.commit_times else ())
 
-    def open_blocks(self, rows: torch.Tensor | None = None) -> None:
-        """Open the current window of `rows` ([B] bool, default all): every slot after the prompt
-        tail is masked and todo (up to the model's last position)."""
-        sel = torch.ones_like(self.eos_slot, dtype=torch.bool) if rows is None else rows
-        self._open(sel[:, None].expand_as(self.todo))
-        self.eos_slot = torch.where(sel, self.width, self.eos_slot)
-        if self.commit_times:
-            self.block_step = torch.where(sel, 0, self.block_step)
+    def open_blocks(self) -> None:
+        """Open the first window of every row: every slot after the prompt tail is masked and todo
+        (up to the model's last position). Later windows open as they slide (next_blocks)."""
+        self._open(torch.ones_like(self.todo))
 
     def _open(self, slots: torch.Tensor) -> None:
         """Mask `slots` ([B, width] bool) and make them todo, except the prompt tail's and those past
