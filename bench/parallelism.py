@@ -38,9 +38,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=500, help="held-out problems (default 500)")
     ap.add_argument("--batch-size", type=int, default=64, help="decode batch (TPF/accuracy only; default 64)")
     ap.add_argument("--settings", nargs="+", default=None,
-                    help="[BLOCKSx]strategy[/GATE][:threshold][@block] to decode with, e.g. prefix:0.95, "
+                    help="[BLOCKSx]strategy[/GATE][:threshold][#depth][@block] to decode with, e.g. prefix:0.95, "
                     "2xprefix:0.95 (a window of two blocks), 2xprefix/0.5:0.9 (the next block opens once the "
-                    "leading one is half decided); default: verified, prefix 0.95-0.7, threshold 0.9-0.5, at "
+                    "leading one is half decided), 2xverified#3 (verified drafting two blocks, draft_depth 3); default: verified, prefix 0.95-0.7, threshold 0.9-0.5, at "
                     "each model's block size")
     ap.add_argument("--block-size", type=int, default=None, help="decode block size (default: each model's)")
     ap.add_argument("--timed", action="store_true", help="instead: tokens/s against HF generate at batch 1 and 8, "
@@ -162,11 +162,12 @@ class Setting(NamedTuple):
 
 def parse_setting(text: str) -> Setting:
     """'2xprefix/0.5:0.9@16' -> strategy prefix, a window of 2 blocks, the next opening at 0.5 decided,
-    threshold 0.9, block size 16; everything but the strategy optional."""
-    m = re.fullmatch(r"(?:(\d+)x)?([a-z_-]+)(?:/([\d.]+))?(?::([\d.]+))?(?:@(\d+))?", text)
+    threshold 0.9, block size 16; '2xverified#3' -> verified drafting two blocks, draft_depth 3;
+    everything but the strategy optional."""
+    m = re.fullmatch(r"(?:(\d+)x)?([a-z_-]+)(?:/([\d.]+))?(?::([\d.]+))?(?:#(\d+))?(?:@(\d+))?", text)
     if m is None:
-        raise SystemExit(f"bad setting {text!r}: expected [BLOCKSx]strategy[/GATE][:threshold][@block]")
-    blocks, strategy, gate, threshold, block = m.groups()
+        raise SystemExit(f"bad setting {text!r}: expected [BLOCKSx]strategy[/GATE][:threshold][#depth][@block]")
+    blocks, strategy, gate, threshold, depth, block = m.groups()
     decode = {"strategy": strategy}
     if blocks:
         decode["blocks"] = int(blocks)
@@ -174,6 +175,8 @@ def parse_setting(text: str) -> Setting:
         decode["next_block_at"] = float(gate)
     if threshold:
         decode["threshold"] = float(threshold)
+    if depth:
+        decode["draft_depth"] = int(depth)
     if block:
         decode["block_size"] = int(block)
     group = text.partition(":")[0].partition("@")[0]

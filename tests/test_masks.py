@@ -140,3 +140,26 @@ def test_draft_blocks_mask_truth_table():
             else:
                 want = (ks < 0 and kp < qs) or ks == qs
             assert bool(got[q, k]) == want, (q, k)
+
+
+def test_draft_blocks_mask_sub_blocks_are_block_causal():
+    """A draft block two model blocks wide (sub_block 3 from its start): a query sees clean keys
+    before the block's start, its own sub-block and the earlier one, never the later one; clean
+    queries are unchanged."""
+    from edlm.masks import draft_blocks_mask
+
+    pos = torch.tensor([[4, 5, 4, 5, 6, 7, 8, 9, 5, 6, 7, 8]])  # clean 4 5; block @4 (6 wide); block @5 (4 of 6)
+    start = torch.tensor([[-1, -1] + [4] * 6 + [5] * 4])
+    k_pos, k_start = torch.cat([torch.arange(4)[None], pos], 1), torch.cat([torch.full((1, 4), -1), start], 1)
+    k_valid = torch.ones_like(k_pos, dtype=torch.bool)
+    got = draft_blocks_mask(pos, start, k_pos, k_start, k_valid, sub_block=3)[0]
+    plain = draft_blocks_mask(pos, start, k_pos, k_start, k_valid)[0]
+    for q in range(pos.shape[1]):
+        for k in range(k_pos.shape[1]):
+            qp, qs, kp, ks = int(pos[0, q]), int(start[0, q]), int(k_pos[0, k]), int(k_start[0, k])
+            if qs < 0:
+                want = ks < 0 and kp <= qp
+            else:
+                want = (ks < 0 and kp < qs) or (ks == qs and (kp - ks) // 3 <= (qp - qs) // 3)
+            assert bool(got[q, k]) == want, (q, k)
+    assert (got <= plain).all() and (got != plain).any()  # only keys of later sub-blocks are taken away

@@ -184,7 +184,8 @@ def test_opened_slots_truth_table():
 
 
 @pytest.mark.parametrize("kwargs,msg", [
-    (dict(strategy="verified", blocks=2), "blocks does not apply"),
+    (dict(strategy="psd", blocks=2), "blocks does not apply"),
+    (dict(strategy="verified", blocks=2, next_block_at=0.5), "next_block_at does not apply"),
     (dict(strategy="lossless", next_block_at=0.5), "next_block_at does not apply"),
     (dict(blocks=2, block_size=1), "at least 2 tokens"),
     (dict(blocks=0), "blocks must be >= 1"),

@@ -55,7 +55,7 @@ def test_verified_equals_own_greedy_ar_single_and_batched(arch, shift, block_siz
 
 @pytest.mark.parametrize("depth", [1, 2, 8])
 def test_fewer_draft_blocks_change_speed_never_tokens(depth):
-    """draft_depth keeps mask blocks for acceptance lengths 0 and the `depth` longest only: the
+    """draft_depth keeps mask blocks for acceptance lengths 0 and the `depth` likeliest only: the
     output stays the model's greedy AR decode, batched and alone."""
     dlm = causal_dlm("qwen3", True, block_size=4)
     ref = [greedy_ar(dlm, p, 12) for p in PROMPTS]
@@ -63,6 +63,50 @@ def test_fewer_draft_blocks_change_speed_never_tokens(depth):
     alone = dlm.generate(PROMPTS[3], max_new_tokens=12, strategy="verified", draft_depth=depth)
     assert batched.token_ids == ref and alone.token_ids == ref[3:]
     assert batched.stats[3].model_calls == alone.stats[0].model_calls  # blocks are chosen per row
+
+
+def test_covered_lengths_are_zero_and_the_likeliest():
+    from edlm.decode.selfverify import covered_lengths
+
+    conf = [0.99, 0.98, 0.2, 0.9, 0.9]  # acceptance will most likely stop at draft 2, next after all of them...
+    # chances: m=0 .01, m=1 .0198, m=2 .776, m=3 .0194, m=4 .0175, m=5 .157
+    assert covered_lengths(conf, 1) == [0, 2]
+    assert covered_lengths(conf, 2) == [0, 2, 5]
+    assert covered_lengths(conf, 3) == [0, 1, 2, 5]
+    assert covered_lengths(conf, None) == covered_lengths(conf, 5) == covered_lengths(conf, 9) == [0, 1, 2, 3, 4, 5]
+    assert covered_lengths([], 1) == [0]
+    assert covered_lengths([0.1, 0.5], 1) == [0]  # the likeliest is no accepted draft: one block
+
+
+@pytest.mark.parametrize(("arch", "shift", "blocks", "depth"), [("qwen3", False, 2, 1), ("llama", True, 2, 8),
+                                                                ("qwen3", True, 3, 2)])
+def test_multiblock_drafts_keep_the_greedy_ar_text(arch, shift, blocks, depth):
+    """verified drafting `blocks` model blocks a step: still token for token the model's greedy AR
+    decode, batched and alone, with the same calls per row."""
+    dlm = causal_dlm(arch, shift, block_size=3)
+    ref = [greedy_ar(dlm, p, 14) for p in PROMPTS]
+    batched = dlm.generate(PROMPTS, max_new_tokens=14, strategy="verified", blocks=blocks, draft_depth=depth)
+    assert batched.token_ids == ref
+    for i, p in enumerate(PROMPTS):
+        alone = dlm.generate(p, max_new_tokens=14, strategy="verified", blocks=blocks, draft_depth=depth)
+        assert alone.token_ids[0] == ref[i] and alone.stats[0].model_calls == batched.stats[i].model_calls
+
+
+def test_first_block_of_a_multiblock_draft_is_the_one_block_draft():
+    """The sub-blocks of a wide draft block are block-causal: its first block_size - 1 drafts, and
+    their probabilities, are those of a one-block draft from the same state."""
+    from edlm.decode.selfverify import AcceptedRows, verified_step
+
+    dlm = causal_dlm("qwen3", False, block_size=4)
+    got = {}
+    for blocks in (1, 2):
+        rows = AcceptedRows(dlm.device)
+        rows.add(0, [dlm.tokenizer(p)["input_ids"] for p in PROMPTS], [64] * len(PROMPTS))
+        verified_step(dlm, rows, 4, depth=1, blocks=blocks)  # the first step: no drafts to verify yet
+        got[blocks] = rows
+    assert got[1].seq == got[2].seq and all(len(d) == 7 for d in got[2].drafts)
+    for one, two, c1, c2 in zip(got[1].drafts, got[2].drafts, got[1].draft_conf, got[2].draft_conf, strict=True):
+        assert two[:3] == one and torch.allclose(torch.tensor(c2[:3]), torch.tensor(c1), atol=1e-9)
 
 
 def test_verified_agrees_with_the_engine_ar_path():

@@ -97,7 +97,7 @@ def position_block_mask(
 
 def draft_blocks_mask(
     q_pos: torch.Tensor, q_start: torch.Tensor, k_pos: torch.Tensor, k_start: torch.Tensor,
-    k_valid: torch.Tensor,
+    k_valid: torch.Tensor, sub_block: int | None = None,
 ) -> torch.Tensor:
     """[B, Q, K] for AR-verified drafting in one forward (TiDAR-style, edlm.decode.selfverify).
 
@@ -106,11 +106,19 @@ def draft_blocks_mask(
     query sees clean keys at positions <= its own; a draft-block query sees clean keys before its
     block's start and its own block's keys (which share its start). The rule of
     clean_context_mask(causal_clean=True) with the block placed where the prefix ends.
+
+    sub_block: a draft block wider than the model's block is cut into sub-blocks of this many
+    tokens from its start, block-causal among themselves (multi-block drafting): a query sees its
+    own and the earlier sub-blocks of its draft block, as a later block of a multi-block window
+    sees the undecided ones before it, and the first sub-block is exactly a one-block draft.
     """
     qs, ks = q_start[:, :, None], k_start[:, None, :]
     k_clean = ks < 0
     clean_q = (qs < 0) & k_clean & (k_pos[:, None, :] <= q_pos[:, :, None])
-    draft_q = (qs >= 0) & ((k_clean & (k_pos[:, None, :] < qs)) | (ks == qs))
+    same = ks == qs
+    if sub_block is not None:
+        same = same & ((k_pos[:, None, :] - ks) // sub_block <= (q_pos[:, :, None] - qs) // sub_block)
+    draft_q = (qs >= 0) & ((k_clean & (k_pos[:, None, :] < qs)) | same)
     return (clean_q | draft_q) & k_valid[:, None, :]
 
 

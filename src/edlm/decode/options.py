@@ -116,13 +116,14 @@ class DecodeOptions:
     gamma: float = _option(0.5, "entropy budget of the entropy strategy", low=0.0, read_by=("entropy",))
     tokens_per_step: int = _option(1, "k of the steps strategy", kind=int, low=1, read_by=("steps",))
     draft_depth: int = _option(4, "states drafted per verification forward (lossless, psd); verified: draft "
-                               "blocks beyond the one for no accepted draft", kind=int, low=1,
+                               "blocks beyond the one for no accepted draft, at the likeliest acceptance lengths", kind=int, low=1,
                                read_by=("lossless", "psd", "verified"))
     remask_below: float = _option(0.9, "WINO narrow-out: an earlier draft whose leave-one-out confidence is "
                                   "lower goes back to the mask", low=0.0, high=1.0, low_open=True, read_by=("wino",))
     blocks: int = _option(1, "blocks decoded at once (multi-block decoding, as d3LLM and D2F): the next block opens "
-                          "while the current one still has masks, and sees it as it stands", kind=int, low=1,
-                          read_by=_PLAIN)
+                          "while the current one still has masks, and sees it as it stands; verified: each draft "
+                          "block is this many blocks wide, block-causal inside", kind=int, low=1,
+                          read_by=(*_PLAIN, "verified"))
     next_block_at: float = _option(0.0, "multi-block decoding: a block's slots may commit once this fraction of the "
                                    "block before it is decided (0: at once)", low=0.0, high=1.0, high_open=True,
                                    read_by=_PLAIN)

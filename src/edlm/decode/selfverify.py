@@ -13,8 +13,10 @@ to the AR argmax is kept, plus the AR's own next token (so every step commits >=
 output is token for token the model's greedy AR decode). The next drafts come from M_n, the block
 that assumed exactly the n accepted drafts, so no second pass is needed: TiDAR's structured masks,
 all acceptance lengths at once, k + 1 = block_size mask blocks per forward (`draft_depth` D keeps
-those of lengths 0 and the D longest, chosen per row). M_j's first slot sits where the AR's own
-token goes, so it drafts the block_size - 1 tokens after it.
+those of length 0 and the D likeliest, chosen per row from the drafts' own confidences). M_j's
+first slot sits where the AR's own token goes, so it drafts the block_size - 1 tokens after it.
+With `blocks` B each mask block is B model blocks wide, block-causal inside, and drafts
+B * block_size - 1 tokens (its first block's drafts are exactly the one-block ones).
 
 Draft blocks are placed right after the prefix, not on the block grid: with RoPE only relative
 positions matter, and a block seeing "every clean token before my start" is what training's
@@ -50,6 +52,7 @@ class AcceptedRows(KVRows):
         self.seq: list[list[int]] = []
         self.fed: list[int] = []
         self.drafts: list[list[int]] = []
+        self.draft_conf: list[list[float]] = []  # each draft's probability under its mask block
         self.budget_left: list[int] = []
 
     def add(self, first_row: int, prompts: list[list[int]], budgets: list[int]) -> None:
@@ -59,6 +62,7 @@ class AcceptedRows(KVRows):
         self.seq += [list(p) for p in prompts]
         self.fed += [0] * len(prompts)
         self.drafts += [[] for _ in prompts]
+        self.draft_conf += [[] for _ in prompts]
         self.budget_left += budgets
 
     def accept(self, greedy: list[list[int]]) -> tuple[list[list[int]], list[int]]:
@@ -110,7 +114,7 @@ class AcceptedRows(KVRows):
         if len(idx) == len(self.ids):
             return
         self.select_cache_rows(torch.tensor(idx, dtype=torch.long, device=self.cache_pos.device))
-        for name in ("ids", "seq", "fed", "drafts"):
+        for name in ("ids", "seq", "fed", "drafts", "draft_conf"):
             setattr(self, name, [getattr(self, name)[i] for i in idx])
         self.compact_keys()
 
@@ -128,40 +132,60 @@ def clean_inputs(rows: AcceptedRows, pad_id: int) -> tuple[list[list[int]], list
     return ids, pos, n_new, n_drafts
 
 
-def covered_lengths(n_drafts: int, depth: int | None) -> list[int]:
-    """The acceptance lengths that get a mask block: 0 and the `depth` longest (None: all)."""
-    return sorted({0, *range(max(1, n_drafts + 1 - depth) if depth else 1, n_drafts + 1)})
+def covered_lengths(conf: list[float], depth: int | None) -> list[int]:
+    """The acceptance lengths that get a mask block: 0 and the `depth` likeliest (None: all).
+
+    conf: each draft's probability under the block that drafted it. Read as the chance that the
+    verifier agrees, acceptance length m has chance conf[0] * ... * conf[m-1] * (1 - conf[m]) (all n
+    drafts: the whole product). Covering where acceptance will likely stop gives the next step
+    drafts that assumed exactly what was accepted; covering the longest lengths only (the rule this
+    replaced) left every partial acceptance with stale drafts from block 0 (on the demo dLM, depth
+    1: 5.29 tokens per forward against 4.87, lossless either way)."""
+    n = len(conf)
+    if depth is None or depth >= n:
+        return list(range(n + 1))
+    chance, run = [], 1.0
+    for c in conf:
+        chance.append(run * (1.0 - c))
+        run *= c
+    chance.append(run)
+    return sorted({0, *sorted(range(n + 1), key=lambda m: -chance[m])[:depth]})
 
 
 @torch.no_grad()
-def verified_step(dlm, rows: AcceptedRows, bs: int, depth: int | None = None) -> list[list[int]]:
+def verified_step(dlm, rows: AcceptedRows, bs: int, depth: int | None = None, blocks: int = 1) -> list[list[int]]:
     """One forward for every row; returns the tokens each row accepted (the drafts it accepted, then the
     AR's own token), and leaves each row's next drafts in rows.drafts.
 
-    depth: mask blocks for acceptance lengths 0 and the `depth` longest ones only (None: all
-    k + 1). Fewer blocks make the forward cheaper where compute, not memory, bounds it (CPUs);
-    after an acceptance length without its own block, the next drafts come from the block of the
-    longest covered length below it (conditioned on fewer accepted drafts, so they are fewer).
+    depth: mask blocks for acceptance lengths 0 and the `depth` likeliest ones only (None: all
+    k + 1; `covered_lengths`). Fewer blocks make the forward cheaper where compute, not memory,
+    bounds it (CPUs); after an acceptance length without its own block, the next drafts come from
+    the block of the longest covered length below it (conditioned on fewer accepted drafts, so
+    they are fewer).
+    blocks: each mask block is `blocks` model blocks wide, block-causal inside (multi-block
+    drafting: up to blocks * bs - 1 drafts a step).
     """
-    covered = [covered_lengths(len(x), depth) for x in rows.drafts]
-    ids, pos, start, n_new, n_drafts = _verification_inputs(dlm, rows, covered, bs)
+    width = bs * blocks
+    covered = [covered_lengths(c, depth) for c in rows.draft_conf]
+    ids, pos, start, n_new, n_drafts = _verification_inputs(dlm, rows, covered, width)
     k_pos, k_valid = rows.keys_with(pos)
     k_start = torch.cat([torch.full_like(rows.cache_pos, -1), start], 1)
-    mask = draft_blocks_mask(pos, start, k_pos, k_start, k_valid)
+    mask = draft_blocks_mask(pos, start, k_pos, k_start, k_valid, sub_block=bs if blocks > 1 else None)
     n_blocks = max(len(x) for x in covered)
     with clean_rows_alone(dlm, rows, n_new, n_new + n_drafts):
         logits = rows.forward(dlm, pos, mask, n_new + n_drafts, ids=ids, noisy=n_new + n_drafts,  # the mask blocks
-                              logits_to_keep=1 + n_drafts + n_blocks * bs)  # from the last accepted token on
+                              logits_to_keep=1 + n_drafts + n_blocks * width)  # from the last accepted token on
     rows.verifier_logits = logits[:, : n_drafts + 1] if rows.logprob_k is not None else None
-    best = logits.argmax(-1).tolist()  # the step's one host read
+    conf, best = logits.float().softmax(-1).max(-1)
+    best, conf = best.tolist(), conf.tolist()  # the step's host reads
     accepted, n_accepted = rows.accept([b[: n_drafts + 1] for b in best])  # the AR's token at p + j, j <= n_drafts
     limit = dlm.max_positions or 1 << 30
     first = 1 - lag(dlm)  # block slot i predicts p + j + i + 1 (shift) or p + j + i
     for r, m in enumerate(n_accepted):
         b = max(i for i, j in enumerate(covered[r]) if j <= m)  # the block that assumed the most of what was accepted
-        block = best[r][n_drafts + 1 + b * bs: n_drafts + 1 + (b + 1) * bs]
+        at = slice(n_drafts + 1 + b * width + m - covered[r][b] + first, n_drafts + 1 + b * width + first + width - 1)
         fits = max(0, limit - (len(rows.seq[r]) + m + 1))  # positions left in the context
-        rows.drafts[r] = block[m - covered[r][b] + first: first + bs - 1][:fits]
+        rows.drafts[r], rows.draft_conf[r] = best[r][at][:fits], conf[r][at][:fits]
     rows.trim_to_accepted(n_new, n_drafts, n_accepted)
     return accepted
 
@@ -208,7 +232,8 @@ class SelfVerifiedDecoder:
 
     def step(self) -> Step:
         rows = self.accepted
-        emitted = rows.emit(verified_step(self.dlm, rows, self.opts.block_size, self.opts.draft_depth), self.eos)
+        opts = self.opts
+        emitted = rows.emit(verified_step(self.dlm, rows, opts.block_size, opts.draft_depth, opts.blocks), self.eos)
         logprobs = rows.verifier_logprobs(rows.verifier_logits, emitted) if rows.logprob_k is not None else {}
         return Step(1, [len(emitted[i]) for i in range(len(emitted))], emitted, logprobs)
 
