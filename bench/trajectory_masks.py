@@ -35,6 +35,10 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8000, help="training problems to answer (default 8000)")
     ap.add_argument("--steps", type=int, nargs="+", default=[300], help="training steps, one pair of runs each")
     ap.add_argument("--limit", type=int, default=500, help="held-out problems (default 500)")
+    ap.add_argument("--maskings", nargs="+", default=["position", "trajectory"], choices=["position", "trajectory"],
+                    help="which runs to train per --steps (default both: trajectory and its control)")
+    ap.add_argument("--window", type=int, default=1, help="train with --window N (named NAME-wN; default 1)")
+    ap.add_argument("--settings", nargs="+", default=None, help="bench/parallelism.py's --settings (default its own)")
     ap.add_argument("--out", default=None, help="where bench/parallelism.py writes results.json/md")
     args = ap.parse_args()
     work = Path(args.work)
@@ -51,16 +55,18 @@ def main() -> None:
     print(f"{len(right)}/{len(rows)} answers right: {data}")
     models = []
     for steps in args.steps:
-        for name, masking in (("position", "position"), ("trajectory", "trajectory")):
-            out = work / f"{name}-{steps}"
+        for name, masking in ((m, m) for m in args.maskings):
+            tag = f"-w{args.window}" if args.window > 1 else ""
+            out = work / f"{name}{tag}-{steps}"
             if not (out / "model" / "config.json").exists():
                 train(TrainConfig(model=args.dlm, out=str(out), data=[str(data)], val_data=None, steps=steps,
                                   lr=1e-4, min_lr=1e-5, warmup_steps=20, seed=3, seq_len=256, batch_size=16,
                                   eval_every=0, save_every=100, keep_last=2, resume=True, ar_loss_weight=1.0,
-                                  t_per_block=True, masking=masking))
-            models.append(f"{name}{steps}={out / 'model'}")
+                                  t_per_block=True, masking=masking, window=args.window))
+            models.append(f"{name}{tag}{steps}={out / 'model'}")
     cmd = [sys.executable, str(ROOT / "bench/parallelism.py"), "--models", f"shipped={args.dlm}", *models,
-           "--limit", str(args.limit)] + (["--out", args.out] if args.out else [])
+           "--limit", str(args.limit)] + (["--out", args.out] if args.out else []) \
+        + (["--settings", *args.settings] if args.settings else [])
     subprocess.run(cmd, check=True)
 
 

@@ -57,14 +57,20 @@ def clean_context_mask(seq_len: int, block_size: int, device=None, causal_clean:
 
 
 def block_copies_mask(pos: torch.Tensor, group: torch.Tensor, block_size: int,
-                      causal_clean: bool = False) -> torch.Tensor:
+                      causal_clean: bool = False, window_start: torch.Tensor | None = None) -> torch.Tensor:
     """[B, T, T] bool (True = attend) for rows of a clean stream plus noisy block copies
-    (likelihood scoring: several noisy versions of one block are scored in one forward).
+    (likelihood scoring: several noisy versions of one block are scored in one forward; training
+    feeds the noisy blocks that carry loss this way).
 
     clean_context_mask's rule with positions and groups given per token (group -1 = clean,
     >= 0 = a copy, -2 = padding):
     clean -> clean block-causal (token-causal with causal_clean); copy -> clean strictly earlier
     blocks; copy -> its own copy only.
+    window_start [B, T] (training in windows, edlm.train.parallelism.window_starts): the first
+    block of each noisy token's window. A copy then sees clean blocks before its window's start,
+    and the copies of the blocks from that start up to its own (the blocks of a multi-block
+    decoding window: the later ones see the undecided ones before them). Equal to the token's own
+    block, it is the rule above.
     """
     blk = torch.div(pos, block_size, rounding_mode="floor")
     q_blk, k_blk = blk[:, :, None], blk[:, None, :]
@@ -72,7 +78,12 @@ def block_copies_mask(pos: torch.Tensor, group: torch.Tensor, block_size: int,
     k_clean = k_grp == -1
     clean_seen = (pos[:, None, :] <= pos[:, :, None]) if causal_clean else (k_blk <= q_blk)
     clean_query = (q_grp == -1) & k_clean & clean_seen
-    copy_query = (q_grp >= 0) & ((k_clean & (k_blk < q_blk)) | (k_grp == q_grp))
+    if window_start is None:
+        copy_query = (q_grp >= 0) & ((k_clean & (k_blk < q_blk)) | (k_grp == q_grp))
+    else:
+        q_ws = window_start[:, :, None]
+        earlier_copy = (k_grp >= 0) & (k_blk >= q_ws) & (k_blk < q_blk)
+        copy_query = (q_grp >= 0) & ((k_clean & (k_blk < q_ws)) | (k_grp == q_grp) | earlier_copy)
     return clean_query | copy_query  # pad groups (-2) match nothing; to_backend_mask opens pad rows
 
 

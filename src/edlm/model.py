@@ -270,6 +270,7 @@ class DiffusionLM:
         active: torch.Tensor | None = None,
         with_clean: bool = False,
         vision=None,
+        window_start: torch.Tensor | None = None,
     ):
         """Logits [B, L, V] that predict x_0 at every position of the noisy sequence x_t.
 
@@ -288,6 +289,10 @@ class DiffusionLM:
         input embeddings, with the image features wherever a position of either stream holds an image
         token (a noisy block straddling the prompt's end carries its prompt tokens, as decoding feeds
         it), and M-RoPE models get 3-D position ids from the logical ones, equal on both streams.
+        window_start [B, n_blocks] (clean attention only): training in windows of blocks, as
+        multi-block decoding sees them (edlm.train.parallelism.window_starts): each noisy block
+        sees the noisy blocks of its window before it instead of their clean ones, and with shift a
+        block's first token inside a window comes from the noisy block before it, as decoding has.
         """
         block_size = block_size or self.config.block_size
         shift = self.config.shift if shift is None else shift
@@ -298,7 +303,11 @@ class DiffusionLM:
         device = x_t.device
         pos = torch.arange(seq_len, device=device)
         noisy_at = None  # [B, W] positions of the noisy inputs when only active blocks are fed
-        if attention == "clean" and active is not None and not active.all():
+        if window_start is not None and attention != "clean":
+            raise EdlmError("training windows exist only with attention='clean'")
+        if attention == "clean" and (window_start is not None or (active is not None and not active.all())):
+            if active is None:
+                active = torch.ones_like(window_start, dtype=torch.bool)
             tok_active = active.repeat_interleave(block_size, dim=1)[:, :seq_len]
             width = max(int(tok_active.sum(1).max()), 1)
             noisy_at = tok_active.int().argsort(dim=1, descending=True, stable=True)[:, :width]
@@ -307,7 +316,10 @@ class DiffusionLM:
             position_ids = torch.cat([noisy_at, pos[None].expand(batch, -1)], dim=1)
             group = torch.cat([torch.where(fed, noisy_at // block_size, -2),
                                torch.full_like(x_0, -1)], dim=1)  # a copy per block; -1 clean, -2 pad
-            mask = block_copies_mask(position_ids, group, block_size, causal_clean=causal)
+            ws = None
+            if window_start is not None:  # per token: its block's window start (clean and pad: unused)
+                ws = torch.cat([window_start.gather(1, noisy_at // block_size), torch.full_like(x_0, -1)], dim=1)
+            mask = block_copies_mask(position_ids, group, block_size, causal_clean=causal, window_start=ws)
             keep = torch.arange(width + seq_len if shift or with_clean else width, device=device)
         elif attention == "clean":
             ids = torch.cat([x_t, x_0], dim=1)
@@ -363,7 +375,11 @@ class DiffusionLM:
         shifted[:, 0] = noisy[:, 0]  # position 0 has no predecessor; never scored under shift
         if attention == "clean":
             starts = torch.arange(block_size, seq_len, block_size, device=device)
-            shifted[:, starts] = clean[:, starts - 1]
+            from_clean = clean[:, starts - 1]
+            if window_start is not None:  # inside a window the noisy block before predicts it
+                opens = window_start[:, 1: 1 + starts.numel()] == torch.arange(1, 1 + starts.numel(), device=device)
+                from_clean = torch.where(opens[..., None], from_clean, shifted[:, starts])
+            shifted[:, starts] = from_clean
         return (shifted, clean) if with_clean else shifted
 
     # ---- inference ----

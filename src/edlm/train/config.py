@@ -79,6 +79,9 @@ class TrainConfig:
     certainty_temperature: float = _opt(0.5, "temperature of the certainty-forcing entropy")
     draft_decay: float = _opt(0.0, "DFlash draft-position weights: cross-entropy at block position j weighted "
                               "exp(-j/GAMMA), mean 1 (DFlash: 4 at block 8); 0 = off")
+    window: int = _opt(1, "D2F-style training for multi-block decoding (--blocks N): blocks in windows of this "
+                       "many from a random offset per example, each seeing the noisy blocks of its window before "
+                       "it instead of their clean ones; 1 = the paper's layout")
     block_schedule: list[str] | None = _opt(None, "BARD's progressive block merging: SIZE@STEP entries (e.g. 16@500 "
                                             "32@1000): the block size from that step on; the saved model records "
                                             "the one in effect")
@@ -192,6 +195,10 @@ class TrainConfig:
         for name in ("certainty_weight", "draft_decay", "teacher_weight", "router_aux_loss"):
             if (getattr(self, name) or 0) < 0:  # router_aux_loss None: the base config's
                 raise EdlmError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise EdlmError(f"--window must be an integer >= 1, got {self.window}")
+        if self.window > 1 and self.attention != "clean":
+            raise EdlmError("--window trains the clean-context layout's noisy blocks: use --attention clean")
         if self.certainty_temperature <= 0:
             raise EdlmError(f"--certainty-temperature must be > 0, got {self.certainty_temperature}")
         if self.teacher_top_k < 1:
@@ -203,9 +210,9 @@ class TrainConfig:
         except ValueError as exc:
             raise EdlmError(f"--block-schedule: {exc}") from None
         if self.objective != "diffusion" and (self.on_policy or self.certainty_weight or self.draft_decay
-                                              or self.block_schedule or self.teacher):
+                                              or self.block_schedule or self.teacher or self.window > 1):
             raise EdlmError("the parallelism options (--on-policy, --certainty-weight, --draft-decay, "
-                            "--block-schedule, --teacher) apply to --objective diffusion")
+                            "--window, --block-schedule, --teacher) apply to --objective diffusion")
 
     @property
     def warmup(self) -> int:

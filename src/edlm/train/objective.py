@@ -24,6 +24,7 @@ from edlm.train.parallelism import (
     draft_position_weights,
     substitute_drafts,
     top_k_kl,
+    window_starts,
 )
 
 
@@ -49,6 +50,9 @@ class LossSettings:
     certainty_weight: float = 0.0
     certainty_temperature: float = 0.5
     draft_decay: float = 0.0  # DFlash gamma: CE at block position j weighted exp(-j / gamma); 0 = off
+    # D2F-style training windows for multi-block decoding: blocks in windows of this many, each seeing the
+    # noisy blocks of its window before it (edlm.train.parallelism.window_starts); 1 = the paper's layout
+    window: int = 1
     # BARD: weight and k of the top-k forward KL to a teacher dLM (passed to diffusion_loss)
     teacher_weight: float = 0.0
     teacher_top_k: int = 16
@@ -110,9 +114,13 @@ def diffusion_loss(dlm, input_ids, maskable, noise: NoiseSettings, generators, l
         chosen = chosen_for_drafts(masked, generators, loss.on_policy, loss.repair_fraction)
         x_t = substitute_drafts(dlm, x_t, input_ids, chosen, loss.attention, active, block_size, vision)
     with_ar = loss.ar_loss_weight > 0
+    windows = None
+    if loss.window > 1:
+        windows = window_starts(active if active is not None else blocks_with_loss(torch.ones_like(masked), block_size),
+                                loss.window, generators)
     with router_logits(dlm.inner_model, loss.router_aux_weight > 0) as routed:
         logits = dlm.forward_noisy(x_t, input_ids, attention=loss.attention, active=active, with_clean=with_ar,
-                                   block_size=block_size, vision=vision)
+                                   block_size=block_size, vision=vision, window_start=windows)
     if with_ar:
         logits, clean = logits
     weights = inverse_time_weights(masked, maskable, block_size)

@@ -15,6 +15,9 @@ recipes as their code states them (../shared/method.md, "Training for parallelis
   since drafting pays only for the leading run of right tokens.
 - distillation from a smaller-block teacher (BARD): top-k forward KL to a frozen dLM that sees
   the same noisy input with smaller blocks (so more clean context).
+- training windows (D2F's noisy-sees-noisy blocks, for multi-block decoding): blocks are grouped
+  into windows of N, and each block sees the noisy blocks of its window before it, as the later
+  blocks of a decoding window see the undecided ones before them (`window_starts`).
 - schedules (d3LLM's noise floor, BARD's progressive block merging) are functions of the step,
   so a resumed run continues on the same ones: edlm.train.settings.TrainSettings.at.
 """
@@ -23,6 +26,27 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+def window_starts(active: torch.Tensor, window: int, generators) -> torch.Tensor:
+    """[B, n_blocks] the first block of each block's training window (itself: the plain layout).
+
+    Windows are `window` blocks long from a per-example offset drawn from its generator, so every
+    block is trained both first in its window (seeing clean blocks before it, as a decoding
+    window's leading block does) and later in one (seeing the noisy ones before it). A window
+    never reaches back past a block without loss (active False, not fed: prompt-only blocks,
+    unmasked ones), so every block a noisy token sees is in the input. Complementary halves
+    (B = 2 x generators) share their source example's windows."""
+    batch, n_blocks = active.shape
+    b = torch.arange(n_blocks, device=active.device)[None]
+    if window <= 1:
+        return b.expand(batch, -1).clone()
+    offset = torch.stack([torch.randint(window, (), generator=g) for g in generators]).to(active.device)
+    if len(generators) != batch:
+        offset = torch.cat([offset, offset])
+    start = ((b - offset[:, None]).div(window, rounding_mode="floor") * window + offset[:, None]).clamp_min(0)
+    last_inactive = torch.where(active, -1, b).cummax(1).values  # the latest block without loss, at or before b
+    return torch.where(active, torch.maximum(start, last_inactive + 1), b)
 
 
 def chosen_for_drafts(masked: torch.Tensor, generators, rows_fraction: float,

@@ -76,7 +76,7 @@ def reconcile(cfg: TrainConfig, checkpoint: DiffusionConfig, checkpoint_mask_tok
     loss = LossSettings(attention=cfg.attention, ar_loss_weight=cfg.ar_loss_weight,
                         repair_fraction=cfg.repair_fraction, skip_unmasked_blocks=not cfg.all_noisy_blocks,
                         on_policy=cfg.on_policy, certainty_weight=cfg.certainty_weight,
-                        certainty_temperature=cfg.certainty_temperature, draft_decay=cfg.draft_decay,
+                        certainty_temperature=cfg.certainty_temperature, draft_decay=cfg.draft_decay, window=cfg.window,
                         teacher_weight=cfg.teacher_weight if cfg.teacher else 0.0, teacher_top_k=cfg.teacher_top_k)
     if cfg.objective == "ar":
         given = [flag(n) for n in ("block_size", "mask_token", "shift") if getattr(cfg, n) is not None]
