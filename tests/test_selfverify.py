@@ -53,7 +53,7 @@ def test_verified_equals_own_greedy_ar_single_and_batched(arch, shift, block_siz
         assert s.generated_tokens == len(want) and 1 <= s.model_calls <= len(want) and all(k >= 1 for k in s.steps_histogram)
 
 
-@pytest.mark.parametrize("depth", [1, 2, 8])
+@pytest.mark.parametrize("depth", [0, 1, 2, 8])
 def test_fewer_draft_blocks_change_speed_never_tokens(depth):
     """draft_depth keeps mask blocks for acceptance lengths 0 and the `depth` likeliest only: the
     output stays the model's greedy AR decode, batched and alone."""
@@ -65,17 +65,37 @@ def test_fewer_draft_blocks_change_speed_never_tokens(depth):
     assert batched.stats[3].model_calls == alone.stats[0].model_calls  # blocks are chosen per row
 
 
-def test_covered_lengths_are_zero_and_the_likeliest():
+def test_covered_lengths_are_the_likeliest():
     from edlm.decode.selfverify import covered_lengths
 
     conf = [0.99, 0.98, 0.2, 0.9, 0.9]  # acceptance will most likely stop at draft 2, next after all of them...
     # chances: m=0 .01, m=1 .0198, m=2 .776, m=3 .0194, m=4 .0175, m=5 .157
-    assert covered_lengths(conf, 1) == [0, 2]
-    assert covered_lengths(conf, 2) == [0, 2, 5]
-    assert covered_lengths(conf, 3) == [0, 1, 2, 5]
+    assert covered_lengths(conf, 1) == [2, 5]
+    assert covered_lengths(conf, 2) == [1, 2, 5]
     assert covered_lengths(conf, None) == covered_lengths(conf, 5) == covered_lengths(conf, 9) == [0, 1, 2, 3, 4, 5]
     assert covered_lengths([], 1) == [0]
-    assert covered_lengths([0.1, 0.5], 1) == [0]  # the likeliest is no accepted draft: one block
+    assert covered_lengths([0.1, 0.5], 1) == [0, 1]  # no accepted draft is the likeliest, then one
+
+
+def test_a_row_below_every_covered_length_drafts_nothing_for_a_step():
+    """Acceptance below every covered length: the row emits the verifier's token, drafts nothing,
+    and the next step (one mask block, length 0) drafts again; the text stays the greedy AR one."""
+    from edlm.decode.selfverify import AcceptedRows, verified_step
+
+    dlm = causal_dlm("qwen3", False, block_size=4)
+    prompt = dlm.tokenizer(PROMPTS[3])["input_ids"]
+    ref = greedy_ar(dlm, PROMPTS[3], 3)
+    rows = AcceptedRows(dlm.device)
+    rows.add(0, [prompt], [64])
+    rows.seq[0] += verified_step(dlm, rows, 4, depth=1)[0]
+    assert len(rows.drafts[0]) == 3
+    rows.drafts[0] = [t + 1 for t in rows.drafts[0]]  # every draft wrong, so 0 accepted
+    rows.draft_conf[0] = [1.0, 1.0, 1.0]  # ... while the drafts claimed certainty: only length 3 covered
+    step = verified_step(dlm, rows, 4, depth=0)[0]
+    rows.seq[0] += step
+    assert step == ref[1:2] and rows.drafts[0] == [] and rows.draft_conf[0] == []
+    step = verified_step(dlm, rows, 4, depth=0)[0]
+    assert step == ref[2:3] and len(rows.drafts[0]) == 3
 
 
 @pytest.mark.parametrize(("arch", "shift", "blocks", "depth"), [("qwen3", False, 2, 1), ("llama", True, 2, 8),
@@ -167,6 +187,15 @@ def test_only_accepted_tokens_keep_kv():
         n = len(rows.seq[0]) - 1
         assert rows.cache.get_seq_length() == n and rows.cache_valid.all()
         assert rows.cache_pos[0].tolist() == list(range(n))
+
+
+def test_draft_depth_zero_is_verifieds_only():
+    dlm = causal_dlm("llama", True)
+    for strategy in ("lossless", "psd"):
+        with pytest.raises(DecodeOptionError, match="draft_depth >= 1"):
+            dlm.generate("ab", max_new_tokens=4, strategy=strategy, draft_depth=0)
+    with pytest.raises(DecodeOptionError, match="draft_depth must be"):
+        dlm.generate("ab", max_new_tokens=4, strategy="verified", draft_depth=-1)
 
 
 def test_needs_an_ar_stream_and_greedy():

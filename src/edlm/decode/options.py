@@ -116,7 +116,7 @@ class DecodeOptions:
     gamma: float = _option(0.5, "entropy budget of the entropy strategy", low=0.0, read_by=("entropy",))
     tokens_per_step: int = _option(1, "k of the steps strategy", kind=int, low=1, read_by=("steps",))
     draft_depth: int = _option(4, "states drafted per verification forward (lossless, psd); verified: draft "
-                               "blocks beyond the one for no accepted draft, at the likeliest acceptance lengths", kind=int, low=1,
+                               "blocks for the depth + 1 likeliest acceptance lengths", kind=int, low=0,
                                read_by=("lossless", "psd", "verified"))
     remask_below: float = _option(0.9, "WINO narrow-out: an earlier draft whose leave-one-out confidence is "
                                   "lower goes back to the mask", low=0.0, high=1.0, low_open=True, read_by=("wino",))
@@ -188,6 +188,9 @@ class DecodeOptions:
             raise DecodeOptionError("team", "team applies to mixture-of-experts models; this one has no expert layers")
         if self.blocks > 1:
             _check_blocks(self, limit)
+        if self.draft_depth == 0 and algo.name != "verified" and "draft_depth" in algo.reads:
+            raise DecodeOptionError("draft_depth", f"strategy {algo.name!r} drafts at least one state: use draft_depth "
+                                    ">= 1 (0 is verified's: one mask block, at the likeliest acceptance length)")
         if "draft_depth" in algo.reads and limit is not None and self.draft_depth * self.block_size > limit:
             raise DecodeOptionError("draft_depth", f"draft_depth {self.draft_depth} x block size {self.block_size} "
                                     f"tokens in one forward exceed the model's {limit} positions")
