@@ -77,6 +77,19 @@ def test_covered_lengths_are_the_likeliest():
     assert covered_lengths([0.1, 0.5], 1) == [0, 1]  # no accepted draft is the likeliest, then one
 
 
+@pytest.mark.parametrize(("shift", "drafts"), [(False, 3), (True, 4)])
+def test_a_mask_block_drafts_every_slot_that_predicts_past_the_verifiers_token(shift, drafts):
+    """Block 4: without shift slot 0 is the AR token's own position, so 3 drafts; with shift every
+    slot predicts the position after it, so 4 (the last one beyond the block)."""
+    from edlm.decode.selfverify import AcceptedRows, verified_step
+
+    dlm = causal_dlm("qwen3", shift, block_size=4)
+    rows = AcceptedRows(dlm.device)
+    rows.add(0, [dlm.tokenizer(PROMPTS[0])["input_ids"]], [64])
+    verified_step(dlm, rows, 4, depth=1)
+    assert len(rows.drafts[0]) == len(rows.draft_conf[0]) == drafts
+
+
 def test_a_row_below_every_covered_length_drafts_nothing_for_a_step():
     """Acceptance below every covered length: the row emits the verifier's token, drafts nothing,
     and the next step (one mask block, length 0) drafts again; the text stays the greedy AR one."""
@@ -152,6 +165,8 @@ def test_verified_agrees_with_the_engine_ar_path():
         last_steps.append(len(mine[-1].token_ids))
         assert result[0].stats[row].tpf > 2
     assert max(last_steps) > 1  # an EOS accepted inside a multi-token step
+    # a shift model drafts all 8 slots of a block (the last one beyond it): a step may commit 9
+    assert max(k for s in result[0].stats for k in s.steps_histogram) == dlm.config.block_size + 1
 
 
 def test_stop_strings_budgets_and_joins():

@@ -14,7 +14,9 @@ output is token for token the model's greedy AR decode). The next drafts come fr
 that assumed exactly the n accepted drafts, so no second pass is needed: TiDAR's structured masks,
 all acceptance lengths at once, k + 1 = block_size mask blocks per forward (`draft_depth` D keeps
 those of the D + 1 likeliest lengths, chosen per row from the drafts' own probabilities). M_j's
-first slot sits where the AR's own token goes, so it drafts the block_size - 1 tokens after it.
+first slot sits where the AR's own token goes, so it drafts the block_size - 1 tokens after it;
+under token shift each slot predicts the position after it, so it drafts block_size tokens (the
+last one beyond the block: a step may then accept block_size + 1).
 With `blocks` B each mask block is B model blocks wide, block-causal inside, and drafts
 B * block_size - 1 tokens (its first block's drafts are exactly the one-block ones).
 
@@ -189,7 +191,7 @@ def verified_step(dlm, rows: AcceptedRows, bs: int, depth: int | None = None, bl
             rows.drafts[r], rows.draft_conf[r] = [], []
             continue
         b = below[-1]  # the block that assumed the most of what was accepted
-        at = slice(n_drafts + 1 + b * width + m - covered[r][b] + first, n_drafts + 1 + b * width + first + width - 1)
+        at = slice(n_drafts + 1 + b * width + m - covered[r][b] + first, n_drafts + 1 + (b + 1) * width)  # shift: all
         fits = max(0, limit - (len(rows.seq[r]) + m + 1))  # positions left in the context
         rows.drafts[r], rows.draft_conf[r] = best[r][at][:fits], conf[r][at][:fits]
     rows.trim_to_accepted(n_new, n_drafts, n_accepted)
