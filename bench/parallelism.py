@@ -40,8 +40,8 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=None,
                     help="[BLOCKSx]strategy[/GATE][:threshold][#depth][@block] to decode with, e.g. prefix:0.95, "
                     "2xprefix:0.95 (a window of two blocks), 2xprefix/0.5:0.9 (the next block opens once the "
-                    "leading one is half decided), 2xverified#3 (verified drafting two blocks, draft_depth 3); default: verified, prefix 0.95-0.7, threshold 0.9-0.5, at "
-                    "each model's block size")
+                    "leading one is half decided), 2xverified#3 (verified drafting two blocks, draft_depth 3); "
+                    "default: verified, prefix 0.95-0.7, threshold 0.9-0.5, at each model's block size")
     ap.add_argument("--block-size", type=int, default=None, help="decode block size (default: each model's)")
     ap.add_argument("--timed", action="store_true", help="instead: tokens/s against HF generate at batch 1 and 8, "
                     "every model at every setting, interleaved (run on a quiet machine)")
@@ -155,7 +155,7 @@ def merge(paths: list[Path], out: Path) -> None:
 
 
 class Setting(NamedTuple):
-    group: str  # what AUP is taken over: the strategy and its window, e.g. 'prefix' or '2xprefix/0.5'
+    group: str  # what AUP is taken over: the strategy, its window and depth, e.g. 'prefix', '2xprefix/0.5'
     label: str
     decode: dict  # keyword arguments of DiffusionLM.generate
 
@@ -179,7 +179,7 @@ def parse_setting(text: str) -> Setting:
         decode["draft_depth"] = int(depth)
     if block:
         decode["block_size"] = int(block)
-    group = text.partition(":")[0].partition("@")[0]
+    group = (f"{blocks}x" if blocks else "") + strategy + (f"/{gate}" if gate else "") + (f"#{depth}" if depth else "")
     label = group + (f" {threshold}" if threshold else "") + (f" @{block}" if block else "")
     return Setting(group, label, decode)
 

@@ -54,16 +54,16 @@ def main() -> None:
     data.write_text("".join(json.dumps(r) + "\n" for r in right))
     print(f"{len(right)}/{len(rows)} answers right: {data}")
     models = []
+    tag = f"-w{args.window}" if args.window > 1 else ""
     for steps in args.steps:
-        for name, masking in ((m, m) for m in args.maskings):
-            tag = f"-w{args.window}" if args.window > 1 else ""
-            out = work / f"{name}{tag}-{steps}"
+        for masking in args.maskings:
+            out = work / f"{masking}{tag}-{steps}"
             if not (out / "model" / "config.json").exists():
                 train(TrainConfig(model=args.dlm, out=str(out), data=[str(data)], val_data=None, steps=steps,
                                   lr=1e-4, min_lr=1e-5, warmup_steps=20, seed=3, seq_len=256, batch_size=16,
                                   eval_every=0, save_every=100, keep_last=2, resume=True, ar_loss_weight=1.0,
                                   t_per_block=True, masking=masking, window=args.window))
-            models.append(f"{name}{tag}{steps}={out / 'model'}")
+            models.append(f"{masking}{tag}{steps}={out / 'model'}")
     cmd = [sys.executable, str(ROOT / "bench/parallelism.py"), "--models", f"shipped={args.dlm}", *models,
            "--limit", str(args.limit)] + (["--out", args.out] if args.out else []) \
         + (["--settings", *args.settings] if args.settings else [])
