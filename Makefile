@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test lint models bench studies clean test-engines real-model test-real bench-real real-drafter moe-models bench-moe vlm-models bench-vlm
+.PHONY: demo test lint models bench studies clean test-engines real-model test-real bench-real real-drafter drafter-model moe-models bench-moe vlm-models bench-vlm
 
 $(VENV)/.core: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ test-engines: $(VENV)/.dev $(SGL_VENV)/.sglang
 
 models: $(VENV)/.core
 	$(PY) -m edlm.recipes.demo_model
+
+# The demo drafter (models/drafter): a drafting adapter over models/ar trained on the parent's own answers
+# (README: A drafting adapter), resumable; DRAFTER_ARGS="--init models/drafter --lr 5e-4" goes on training it.
+drafter-model: $(VENV)/.core
+	$(PY) -m edlm.recipes.drafter_model $(DRAFTER_ARGS)
 
 # The MoE demo pair (models/moe-ar, models/moe-dlm), upcycled from the dense ones (README: MoE).
 moe-models: $(VENV)/.core

@@ -173,6 +173,13 @@ def test_a_trained_adapter_file_rebuilds_the_drafter_on_its_parent(tiny_ar_dir, 
     assert a.token_ids == b.token_ids and [s.model_calls for s in a.stats] == [s.model_calls for s in b.stats]
     untrained = DiffusionLM.from_pretrained(tmp_path / "d").generate(PROMPTS, max_new_tokens=10)
     assert [s.model_calls for s in untrained.stats] != [s.model_calls for s in a.stats]  # the adapter mattered
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(str(adapter)), str(adapter))  # as adapters were saved before they carried settings
+    assert main(["convert", str(tiny_ar_dir), str(tmp_path / "old"), "--block-size", "4", "--drafter",
+                 str(tmp_path / "trained")]) == 0  # the settings then come from the checkpoint's config
+    old = DiffusionLM.from_pretrained(tmp_path / "old").generate(PROMPTS, max_new_tokens=10)
+    assert old.token_ids == a.token_ids and [s.model_calls for s in old.stats] == [s.model_calls for s in a.stats]
     capsys.readouterr()
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     assert main(["convert", str(tiny_ar_dir), str(tmp_path / "x"), "--drafter", str(tmp_path / "junk.safetensors")]) == 2
@@ -227,3 +234,37 @@ def test_bf16_texts_are_hf_generates_bit_for_bit_at_batch_1():
             want = hf_greedy(model, tok, prompt, 40)
             assert dlm.generate(prompt, max_new_tokens=40).token_ids[0] == want
             assert dlm.generate(prompt, max_new_tokens=40, verifier=ar).token_ids[0] == want
+
+
+def test_the_drafter_recipe_trains_an_adapter_on_the_parents_answers_and_resumes(tmp_path, monkeypatch):
+    """`make drafter-model` in miniature on the shipped parent: its answers, a fresh adapter, two
+    steps; the parent's weights stay bit-identical and the adapter moves; a finished stage is not
+    redone; --init goes on training a trained adapter."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from edlm.recipes import drafter_model
+
+    parent = Path(__file__).resolve().parents[1] / "models" / "ar"
+    monkeypatch.chdir(tmp_path)  # the recipe's data split goes under ./runs
+
+    def run(work, out, *extra):
+        drafter_model.main(["--parent", str(parent), "--work", work, "--out", out, "--steps", "2", "--answers", "4",
+                            *extra])
+        return load_file(str(tmp_path / out / WEIGHTS_NAME))
+
+    adapter = run("w", "out")
+    answers = (tmp_path / "w" / "self.jsonl").read_text().splitlines()
+    assert len(answers) == 4 and all("response" in row for row in answers)
+    dlm = DiffusionLM.from_pretrained(tmp_path / "out")
+    assert dlm.config.decoding == drafter_model.DECODING and gate_of(dlm.inner_model) is not None
+    base, mine = load_file(str(parent / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert all(torch.equal(base[k], mine[k]) for k in base if k != "model.embed_tokens.weight")
+    assert any(k.endswith("lora_b.weight") and v.abs().sum() > 0 for k, v in adapter.items())  # trained from zero
+    with monkeypatch.context() as patched:
+        patched.setattr("edlm.recipes.distill.distill", None)  # the answers are not decoded again
+        resumed = run("w", "out")
+    assert all(torch.equal(v, resumed[k]) for k, v in adapter.items())  # done: resumed at its end
+    again = run("w2", "out2", "--init", str(tmp_path / "out"))
+    assert not all(torch.equal(adapter[k], again[k]) for k in adapter)  # went on training the given adapter

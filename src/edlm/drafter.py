@@ -171,9 +171,12 @@ def read_adapter(spec) -> tuple[DrafterConfig, int | None]:
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
+        if "edlm_drafter" not in meta:  # saved before adapters carried their settings: its checkpoint's config
+            edlm = json.loads((path.parent / "config.json").read_text())["edlm"]
+            meta = {"edlm_drafter": json.dumps(edlm["drafter"]), "mask_token_id": edlm["mask_token_id"]}
         settings = json.loads(meta["edlm_drafter"])
         return DrafterConfig(**settings), int(meta["mask_token_id"]) if "mask_token_id" in meta else None
-    except Exception:  # noqa: BLE001  (not a safetensors file, or one without our metadata)
+    except Exception:  # noqa: BLE001  (not a safetensors file, or one without our settings)
         raise EdlmError(f"{path} is not a drafting adapter saved by edlm (no drafter settings in it)") from None
 
 
