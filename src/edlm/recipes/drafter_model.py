@@ -51,7 +51,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="models/drafter", help="where the trained drafter goes")
     ap.add_argument("--init", default=None, metavar="ADAPTER",
                     help="go on training this trained adapter (a drafter.safetensors or its folder) instead of a "
-                    f"fresh lora:{RANK}")
+                    "fresh adapter")
+    ap.add_argument("--rank", type=int, default=RANK, help=f"a fresh adapter's LoRA rank (default {RANK})")
+    ap.add_argument("--targets", default=TARGETS, help=f"the modules a fresh adapter adapts (default {TARGETS})")
     ap.add_argument("--steps", type=int, default=1800)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--min-lr", type=float, default=1e-4)
@@ -67,7 +69,7 @@ def main(argv=None) -> None:
 
             write_dir_atomically(init, DiffusionLM.from_pretrained(args.init).save_pretrained)
         else:
-            convert(parent, init, block_size=8, shift=True, force=True, drafter=args.init or f"lora:{RANK}:{TARGETS}")
+            convert(parent, init, block_size=8, shift=True, force=True, drafter=args.init or f"lora:{args.rank}:{args.targets}")
     final = work / "run" / "model"  # a finished run's last model
     if not (final / "config.json").exists():
         final = train(TrainConfig(model=str(init), out=str(work / "run"), data=[str(data)], train="drafter",
