@@ -59,13 +59,13 @@ def test_demo_command_writes_table_json_and_plot(tmp_path, capsys):
 
 def test_the_shipped_drafter_gives_the_parents_text_at_several_tokens_a_forward(problems):
     """models/drafter: the AR parent plus a trained drafting adapter; its default decode returns the
-    parent's own tokens, more than two a forward (measured 3.13 on 100 problems)."""
+    parent's own tokens, more than three a forward (measured 4.48 on 100 problems, 2026-12-06)."""
     ar = DiffusionLM.from_pretrained(MODELS / "ar", autoregressive=True)
     drafter = DiffusionLM.from_pretrained(MODELS / "drafter")
     prompts = [e.prompt for e in problems]
     got, want = drafter.generate(prompts, max_new_tokens=96), ar.generate(prompts, max_new_tokens=96)
     assert got.token_ids == want.token_ids
-    assert sum(s.generated_tokens for s in got.stats) / sum(s.model_calls for s in got.stats) > 2.0
+    assert sum(s.generated_tokens for s in got.stats) / sum(s.model_calls for s in got.stats) > 3.0
 
 
 def test_the_shipped_moe_pair_scores_and_counts_its_experts(problems):
