@@ -184,6 +184,24 @@ def test_hf_export_round_trip(dlm_dir, dlm, tmp_path):
     assert back.generate(prompt, **kw).token_ids == dlm.generate(prompt, **kw).token_ids
 
 
+def rows_change_bf16_gemms(model, counts) -> str | None:
+    """What edlm.decode.rowwise rests on, probed: a bf16 GEMM of the model's first layer gives each of
+    n rows the bits it gets alone, for every n in `counts`; else which layer and n break it. Measured:
+    true up to ~17 rows on one EPYC; on another (2026-12-06) a 1536 -> 576 down_proj moved 2-4 elements
+    in 10^4 from 9 rows on, and one of five chats then left HF generate's text at its 23rd token."""
+    gen = torch.Generator().manual_seed(0)
+    layer = model.model.layers[0]
+    for name, mod in layer.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            for n in counts:
+                x = torch.randn(1, n, mod.in_features, generator=gen).to(mod.weight.dtype)
+                with torch.no_grad():
+                    alone = torch.cat([mod(x[:, i:i + 1]) for i in range(n)], 1)
+                    if not torch.equal(mod(x), alone):
+                        return f"{n} rows in {name}"
+    return None
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="bf16 bit for bit is a CPU property (edlm.decode.rowwise)")
 def test_the_shipped_drafter_gives_hf_generates_bf16_text(ar_dir, tmp_path_factory):
     """models/smollm2-drafter rebuilt on the parent: in bf16, one prompt at a time, `verified` returns
@@ -196,6 +214,9 @@ def test_the_shipped_drafter_gives_hf_generates_bf16_text(ar_dir, tmp_path_facto
             drafter=str(Path(__file__).parents[2] / "models" / "smollm2-drafter"))
     drafter = DiffusionLM.from_pretrained(out, device="cpu", dtype=torch.bfloat16)
     parent = DiffusionLM.from_pretrained(ar_dir, device="cpu", dtype=torch.bfloat16, autoregressive=True).model
+    if (varies := rows_change_bf16_gemms(parent, range(2, 13))) is not None:
+        pytest.skip(f"this CPU's bf16 GEMM gives a row other bits with {varies}: HF generate's exact bf16 text "
+                    "is not promised here (edlm.decode.rowwise)")
     calls = tokens = 0
     for content in CHATS:
         ids = drafter.tokenizer(chat_text(drafter.tokenizer, content), return_tensors="pt").input_ids
