@@ -91,8 +91,10 @@ def test_a_pipe_closed_early_ends_quietly(dlm_dir):
 
 
 def test_ctrl_c_while_the_verb_still_imports_is_one_line():
-    code = ("import os, signal, sys\nimport edlm.cli as cli\nreal = cli.importlib.import_module\n"
-            "def interrupted(name, *a):\n    os.kill(os.getpid(), signal.SIGINT)\n    return real(name, *a)\n"
+    # Ctrl-C as Python delivers it, a KeyboardInterrupt raised inside the import (a real SIGINT sent
+    # from there was handled a few bytecodes later, at times after main had returned: a flaky test)
+    code = ("import sys\nimport edlm.cli as cli\n"
+            "def interrupted(name, *a):\n    raise KeyboardInterrupt\n"
             "cli.importlib.import_module = interrupted\nsys.exit(cli.main(['generate', 'x', '--prompt', 'hi']))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 130 and r.stderr.strip() == "interrupted", r.stderr
