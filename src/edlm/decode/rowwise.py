@@ -14,7 +14,8 @@ keep their one masked call. One row per forward, with a cache holding only its a
 what makes "the keys it sees" a prefix; other batches take the one-call path. The result is
 measured, not promised: it rests on the CPU's GEMM kernels (20 of 20 SmolLM2 texts at blocks 4 and
 8), and CPUs differ: on another EPYC (2026-12-06) SmolLM2's bf16 down_proj gave a row other bits
-from 4 rows on, and one of five chats left HF generate's text (the real tier probes this and skips). In fp32 the CPU's GEMMs differ by row count at once (MKL's one-row path): fp32 is left as it
+from 4 rows on, and one of five chats left HF generate's text (the real tier probes this and skips).
+In fp32 the CPU's GEMMs differ by row count at once (MKL's one-row path): fp32 is left as it
 was, within rounding of HF generate (20 of 20 texts either way), and spared the extra calls.
 
 The override is HF's attention registry entry "sdpa", installed once; it changes nothing unless a

@@ -62,14 +62,9 @@ def main(argv=None) -> None:
     work, parent = Path(args.work), Path(args.parent)
     data = parent_answers(parent, work, args.answers)
     init = work / "init"
-    if not (init / "config.json").exists():
-        if args.init and (Path(args.init) / "config.json").exists():  # a trained drafter's folder: as it loads
-            from edlm.files import write_dir_atomically
-            from edlm.model import DiffusionLM
-
-            write_dir_atomically(init, DiffusionLM.from_pretrained(args.init).save_pretrained)
-        else:
-            convert(parent, init, block_size=8, shift=True, force=True, drafter=args.init or f"lora:{args.rank}:{args.targets}")
+    if not (init / "config.json").exists():  # --init: a trained adapter rebuilt on the parent (edlm.drafter.read_adapter)
+        convert(parent, init, block_size=8, shift=True, force=True,
+                drafter=args.init or f"lora:{args.rank}:{args.targets}")
     final = work / "run" / "model"  # a finished run's last model
     if not (final / "config.json").exists():
         final = train(TrainConfig(model=str(init), out=str(work / "run"), data=[str(data)], train="drafter",
