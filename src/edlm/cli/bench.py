@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edlm.cli.common import add_dtype_flag, dtype_flag
+from edlm.cli.common import add_compile_flag, add_dtype_flag, dtype_flag
 from edlm.recipes.bench import THRESHOLD_SWEEP
 
 
@@ -33,6 +33,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-hf", dest="hf_baselines", action="store_false", help="skip the HF generate baselines")
     p.add_argument("--out", default="bench-out", help="directory for results.json, results.md, pareto.png")
     add_dtype_flag(p)
+    add_compile_flag(p)
     p.set_defaults(func=run)
 
 
@@ -41,4 +42,4 @@ def run(args) -> None:
 
     run_bench(args.model, args.base, args.task, args.thresholds, args.strategies, args.block_sizes or (None,),
               args.batch_sizes, args.limit, args.repeats, args.max_new_tokens, args.out, args.hf_baselines,
-              args.verified, dtype_flag(args), args.drafter)
+              args.verified, dtype_flag(args), args.drafter, compile=args.compile)

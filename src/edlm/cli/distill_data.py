@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edlm.cli.common import add_decode_flags, add_dtype_flag, decode_flags, dtype_flag
+from edlm.cli.common import add_compile_flag, add_decode_flags, add_dtype_flag, decode_flags, dtype_flag
 
 HELP = "write a model's own answers to prompts as training data (jsonl prompt/response)"
 
@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
                    "d3LLM's pseudo-trajectory) for `edlm train --masking trajectory`; the block engine's strategies")
     add_decode_flags(p)
     add_dtype_flag(p)
+    add_compile_flag(p)
     p.set_defaults(func=run)
 
 
@@ -42,7 +43,8 @@ def run(args) -> None:
         raise EdlmError(f"--out {args.out} is a directory; name a .jsonl file")
     check_output_target(Path(args.out).parent)  # before the model loads
     prompts = read_prompts(args.prompts, args.prompt_field)
-    dlm = DiffusionLM.from_pretrained(args.model, autoregressive=args.ar, dtype=dtype_flag(args))
+    dlm = DiffusionLM.from_pretrained(args.model, autoregressive=args.ar, dtype=dtype_flag(args),
+                                      compile=args.compile)
     n = distill(dlm, prompts, args.out, args.max_new_tokens, args.batch_size, trajectory=args.trajectory,
                 **decode_flags(args))
     print(f"wrote {n} rows to {args.out} ({len(prompts) - n} already there)")

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from edlm.cli.common import add_decode_flags, add_dtype_flag, decode_flags, dtype_flag
+from edlm.cli.common import add_compile_flag, add_decode_flags, add_dtype_flag, decode_flags, dtype_flag
 from edlm.decode.options import DEFAULT_MAX_NEW_TOKENS, resolve_parent_verified
 from edlm.errors import EdlmError
 
@@ -35,6 +35,7 @@ def add_parser(sub) -> None:
                    "refused)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     add_dtype_flag(p)
+    add_compile_flag(p)
     p.set_defaults(func=run)
 
 
@@ -43,7 +44,8 @@ def run(args) -> None:
 
     prompt = read_prompt_file(args.prompt_file) if args.prompt_file is not None else args.prompt
     images = read_images(args.image or [], args.model)  # before the model loads: a bad file costs nothing
-    dlm = DiffusionLM.from_pretrained(args.model, autoregressive=args.ar, dtype=dtype_flag(args))
+    dlm = DiffusionLM.from_pretrained(args.model, autoregressive=args.ar, dtype=dtype_flag(args),
+                                      compile=args.compile)
     if images:
         _check_vlm(dlm.inner_model.config, args.model)
     if args.chat:
@@ -55,7 +57,8 @@ def run(args) -> None:
         if args.ar:
             raise EdlmError("--verifier drafts with MODEL, a converted dLM: drop --ar")
         block_size = resolve_parent_verified(dlm, **decode_flags(args))  # the server's --verifier rule too
-        ar = DiffusionLM.from_pretrained(args.verifier, autoregressive=True, dtype=dtype_flag(args))
+        ar = DiffusionLM.from_pretrained(args.verifier, autoregressive=True, dtype=dtype_flag(args),
+                                         compile=args.compile)
         res = dlm.generate(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, verifier=ar, block_size=block_size,
                            **({"images": images} if images else {}))
         _print(res, args.json)

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from edlm.cli.common import add_dtype_flag, dtype_flag
+from edlm.cli.common import add_compile_flag, add_dtype_flag, dtype_flag
 from edlm.errors import EdlmError
 
 
@@ -42,6 +42,7 @@ def add_parser(sub) -> None:
                    "time); without it only inline data URLs are read. The server then fetches any URL a client "
                    "names, from where it runs: keep it off where clients are not trusted")
     add_dtype_flag(p)
+    add_compile_flag(p)
     p.set_defaults(func=run)
 
 
@@ -94,9 +95,11 @@ def run(args) -> None:
     from edlm.model import DiffusionLM
 
     _check_port_free(args.host, args.port)
-    dlm = DiffusionLM.from_pretrained(args.model, dtype=dtype_flag(args), autoregressive=args.ar)
+    dlm = DiffusionLM.from_pretrained(args.model, dtype=dtype_flag(args), autoregressive=args.ar,
+                                      compile=args.compile)
     names = args.served_model_name or [args.model, Path(args.model).name]
-    verifier = (DiffusionLM.from_pretrained(args.verifier, autoregressive=True, dtype=dtype_flag(args))
+    verifier = (DiffusionLM.from_pretrained(args.verifier, autoregressive=True, dtype=dtype_flag(args),
+                                            compile=args.compile)
                 if args.verifier else None)
     app = create_app(dlm, names[0], max_batch=args.max_batch, max_queue=args.max_queue, aliases=names[1:],
                      verifier=verifier, api_key=args.api_key, max_request_bytes=args.max_request_bytes,

@@ -2,7 +2,8 @@
 
 Every decoder and the likelihood scorer call the model through `model_forward` (gpt-fast's
 `model_forward`): masks in the backend's form, logical positions, the candidate set. It is the
-single place for a per-token adapter gate, compilation or a static cache later.
+single place for the per-token adapter gate, the compiled forward (`DiffusionLM.compile`) or a
+static cache later.
 
 `KVRows` is a KV cache shared by a batch's rows, with each key's logical position and validity
 per row ([B, K]): rows of different lengths, rows that left and joins leave masked-out columns.
@@ -66,12 +67,28 @@ def model_forward(dlm, positions: torch.Tensor, mask, ids: torch.Tensor | None =
     if vision is not None:
         embeds, position_ids = vision.inputs(dlm.inner_model, positions, ids, embeds)
         ids = None
+    net = dlm.model
+    if dlm.compiled_model is not None:
+        net = dlm.compiled_model
+        contiguous_cache(cache)
     with gate.open_on(noisy) if gate is not None else nullcontext(), \
             routing.planned(experts) if routing is not None else nullcontext():
-        out = dlm.model(input_ids=ids, inputs_embeds=embeds, attention_mask=mask,
+        out = net(input_ids=ids, inputs_embeds=embeds, attention_mask=mask,
                         position_ids=position_ids, cache=cache, use_cache=cache is not None,
                         logits_to_keep=logits_to_keep)
     return candidate_logits(dlm, out.logits.float())
+
+
+def contiguous_cache(cache) -> None:
+    """Give a compiled forward dense cache tensors: a cropped cache (a block's drafts dropped, rows
+    selected) is a strided view, and torch.compile guards on strides, so each new stride would be
+    one more graph. The copy is of a crop's tensors only, and small beside a forward."""
+    for layer in getattr(cache, "layers", ()):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if torch.is_tensor(keys) and not keys.is_contiguous():
+            layer.keys = keys.contiguous()
+        if torch.is_tensor(values) and not values.is_contiguous():
+            layer.values = values.contiguous()
 
 
 class KVRows:

@@ -153,6 +153,20 @@ class ForwardClock:
         self.calls += 1
 
 
+def warm_up(settings: list[tuple[str, object]], examples: list[Example], batch_size: int, chunks: int = 3) -> None:
+    """Run each setting, untimed, on a few chunks of the task, ending on a short last chunk: a
+    compiled forward (DiffusionLM.compile) compiles once per shape class (batch 1 or more, one query
+    or many, a prefill), seconds each, which must not land in the timed pass."""
+    prompts = [e.prompt for e in examples]
+    images = [e.images for e in examples] if any(e.images for e in examples) else None
+    starts = [s for s in range(0, len(prompts), batch_size)][:chunks]
+    if len(prompts) % batch_size and len(prompts) > batch_size:
+        starts.append(len(prompts) - len(prompts) % batch_size)
+    for _, run in settings:
+        for s in starts:
+            run(*((prompts[s : s + batch_size],) + (() if images is None else (images[s : s + batch_size],))))
+
+
 def measure(name: str, run, examples: list[Example], batch_size: int = 1, repeats: int = 1,
             progress: bool = True, clock: ForwardClock | None = None) -> dict:
     """One setting alone: `measure_together` of one."""
@@ -440,9 +454,11 @@ def check_bench_args(model: str, base: str, task: str, thresholds, strategies, b
 def run_bench(model: str, base: str, task: str = "reasoning", thresholds=THRESHOLD_SWEEP, strategies=None,
               block_sizes=(None,), batch_sizes=(1,), limit: int = 50, repeats: int = 1, max_new_tokens: int = 96,
               out: str = "bench-out", hf_baselines: bool = True, verified: bool = False, dtype=None,
-              drafter: str | None = None) -> list[dict]:
+              drafter: str | None = None, compile: bool = False) -> list[dict]:
     """`strategies` None: `default_strategies(model)`; `drafter`: a drafting adapter's dir over `base`
-    (edlm.drafter), timed beside as one more setting."""
+    (edlm.drafter), timed beside as one more setting; `compile`: the engine's settings decode through
+    torch.compile (DiffusionLM.compile; HF generate stays eager, as a user runs it), warmed up on
+    every shape first, and with no split of time into forward and rest (hooks would break the graph)."""
     from edlm.decode.options import DecodeOptions
     from edlm.model import DiffusionLM
 
@@ -461,12 +477,13 @@ def run_bench(model: str, base: str, task: str = "reasoning", thresholds=THRESHO
                                             threshold=t, block_size=b))
     else:
         examples = load_examples(task, limit)
-        ar = DiffusionLM.from_pretrained(base, autoregressive=True, dtype=dtype)
-        dlm = DiffusionLM.from_pretrained(model, dtype=dtype)
-        drafting = DiffusionLM.from_pretrained(drafter, dtype=dtype) if drafter else None
+        ar = DiffusionLM.from_pretrained(base, autoregressive=True, dtype=dtype, compile=compile)  # HF's stays eager
+        dlm = DiffusionLM.from_pretrained(model, dtype=dtype, compile=compile)
+        drafting = DiffusionLM.from_pretrained(drafter, dtype=dtype, compile=compile) if drafter else None
         for s, t, b in settings:  # the strategies' constraints on this model, before any setting is timed
             DecodeOptions.resolve(dlm, strategy=s, threshold=t, block_size=b)
-        clock = ForwardClock(ar.model, dlm.model, *([drafting.model] if drafting is not None else []))
+        clock = None if compile else ForwardClock(ar.model, dlm.model,
+                                                  *([drafting.model] if drafting is not None else []))
         for bs in batch_sizes:
             timed = [("AR engine", engine_runner(ar, max_new_tokens))]
             if hf_baselines:
@@ -480,12 +497,14 @@ def run_bench(model: str, base: str, task: str = "reasoning", thresholds=THRESHO
             for s, t, b in settings:
                 decode = {"strategy": s, "block_size": b, **({"threshold": t} if t is not None else {})}
                 timed.append((_label(s, t, b), engine_runner(dlm, max_new_tokens, **decode)))
+            if compile:  # every shape class compiled before anything is timed
+                warm_up(timed, examples, bs)
             rows += measure_together(timed, examples, bs, repeats, clock=clock)
     cost = [] if task.startswith("lm-eval:") else forward_cost(dlm, batch_sizes)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)
     (out_dir / "results.json").write_text(json.dumps({"model": model, "base": base, "task": task,
-                                                      "dtype": str(dtype or "auto").replace("torch.", ""), "rows": rows,
+                                                      "dtype": str(dtype or "auto").replace("torch.", ""), "compiled": compile, "rows": rows,
                                                       "forward_cost": cost}, indent=1))
     extra = ["", *forward_cost_lines(cost)] if cost else []
     (out_dir / "results.md").write_text("\n".join([table, "", *histograms(rows), "", *profile_lines(rows), *extra])
