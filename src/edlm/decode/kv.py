@@ -73,9 +73,8 @@ def model_forward(dlm, positions: torch.Tensor, mask, ids: torch.Tensor | None =
         contiguous_cache(cache)
     with gate.open_on(noisy) if gate is not None else nullcontext(), \
             routing.planned(experts) if routing is not None else nullcontext():
-        out = net(input_ids=ids, inputs_embeds=embeds, attention_mask=mask,
-                        position_ids=position_ids, cache=cache, use_cache=cache is not None,
-                        logits_to_keep=logits_to_keep)
+        out = net(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                  cache=cache, use_cache=cache is not None, logits_to_keep=logits_to_keep)
     return candidate_logits(dlm, out.logits.float())
 
 

@@ -24,16 +24,17 @@ TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 DECODING = {"strategy": "verified", "draft_depth": 1}
 
 
-def parent_answers(parent: Path, work: Path, n: int) -> Path:
-    """Stage 1: the parent's greedy answers to the first n training prompts (resumable: distill appends)."""
+def parent_answers(parent: Path, work: Path, n: int, skip: int = 0) -> Path:
+    """Stage 1: the parent's greedy answers to n training prompts after the first `skip` (resumable:
+    distill appends), decoded compiled (the AR engine's texts, ~1.3x faster batched)."""
     from edlm.model import DiffusionLM
     from edlm.recipes.demo_model import build_data
     from edlm.recipes.distill import distill, read_prompts
 
     out, done = work / "self.jsonl", work / ".self-done"
     if not done.exists():
-        prompts = read_prompts(build_data(Path("runs/demo-build")) / "train.jsonl")[:n]
-        distill(DiffusionLM.from_pretrained(parent, autoregressive=True), prompts, out, max_new_tokens=96,
+        prompts = read_prompts(build_data(Path("runs/demo-build")) / "train.jsonl")[skip : skip + n]
+        distill(DiffusionLM.from_pretrained(parent, autoregressive=True, compile=True), prompts, out, max_new_tokens=96,
                 batch_size=64)
         done.touch()
     return out
@@ -58,9 +59,12 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--min-lr", type=float, default=1e-4)
     ap.add_argument("--answers", type=int, default=N_SELF, help=f"the parent's answers to train on (default {N_SELF})")
+    ap.add_argument("--skip-answers", type=int, default=0,
+                    help="answer the training prompts after this many (those an earlier schedule trained on; "
+                    "new answers paid more than repeated ones)")
     args = ap.parse_args(argv)
     work, parent = Path(args.work), Path(args.parent)
-    data = parent_answers(parent, work, args.answers)
+    data = parent_answers(parent, work, args.answers, args.skip_answers)
     init = work / "init"
     if not (init / "config.json").exists():  # --init: a trained adapter rebuilt on the parent (edlm.drafter.read_adapter)
         convert(parent, init, block_size=8, shift=True, force=True,
