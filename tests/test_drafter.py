@@ -94,6 +94,43 @@ def test_a_drafter_saves_beside_the_parents_weights_and_loads(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_joined_adapter_computes_the_same_layer_from_one_weight(tmp_path):
+    """GatedLoRA.join (DiffusionLM.compile's): W and A become views of one [W ; A] weight, the
+    layer's output is the plain path's (qwen2: biased q/k/v), texts stay HF generate's, in-place
+    writes reach the joint weight, autograd takes the plain path, and the model still saves."""
+    from edlm.drafter import join
+
+    model, tok = parent("qwen2")
+    dlm = with_drafter(model, tok, targets=("q_proj", "v_proj", "o_proj"))
+    ids = torch.tensor([tok("Once upon a time")["input_ids"]])
+    noisy = torch.zeros_like(ids, dtype=torch.bool)
+    noisy[:, -3:] = True
+
+    def logits():
+        with torch.no_grad(), gate_of(dlm.model).open_on(noisy):
+            return dlm.model(input_ids=ids).logits
+
+    before = logits()
+    join(dlm.model)
+    layers = [m for m in dlm.model.modules() if isinstance(m, GatedLoRA)]
+    assert all(m.joint is not None and m.base.weight.data_ptr() == m.joint.data_ptr() for m in layers)
+    assert torch.allclose(logits(), before, atol=1e-12, rtol=0)
+    with torch.no_grad():
+        layers[0].lora_a.weight.mul_(3.0)  # an in-place write (an optimizer step, load_state_dict)
+    assert not torch.allclose(logits(), before)
+    with torch.no_grad():
+        layers[0].lora_a.weight.div_(3.0)
+    with gate_of(dlm.model).open_on(noisy):
+        dlm.model(input_ids=ids).logits.sum().backward()
+    assert layers[0].lora_a.weight.grad is not None and layers[0].lora_a.weight.grad.abs().sum() > 0
+    for prompt in PROMPTS:
+        assert dlm.generate(prompt, max_new_tokens=12).token_ids[0] == hf_greedy(model, tok, prompt, 12)
+    dlm.save_pretrained(tmp_path / "d")
+    loaded = DiffusionLM.from_pretrained(tmp_path / "d", dtype=torch.float64)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]  # ids: a tiny qwen2 tokenizer reloads as another class
+    assert loaded.generate(prompts, max_new_tokens=10).token_ids == dlm.generate(prompts, max_new_tokens=10).token_ids
+
+
 def test_convert_cli_adds_a_drafter(tiny_ar_dir, tmp_path, capsys):
     assert main(["convert", str(tiny_ar_dir), str(tmp_path / "d"), "--block-size", "4", "--drafter", "lora:2"]) == 0
     dlm = DiffusionLM.from_pretrained(tmp_path / "d")

@@ -189,6 +189,10 @@ class DiffusionLM:
         # each batch-size / query-count / mask class is one more graph of the same HF forward, shared
         # by every model in the process: dynamo's default limit of 8 would fall back to eager
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        from edlm import drafter
+
+        if drafter.gate_of(self.inner_model) is not None:
+            drafter.join(self.inner_model)  # one GEMM for each adapted layer's W and A
         self.compiled_model = torch.compile(self.model, dynamic=True, mode=mode)
         return self
 
@@ -259,10 +263,18 @@ class DiffusionLM:
 
     @property
     def max_positions(self) -> int | None:
-        return getattr(self.text_config, "max_position_embeddings", None)
+        """The context length. Read every decode step, and an HF config attribute costs tens of
+        microseconds (its __getattribute__ hooks), so it is remembered per config object."""
+        config = self.inner_model.config
+        memo = self.__dict__.get("_max_positions")
+        if memo is None or memo[0] is not config:
+            memo = self._max_positions = (config, getattr(self.text_config, "max_position_embeddings", None))
+        return memo[1]
 
     def backend_mask(self, mask: torch.Tensor, key_padding: torch.Tensor | None = None):
-        return to_backend_mask(mask, self.attn_implementation, key_padding, self.dtype)
+        attn = self.attn_implementation
+        dtype = self.dtype if attn == "eager" else torch.float32  # only eager's additive mask has a dtype
+        return to_backend_mask(mask, attn, key_padding, dtype)
 
     # ---- training forward ----
     def _over_frozen_clean(self, ids, position_ids, mask, seq_len: int, clean_logits: bool, gate):

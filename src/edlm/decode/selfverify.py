@@ -104,7 +104,7 @@ class AcceptedRows(KVRows):
         them, masked out where only some rows did (rows of a batch accept different numbers)."""
         self.drop_last_keys(n_drafts - max(n_accepted))
         width = n_new + max(n_accepted)
-        if width:
+        if width and min(n_accepted) < max(n_accepted):  # else every kept key is an accepted one
             slot = torch.arange(width, device=self.cache_pos.device)[None]
             accepted = torch.tensor(n_accepted, device=self.cache_pos.device)[:, None]
             tail = self.cache_valid[:, -width:] & (slot < n_new + accepted)
@@ -215,7 +215,7 @@ def _verification_inputs(dlm, rows: AcceptedRows, covered: list[list[int]], bs: 
         ids.append(clean_ids[r] + [mask_id] * (n_blocks * bs))
         pos.append(clean_pos[r] + [q for q, _ in blocks])
         start.append([-1] * (n_new + n_drafts) + [b for _, b in blocks])
-    ids, pos, start = (torch.tensor(x, dtype=torch.long, device=dlm.device) for x in (ids, pos, start))
+    ids, pos, start = torch.tensor([ids, pos, start], dtype=torch.long, device=rows.cache_pos.device).unbind(0)
     return ids, pos, start, n_new, n_drafts
 
 

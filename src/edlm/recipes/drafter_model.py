@@ -19,6 +19,7 @@ import argparse
 from pathlib import Path
 
 N_SELF = 6_000
+FRESH_START = 200_000  # generator index past the demo's train + val split: prompts no model has seen
 RANK = 32
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 DECODING = {"strategy": "verified", "draft_depth": 1}
@@ -26,14 +27,20 @@ DECODING = {"strategy": "verified", "draft_depth": 1}
 
 def parent_answers(parent: Path, work: Path, n: int, skip: int = 0) -> Path:
     """Stage 1: the parent's greedy answers to n training prompts after the first `skip` (resumable:
-    distill appends), decoded compiled (the AR engine's texts, ~1.3x faster batched)."""
+    distill appends), decoded compiled (the AR engine's texts, ~1.3x faster batched). Past the demo's
+    120,000 train prompts come fresh ones from the same generator (held-out questions skipped)."""
     from edlm.model import DiffusionLM
+    from edlm.recipes import reasoning
     from edlm.recipes.demo_model import build_data
     from edlm.recipes.distill import distill, read_prompts
 
     out, done = work / "self.jsonl", work / ".self-done"
     if not done.exists():
-        prompts = read_prompts(build_data(Path("runs/demo-build")) / "train.jsonl")[skip : skip + n]
+        prompts = read_prompts(build_data(Path("runs/demo-build")) / "train.jsonl")
+        if skip + n > len(prompts):
+            extra = skip + n - len(prompts)
+            prompts += [p.prompt for p in reasoning.train_problems(extra, start=FRESH_START)]
+        prompts = prompts[skip : skip + n]
         distill(DiffusionLM.from_pretrained(parent, autoregressive=True, compile=True), prompts, out, max_new_tokens=96,
                 batch_size=64)
         done.touch()
@@ -61,7 +68,7 @@ def main(argv=None) -> None:
     ap.add_argument("--answers", type=int, default=N_SELF, help=f"the parent's answers to train on (default {N_SELF})")
     ap.add_argument("--skip-answers", type=int, default=0,
                     help="answer the training prompts after this many (those an earlier schedule trained on; "
-                    "new answers paid more than repeated ones)")
+                    "new answers paid more than repeated ones); past the demo's 120,000 the generator makes more")
     args = ap.parse_args(argv)
     work, parent = Path(args.work), Path(args.parent)
     data = parent_answers(parent, work, args.answers, args.skip_answers)
