@@ -191,8 +191,7 @@ class DiffusionLM:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         from edlm import drafter
 
-        if drafter.gate_of(self.inner_model) is not None:
-            drafter.join(self.inner_model)  # one GEMM for each adapted layer's W and A
+        drafter.join(self.inner_model)  # a drafter's adapted layers: one GEMM for each W and A
         self.compiled_model = torch.compile(self.model, dynamic=True, mode=mode)
         return self
 
