@@ -1,10 +1,10 @@
 """Eager against compiled decoding (DiffusionLM.compile) on the demo models, against HF generate of
 the parent, timed interleaved in one run (batch 1 and 8; fp32, 2 threads).
 
-    python bench/compiled.py [--limit 500] [--out bench/results/compiled]
+    python bench/compiled.py [--limit 500] [--draft-depths 1 0] [--out bench/results/compiled]
 
-Rows: HF generate (eager, as a user runs it), the AR engine, full-weight `verified`, the drafter and
-the two-model mode, each eager and compiled. Every shape class is compiled in an untimed warm-up.
+Rows: HF generate (eager, as a user runs it), the AR engine, full-weight `verified` and the drafter
+at each draft depth, and the two-model mode, each eager and compiled. Every shape class is compiled in an untimed warm-up.
 Each compiled row's texts are checked against its eager row's, problem for problem.
 """
 
@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--models", default=str(ROOT / "models"), help="folder of ar, dlm, drafter (default models/)")
     ap.add_argument("--limit", type=int, default=500, help="held-out problems (default 500)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="default: 1 8")
+    ap.add_argument("--draft-depths", type=int, nargs="+", default=[1, 0],
+                    help="verified rows per draft depth (mask blocks per step - 1; default: 1 0)")
     ap.add_argument("--out", default=None, help="write results.json here")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -60,10 +62,9 @@ def main() -> None:
         texts.clear()
         settings = [("HF generate (parent)", hf_runner(ar, 96)),
                     kept("AR engine", engine_runner(ar, 96)), kept("AR engine compiled", engine_runner(arc, 96)),
-                    kept("full-weight dLM, verified", engine_runner(dlm, 96)),
-                    kept("full-weight dLM, verified compiled", engine_runner(dlmc, 96)),
-                    kept("drafter, verified", engine_runner(dr, 96)),
-                    kept("drafter, verified compiled", engine_runner(drc, 96)),
+                    *[kept(f"{name}, verified depth {d}{c}", engine_runner(m, 96, draft_depth=d))
+                      for d in args.draft_depths for name, pair in (("full-weight dLM", (dlm, dlmc)), ("drafter", (dr, drc)))
+                      for c, m in (("", pair[0]), (" compiled", pair[1]))],
                     kept("dLM drafts, AR verifies", verified_runner(dlm, ar, 96)),
                     kept("dLM drafts, AR verifies compiled", verified_runner(dlmc, arc, 96))]
         warm_up(settings, examples, bs)

@@ -59,9 +59,10 @@ def test_compiled_decoding_gives_the_eager_texts():
 
 @needs_compiler
 def test_a_compiled_drafter_still_gives_the_parents_greedy_text():
-    """The adapter's per-token gate is read inside the graph: a compiled drafter drafts with its
-    adapter and keeps HF generate's text of the parent."""
-    parent, tok, dlm = pair(DrafterConfig(rank=4, alpha=8.0, targets=["o_proj"]))
+    """The adapter's per-token gate is read inside the graph, through the fused q/k/v and gate/up
+    GEMMs (edlm.fusion): a compiled drafter drafts with its adapter and keeps HF generate's text."""
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    parent, tok, dlm = pair(DrafterConfig(rank=4, alpha=8.0, targets=targets))
     with torch.no_grad():
         for mod in dlm.model.modules():
             if isinstance(mod, GatedLoRA):  # drafts unlike the parent's own

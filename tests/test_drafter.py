@@ -14,6 +14,7 @@ from edlm.testing import make_tiny_causal_lm, make_tiny_tokenizer
 from edlm.train.convert import convert_model
 
 PROMPTS = ["The cat sat", "Hello, wor", "ab", "Once upon a time there"]
+DRAFTER_EVERYWHERE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the demo's
 
 
 def parent(arch="llama"):
@@ -94,32 +95,41 @@ def test_a_drafter_saves_beside_the_parents_weights_and_loads(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_a_joined_adapter_computes_the_same_layer_from_one_weight(tmp_path):
-    """GatedLoRA.join (DiffusionLM.compile's): W and A become views of one [W ; A] weight, the
-    layer's output is the plain path's (qwen2: biased q/k/v), texts stay HF generate's, in-place
-    writes reach the joint weight, autograd takes the plain path, and the model still saves."""
-    from edlm.drafter import join
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj", "o_proj"), DRAFTER_EVERYWHERE])
+def test_a_fused_adapter_computes_the_same_layers(targets, tmp_path):
+    """edlm.fusion (DiffusionLM.compile's) on a drafter: each adapted layer's A is stacked with its W
+    (and q/k/v, gate/up with their siblings' where all are adapted): the logits are the plain path's
+    (qwen2: biased q/k/v), texts stay HF generate's, in-place writes to A and B reach the fused
+    GEMM, autograd takes the plain path, and the model still saves."""
+    from edlm.fusion import fuse
 
     model, tok = parent("qwen2")
-    dlm = with_drafter(model, tok, targets=("q_proj", "v_proj", "o_proj"))
+    dlm = with_drafter(model, tok, targets=targets)
     ids = torch.tensor([tok("Once upon a time")["input_ids"]])
     noisy = torch.zeros_like(ids, dtype=torch.bool)
     noisy[:, -3:] = True
 
-    def logits():
-        with torch.no_grad(), gate_of(dlm.model).open_on(noisy):
+    def logits(gate=noisy):
+        with torch.no_grad(), gate_of(dlm.model).open_on(gate):
             return dlm.model(input_ids=ids).logits
 
-    before = logits()
-    join(dlm.model)
+    before, parents = logits(), logits(None)
+    fuse(dlm.model)
     layers = [m for m in dlm.model.modules() if isinstance(m, GatedLoRA)]
-    assert all(m.joint is not None and m.base.weight.data_ptr() == m.joint.data_ptr() for m in layers)
-    assert torch.allclose(logits(), before, atol=1e-12, rtol=0)
-    with torch.no_grad():
-        layers[0].lora_a.weight.mul_(3.0)  # an in-place write (an optimizer step, load_state_dict)
-    assert not torch.allclose(logits(), before)
-    with torch.no_grad():
-        layers[0].lora_a.weight.div_(3.0)
+
+    def storage(t):
+        return t.untyped_storage().data_ptr()
+
+    assert all(storage(m.base.weight) == storage(m.lora_a.weight) == storage(m.fused[0].weight) for m in layers)
+    q, k = dlm.model.model.layers[0].self_attn.q_proj, dlm.model.model.layers[0].self_attn.k_proj
+    assert (q.fused[0] is getattr(k, "fused", (None,))[0]) == ("k_proj" in targets)  # q/k/v stack only when all are adapted
+    assert torch.allclose(logits(), before, atol=1e-12, rtol=0) and torch.equal(logits(None), parents)
+    for weight in (layers[1].lora_a.weight, layers[1].lora_b.weight):
+        with torch.no_grad():
+            weight.mul_(3.0)  # an in-place write (an optimizer step, load_state_dict)
+        assert not torch.allclose(logits(), before)
+        with torch.no_grad():
+            weight.div_(3.0)
     with gate_of(dlm.model).open_on(noisy):
         dlm.model(input_ids=ids).logits.sum().backward()
     assert layers[0].lora_a.weight.grad is not None and layers[0].lora_a.weight.grad.abs().sum() > 0

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from edlm.errors import EdlmError
+from edlm.fusion import fused_call
 
 WEIGHTS_NAME = "drafter.safetensors"
 MASK_ROW = "mask_embedding"  # [hidden]: the mask token's trained input embedding row
@@ -95,39 +96,17 @@ class GatedLoRA(nn.Module):
         self.lora_b = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
         nn.init.kaiming_uniform_(self.lora_a.weight, a=5 ** 0.5)
         nn.init.zeros_(self.lora_b.weight)
-        self.joint: torch.Tensor | None = None  # [W ; A] once `join` ran
-        self.joint_bias: torch.Tensor | None = None
-
-    def join(self) -> None:
-        """For inference: base and A read the same input, so one GEMM over [W ; A] gives both,
-        one small GEMM fewer per layer (the demo drafter compiled: +10% tokens/s at batch 1, +5%
-        at batch 8, on a CPU). W and A become views of the joint weight, so no memory is added and
-        in-place writes (load_state_dict, an optimizer) reach it; a forward with autograd on takes
-        the plain path (the views carry no autograd link), as does one whose input the joint weight
-        no longer fits (moved or cast). Not on a CPU in bf16/fp16, where A runs in fp32 (`delta`)."""
-        w, a = self.base.weight, self.lora_a.weight
-        if w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16):
-            return
-        with torch.no_grad():
-            joint = torch.cat([w, a]).contiguous()
-            w.data, a.data = joint[: w.shape[0]], joint[w.shape[0]:]
-            bias = self.base.bias
-            if bias is not None:  # A has none: zeros after W's
-                self.joint_bias = torch.cat([bias, bias.new_zeros(a.shape[0])])
-                bias.data = self.joint_bias[: w.shape[0]]
-        self.joint = joint
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, joint = self.gate.value, self.joint
+        out = fused_call(self, x)  # inference after DiffusionLM.compile: W and A stacked (edlm.fusion)
+        if out is not None:
+            return out
+        gate = self.gate.value
         if gate is None:
             return self.base(x)
         if torch.is_tensor(gate) and gate.shape != x.shape[:-1]:
             raise RuntimeError(f"drafter gate {tuple(gate.shape)} does not fit the tokens {tuple(x.shape[:-1])}")
-        if joint is not None and not torch.is_grad_enabled() and joint.device == x.device and joint.dtype == x.dtype:
-            out, low = F.linear(x, joint, self.joint_bias).split([self.base.out_features, self.lora_a.out_features], -1)
-            delta = self.lora_b(low)
-        else:
-            out, delta = self.base(x), self.delta(x)
+        out, delta = self.base(x), self.delta(x)
         if gate is True:
             return out + delta * self.scale
         return torch.addcmul(out, delta, self.gate.factor(out.dtype), value=self.scale)
@@ -154,13 +133,6 @@ def attach(model: nn.Module, config: DrafterConfig) -> TokenGate:
                 GatedLoRA(mod, config.rank, config.alpha, gate))
     model._edlm_gate = gate
     return gate
-
-
-def join(model) -> None:
-    """`GatedLoRA.join` on every adapted layer (DiffusionLM.compile: inference)."""
-    for mod in model.modules():
-        if isinstance(mod, GatedLoRA):
-            mod.join()
 
 
 def gate_of(model) -> TokenGate | None:

@@ -189,9 +189,9 @@ class DiffusionLM:
         # each batch-size / query-count / mask class is one more graph of the same HF forward, shared
         # by every model in the process: dynamo's default limit of 8 would fall back to eager
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        from edlm import drafter
+        from edlm.fusion import fuse
 
-        drafter.join(self.inner_model)  # a drafter's adapted layers: one GEMM for each W and A
+        fuse(self.inner_model)  # q/k/v and gate/up (and a drafter's W and A) each as one GEMM
         self.compiled_model = torch.compile(self.model, dynamic=True, mode=mode)
         return self
 
