@@ -114,3 +114,10 @@ def test_a_model_cast_after_fusing_runs_its_own_layers():
     ids = torch.tensor([[5, 9, 13, 2, 7]])
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_compile_fuses_unless_told_not_to():
+    """DiffusionLM.compile fuses the model it compiles; fuse=False (bench/forward.py's baseline) does not."""
+    plain, fused = tiny_dlm("llama").compile(fuse=False), tiny_dlm("llama").compile()
+    assert type(plain.model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert type(fused.model.model.layers[0].self_attn.q_proj) is fusion.FusedLinear

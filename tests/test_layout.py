@@ -17,7 +17,7 @@ import edlm
 SRC_ROOT = Path(edlm.__file__).parent.parent  # the directory that holds the edlm package
 LAYERS = [  # (module prefix, layer)
     ("edlm.errors", 0),
-    ("edlm.config", 1), ("edlm.masks", 1), ("edlm.drafter", 1), ("edlm.moe", 1), ("edlm.files", 1),
+    ("edlm.config", 1), ("edlm.masks", 1), ("edlm.fusion", 1), ("edlm.drafter", 1), ("edlm.moe", 1), ("edlm.files", 1),
     ("edlm.vision", 1),
     ("edlm.testing", 1),
     ("edlm.decode", 2), ("edlm.embed", 2),

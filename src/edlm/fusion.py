@@ -1,18 +1,20 @@
 """Sibling projections that read one input, run as one GEMM (inference: DiffusionLM.compile).
 
-Why: on a small model, or a block's few tokens on a big one, a forward's time is mostly the number
-of GEMM calls, not their FLOPs (the demo dLM compiled on a CPU: ~70% of a forward in `mm`, ~40 us a
-call). HF's Llama-family layers call q_proj, k_proj and v_proj on the same tensor, and gate_proj and
+Why: HF's Llama-family layers call q_proj, k_proj and v_proj on the same tensor, and gate_proj and
 up_proj too, so one GEMM over the stacked weights [Wq ; Wk ; Wv] gives all three (gpt-fast's `wqkv`):
 7 GEMMs a layer become 4. A drafting adapter (edlm.drafter.GatedLoRA) stacks its A's beside the W's
-in the same GEMM, so its 14 GEMMs a layer become 11.
+in the same GEMM, so its 14 GEMMs a layer become 11. At a decode step's few rows a GEMM costs
+mostly the reading of its weights and the call around it, so fewer calls over the same weights
+save the calls: a compiled forward of the demo dLM on a CPU, 5% at batch 1 and nothing at batch 8
+(bench/forward.py); on a GPU, where small batches are launch-bound, fewer kernels count for more.
 
 How, without touching HF's attention code or the checkpoint's names: the first sibling (the lead)
 runs the group's GEMM, returns its own slice and leaves the others' slices for them, keyed by the
 input tensor itself; a sibling called with another input, or with autograd on, or on a device or
 dtype the stacked weight no longer fits, runs its own layer as before. Every weight becomes a view
 of its group's stacked tensor, so no memory is added and in-place writes (load_state_dict, an
-optimizer step) reach the fused GEMM.
+optimizer step) reach the fused GEMM; a weight given new storage of the same dtype and device
+(`load_state_dict(assign=True)`, `.data =`) would not: fuse after loading, as compile does.
 """
 
 from __future__ import annotations
@@ -25,13 +27,11 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # read th
 
 
 class FusedGroup:
-    """One stacked GEMM for sibling layers: all plain nn.Linear, or all GatedLoRA (then their A's are
+    """One stacked GEMM for sibling layers: all plain nn.Linear, or all GatedLoRA (`is_adapter`; their A's are
     stacked after the W's; each B then runs on its own slice of the A's output)."""
 
     def __init__(self, layers: list[nn.Module]):
-        from edlm.drafter import GatedLoRA
-
-        self.adapted = isinstance(layers[0], GatedLoRA)
+        self.adapted = is_adapter(layers[0])
         bases = [m.base if self.adapted else m for m in layers]
         self.sizes = [b.out_features for b in bases]
         self.width = sum(self.sizes)  # rows of the stacked W (the A's follow)
@@ -102,21 +102,25 @@ def fused_call(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return group.run(x) if index == 0 else group.take(index, x)
 
 
+def is_adapter(layer: nn.Module) -> bool:
+    """An edlm.drafter.GatedLoRA (told by its parts: that module imports this one)."""
+    return all(hasattr(layer, part) for part in ("base", "lora_a", "lora_b", "gate", "scale"))
+
+
 def fuse(model: nn.Module) -> int:
     """Group q/k/v and gate/up siblings (and each drafter layer with itself); returns the groups made.
     A group needs every sibling of one kind, one input width and one device and dtype; a drafter
     layer on a CPU in bf16/fp16 stays alone (its A runs in fp32 there: GatedLoRA.delta)."""
-    from edlm.drafter import GatedLoRA
-
     def fusable(layers):
         kinds = {type(m) for m in layers}
-        if kinds not in ({nn.Linear}, {GatedLoRA}) or any(id(m) in taken or hasattr(m, "fused") for m in layers):
+        if len(kinds) != 1 or not (kinds == {nn.Linear} or is_adapter(layers[0])):
             return False
-        w = [m.base.weight if isinstance(m, GatedLoRA) else m.weight for m in layers]
+        if any(id(m) in taken or hasattr(m, "fused") for m in layers):
+            return False
+        w = [m.base.weight if is_adapter(m) else m.weight for m in layers]
         if len({(t.shape[1], t.device, t.dtype) for t in w}) != 1:
             return False
-        return not (isinstance(layers[0], GatedLoRA) and w[0].device.type == "cpu"
-                    and w[0].dtype in (torch.bfloat16, torch.float16))
+        return not (is_adapter(layers[0]) and w[0].device.type == "cpu" and w[0].dtype in (torch.bfloat16, torch.float16))
 
     groups, taken = [], set()
     for parent in model.modules():
@@ -126,7 +130,7 @@ def fuse(model: nn.Module) -> int:
                 groups.append(layers)
                 taken.update(id(m) for m in layers)
     for layer in model.modules():  # a drafter's o_proj / down_proj: its W and A in one GEMM
-        if isinstance(layer, GatedLoRA) and fusable([layer]):
+        if is_adapter(layer) and fusable([layer]):
             groups.append([layer])
     for layers in groups:
         group = FusedGroup(layers)

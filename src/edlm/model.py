@@ -172,7 +172,7 @@ class DiffusionLM:
         dlm = cls(model, tokenizer, config)
         return dlm.compile() if compile else dlm
 
-    def compile(self, mode: str | None = None) -> "DiffusionLM":
+    def compile(self, mode: str | None = None, fuse: bool = True) -> "DiffusionLM":
         """Decode (every strategy, the AR engine, scoring) through a torch.compile'd forward.
 
         Why: a small model's forward, and a block's few tokens on a big one, cost mostly the
@@ -183,15 +183,17 @@ class DiffusionLM:
         first such call: worth it for a server, a bench or a long batch job, not for one prompt.
         The logits match eager to float tolerance (greedy texts were identical on the demo's 500
         held-out problems); training and HF `generate` keep the eager model. `mode` is
-        torch.compile's (e.g. "max-autotune" on CUDA)."""
+        torch.compile's (e.g. "max-autotune" on CUDA); `fuse`: sibling projections as one GEMM
+        (edlm.fusion; False only to measure what that buys, bench/forward.py)."""
         import torch._dynamo
 
         # each batch-size / query-count / mask class is one more graph of the same HF forward, shared
         # by every model in the process: dynamo's default limit of 8 would fall back to eager
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        from edlm.fusion import fuse
+        from edlm import fusion
 
-        fuse(self.inner_model)  # q/k/v and gate/up (and a drafter's W and A) each as one GEMM
+        if fuse:
+            fusion.fuse(self.inner_model)  # q/k/v and gate/up (and a drafter's W and A) each as one GEMM
         self.compiled_model = torch.compile(self.model, dynamic=True, mode=mode)
         return self
 
