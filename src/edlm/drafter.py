@@ -79,6 +79,19 @@ class TokenGate:
         finally:
             self.value, self._factor = old
 
+    def value_for(self, x: torch.Tensor) -> torch.Tensor | bool | None:
+        """The gate of the tokens x [B, Q, H]; a [B, Q] gate of other tokens is a bug of the caller's."""
+        gate = self.value
+        if torch.is_tensor(gate) and gate.shape != x.shape[:-1]:
+            raise RuntimeError(f"drafter gate {tuple(gate.shape)} does not fit the tokens {tuple(x.shape[:-1])}")
+        return gate
+
+    def add(self, out: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
+        """out + gate * delta * scale, with the gate open (not None)."""
+        if self.value is True:
+            return out + delta * scale
+        return torch.addcmul(out, delta, self.factor(out.dtype), value=scale)
+
     def factor(self, dtype: torch.dtype) -> torch.Tensor:
         """The gate as a [B, Q, 1] multiplier in `dtype`, made once per forward instead of once a layer."""
         if dtype not in self._factor:
@@ -101,15 +114,9 @@ class GatedLoRA(nn.Module):
         out = fused_call(self, x)  # inference after DiffusionLM.compile: W and A stacked (edlm.fusion)
         if out is not None:
             return out
-        gate = self.gate.value
-        if gate is None:
+        if self.gate.value_for(x) is None:
             return self.base(x)
-        if torch.is_tensor(gate) and gate.shape != x.shape[:-1]:
-            raise RuntimeError(f"drafter gate {tuple(gate.shape)} does not fit the tokens {tuple(x.shape[:-1])}")
-        out, delta = self.base(x), self.delta(x)
-        if gate is True:
-            return out + delta * self.scale
-        return torch.addcmul(out, delta, self.gate.factor(out.dtype), value=self.scale)
+        return self.gate.add(self.base(x), self.delta(x), self.scale)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """B(A(x)) in x's dtype. On a CPU in bf16/fp16 it is computed in fp32: GEMMs this thin run

@@ -37,8 +37,9 @@ class FusedGroup:
         self.width = sum(self.sizes)  # rows of the stacked W (the A's follow)
         weights = [b.weight for b in bases] + ([m.lora_a.weight for m in layers] if self.adapted else [])
         with torch.no_grad():
-            self.weight = torch.cat(weights).contiguous()  # [width (+ n * rank), in]
-            _become_views(weights, self.weight, [w.shape[0] for w in weights])
+            rows = [w.shape[0] for w in weights]
+            self.weight = weights[0].new_empty(sum(rows), weights[0].shape[1])  # [width (+ n * rank), in]
+            _become_views(weights, self.weight, rows)
             self.bias = None  # [width (+ n * rank)]: zeros for a layer without one and for the A rows
             if any(b.bias is not None for b in bases):
                 self.bias = self.weight.new_zeros(self.weight.shape[0])
@@ -55,22 +56,15 @@ class FusedGroup:
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """The lead's call: every sibling's output from one GEMM (plus the B's); returns the lead's."""
-        gate = self.gate.value if self.adapted else None
-        if gate is None:  # no adapter, or the parent's forward: the W rows alone
+        if not self.adapted or self.gate.value_for(x) is None:  # the W rows alone (the parent's forward)
             outs = F.linear(x, self.weight[: self.width],
                             None if self.bias is None else self.bias[: self.width]).split(self.sizes, -1)
         else:
-            if torch.is_tensor(gate) and gate.shape != x.shape[:-1]:
-                raise RuntimeError(f"drafter gate {tuple(gate.shape)} does not fit the tokens {tuple(x.shape[:-1])}")
             out, low = F.linear(x, self.weight, self.bias).split([self.width, self.weight.shape[0] - self.width], -1)
             # each B on its own slice of A's output (one block-diagonal GEMM: 3x the FLOPs, measured
             # slower; a bmm of equal-sized B's: measured no faster)
             deltas = [F.linear(lo, b) for lo, b in zip(low.split(self.rank, -1), self.lora_b, strict=True)]
-            if gate is True:
-                outs = [o + d * self.scale for o, d in zip(out.split(self.sizes, -1), deltas, strict=True)]
-            else:
-                factor = self.gate.factor(out.dtype)
-                outs = [torch.addcmul(o, d, factor, value=self.scale) for o, d in zip(out.split(self.sizes, -1), deltas, strict=True)]
+            outs = [self.gate.add(o, d, self.scale) for o, d in zip(out.split(self.sizes, -1), deltas, strict=True)]
         self.input, self.outputs = x, [None, *outs[1:]]
         return outs[0]
 
