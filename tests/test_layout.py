@@ -20,7 +20,7 @@ LAYERS = [  # (module prefix, layer)
     ("edlm.config", 1), ("edlm.masks", 1), ("edlm.fusion", 1), ("edlm.drafter", 1), ("edlm.moe", 1), ("edlm.files", 1),
     ("edlm.vision", 1),
     ("edlm.testing", 1),
-    ("edlm.decode", 2), ("edlm.embed", 2),
+    ("edlm.decode", 2), ("edlm.embed", 2), ("edlm.aot", 2),
     ("edlm.model", 3),
     ("edlm.train", 4), ("edlm.serve", 4),
     ("edlm.recipes", 5),

@@ -2,8 +2,8 @@
 
 Every decoder and the likelihood scorer call the model through `model_forward` (gpt-fast's
 `model_forward`): masks in the backend's form, logical positions, the candidate set. It is the
-single place for the per-token adapter gate, the compiled forward (`DiffusionLM.compile`) or a
-static cache later.
+single place for the per-token adapter gate and the compiled forwards (`DiffusionLM.compile`: a
+torch.compile'd model, and with aot=True the decode steps' exported program, edlm.aot).
 
 `KVRows` is a KV cache shared by a batch's rows, with each key's logical position and validity
 per row ([B, K]): rows of different lengths, rows that left and joins leave masked-out columns.
@@ -73,6 +73,11 @@ def model_forward(dlm, positions: torch.Tensor, mask, ids: torch.Tensor | None =
     if vision is not None:
         embeds, position_ids = vision.inputs(dlm.inner_model, positions, ids, embeds)
         ids = None
+    aot = dlm.aot_step
+    if (aot is not None and experts is None and vision is None
+            and aot.fits(ids, embeds, mask, cache, logits_to_keep)):  # a decode step: the AOT program
+        contiguous_cache(cache)
+        return candidate_logits(dlm, aot(ids, position_ids, mask, cache, noisy, logits_to_keep).float())
     net = dlm.model
     if dlm.compiled_model is not None:
         net = dlm.compiled_model

@@ -1,0 +1,148 @@
+"""A decode step as one ahead-of-time compiled program: torch.export + AOTInductor (DiffusionLM.compile(aot=True)).
+
+Why: on a CPU, a torch.compile'd forward of a small model spends a third of its time around its
+kernels, not in them: dynamo checks ~1,700 guards on HF's forward (its modules, config and cache)
+before every call, and the Python wrapper that launches the kernels runs ~200 small steps. An
+exported program has no guards (its shapes are symbolic, checked once in C++) and AOTInductor's
+wrapper is C++: the demo dLM's forward of a `verified` step (24 queries over 150 cached keys,
+batch 1) takes 1.81 ms this way against 2.40 ms through torch.compile, the drafter's 2.12 against
+2.91 (bench/forward.py --aot); whole decodes run 1.14-1.17x faster (bench/compiled.py).
+
+What is exported: one forward of the hot path, every call that feeds token ids against a non-empty
+KV cache with a 4-D mask in the backend's form (the steps of every decoder). Inputs: ids and
+positions [B, Q], the mask, each layer's cached keys and values [B, H, P, D], and a drafter's
+per-token gate [B, Q] (edlm.drafter; all False = the parent's forward); outputs: the logits of
+every query and each layer's keys and values with the Q new ones appended, which go back into the
+engine's DynamicCache, so cropping, row selection and compaction work on it as before. B, Q and P
+are symbolic. Every other call (a prefill, an MoE model's expert plan, a VLM's image features,
+chosen-query logits, a long feed that keeps few logits) goes through torch.compile as before, so a
+program never sees an input it was not traced for.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edlm.errors import EdlmError
+
+
+class _Step(nn.Module):
+    """The exported forward: HF's model over a DynamicCache built from the given tensors."""
+
+    def __init__(self, model: nn.Module, layers: int, gate):
+        super().__init__()
+        self.model, self.layers, self.gate = model, layers, gate
+
+    def forward(self, ids, pos, mask, keys: list, values: list, noisy=None):
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        cache = DynamicCache()
+        for k, v in zip(keys, values, strict=True):
+            layer = DynamicLayer()
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k, v  # as they are: no copy into the cache
+            cache.layers.append(layer)
+        with self.gate.open_on(noisy) if self.gate is not None else nullcontext():
+            logits = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache,
+                                use_cache=True).logits
+        return logits, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+
+
+class AotStep:
+    """The AOT-compiled program of one model and how to call it from edlm.decode.kv.model_forward."""
+
+    def __init__(self, dlm):
+        from edlm.drafter import gate_of
+
+        model = dlm.inner_model
+        cfg = dlm.text_config
+        self.layers = cfg.num_hidden_layers
+        self.gate = gate_of(model)
+        self.dtype, self.device = dlm.dtype, dlm.device
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        b, q, p = 2, 3, 5  # each >= 2: a size of 0 or 1 would be traced as a constant
+        ids = torch.zeros(b, q, dtype=torch.long, device=self.device)
+        pos = (p + torch.arange(q, device=self.device))[None].expand(b, q).contiguous()
+        mask = dlm.backend_mask(torch.ones(b, q, p + q, dtype=torch.bool, device=self.device))
+        self.mask_dtype = mask.dtype
+        kv = [torch.zeros(b, heads, p, head_dim, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        args = [ids, pos, mask, kv, [t.clone() for t in kv]]
+        auto = torch.export.Dim.AUTO
+        shapes = [{0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 2: auto, 3: auto},
+                  [{0: auto, 2: auto}] * self.layers, [{0: auto, 2: auto}] * self.layers]
+        if self.gate is not None:
+            args.append(torch.zeros(b, q, dtype=torch.bool, device=self.device))
+            shapes.append({0: auto, 1: auto})
+        try:
+            with torch.no_grad(), warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
+                warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations
+                warnings.simplefilter("ignore", DeprecationWarning)
+                program = torch.export.export(_Step(model, self.layers, self.gate), tuple(args),
+                                              dynamic_shapes=tuple(shapes))
+                path = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(tmp) / "step.pt2"))
+                self.runner = torch._inductor.aoti_load_package(path)
+        except Exception as e:  # an architecture torch.export cannot trace: say so in one line
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise EdlmError(f"cannot compile ahead of time: exporting {type(model).__name__} failed "
+                            f"({type(e).__name__}: {first}); use --compile without aot") from None
+        # the program holds its own copy of the weights: a write to them since (an optimizer step,
+        # load_state_dict) would leave it stale, so calls then go through torch.compile instead
+        self.params = list(model.parameters())
+        self.stamp = self.weights_version()
+
+    def weights_version(self) -> int:
+        """The sum of the weights' version counters (in-place writes bump them; fused weights are
+        views, which share their stacked tensor's)."""
+        return sum(p._version for p in self.params)
+
+    def fits(self, ids, embeds, mask, cache, logits_to_keep) -> bool:
+        """Whether a model_forward call is one the program was traced for."""
+        layers = getattr(cache, "layers", None)
+        if self.weights_version() != self.stamp:
+            if not getattr(self, "warned", False):
+                self.warned = True
+                warnings.warn("the model's weights changed after compile(aot=True): decoding through torch.compile "
+                              "now (compile again for the AOT program)", stacklevel=3)
+            return False
+        # the program computes every query's logits: a long feed that keeps few (a prompt joining a
+        # running batch) stays with torch.compile rather than run the LM head on all of it
+        return (ids is not None and embeds is None and torch.is_tensor(mask) and mask.dim() == 4
+                and mask.dtype == self.mask_dtype and isinstance(logits_to_keep, int)
+                and (logits_to_keep == 0 or ids.shape[1] <= max(64, 2 * logits_to_keep)) and layers is not None
+                and len(layers) == self.layers and cache.get_seq_length() > 0
+                and not any(getattr(layer, "is_sliding", False) for layer in layers))
+
+    def __call__(self, ids, position_ids, mask, cache, noisy, logits_to_keep: int) -> torch.Tensor:
+        """The logits (the last `logits_to_keep` queries', 0: all); the cache gets the new keys."""
+        args = [ids.contiguous(), position_ids.contiguous(), mask.contiguous(),
+                [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]]
+        if self.gate is not None:
+            args.append(torch.zeros_like(ids, dtype=torch.bool) if noisy is None else noisy.contiguous())
+        logits, keys, values = self.runner(*args)
+        for layer, k, v in zip(cache.layers, keys, values, strict=True):
+            layer.keys, layer.values = k, v
+        return logits[:, -logits_to_keep:] if logits_to_keep else logits
+
+
+def refusal(dlm) -> str | None:
+    """Why a model's decode steps cannot be exported (None: they can)."""
+    from edlm.moe import is_moe
+    from edlm.vision import is_vlm
+
+    if dlm.device.type == "cpu" and dlm.dtype in (torch.bfloat16, torch.float16):
+        return "a CPU model in bf16/fp16 keeps the parent's bits through a runtime switch (decode in fp32 or on a GPU)"
+    if is_moe(dlm.inner_model):
+        return "an MoE model's expert plans (TEAM) are read at run time"
+    if is_vlm(dlm.inner_model.config):
+        return "a vision-language model's image features are fed at run time"
+    if dlm.attn_implementation not in ("sdpa", "eager"):
+        return f"attention {dlm.attn_implementation!r} (sdpa or eager only)"
+    return None

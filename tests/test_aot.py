@@ -1,0 +1,111 @@
+"""Decode steps through an exported, ahead-of-time compiled program (DiffusionLM.compile(aot=True),
+edlm.aot): the texts eager decoding gives, and refusals where a model's steps cannot be exported."""
+
+import copy
+import shutil
+
+import pytest
+import torch
+
+from edlm.aot import AotStep
+from edlm.config import DiffusionConfig
+from edlm.drafter import DrafterConfig, GatedLoRA
+from edlm.errors import EdlmError
+from edlm.model import DiffusionLM
+from edlm.testing import make_tiny_causal_lm, make_tiny_tokenizer
+from edlm.train.convert import convert_model
+
+PROMPTS = ["The cat sat", "Hello, wor", "Once upon a time there"]
+needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                                    reason="AOTInductor on a CPU needs a C++ compiler")
+
+
+def converted(arch="llama", shift=False, drafter=None, dtype=torch.float64):
+    tok = make_tiny_tokenizer()
+    parent = make_tiny_causal_lm(arch, vocab_size=len(tok), dtype=dtype)
+    return parent, tok, convert_model(copy.deepcopy(parent), tok, block_size=4, shift=shift, drafter=drafter)
+
+
+@pytest.fixture
+def program_calls(monkeypatch):
+    """How many forwards the AOT program ran."""
+    calls = [0]
+    real = AotStep.__call__
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AotStep, "__call__", counted)
+    return calls
+
+
+def joined(dlm) -> list[list[int]]:
+    """Token ids of a `verified` call that two requests join after its first step."""
+    joins, result = [([PROMPTS[1], PROMPTS[2]], [9, 5], None)], []
+    for _ in dlm.stream([PROMPTS[0]], max_new_tokens=[12], result=result, admit=lambda: joins.pop(0) if joins else None):
+        pass
+    return result[0].token_ids
+
+
+@needs_compiler
+def test_aot_decoding_gives_the_eager_texts(program_calls):
+    """`verified` and a threshold rule, batched and alone, and the parent's one-token AR steps: the
+    program's steps decode what eager decoding does (the prefill stays with torch.compile), and the
+    program did run."""
+    parent, tok, dlm = converted("qwen3", shift=True)  # the drafter's test below: llama, no shift
+    settings = [{}, {"strategy": "threshold", "threshold": 0.3}]
+    want = [dlm.generate(PROMPTS, max_new_tokens=10, **s).token_ids for s in settings]
+    alone = dlm.generate(PROMPTS[0], max_new_tokens=10).token_ids
+    with_joins = joined(dlm)
+    assert dlm.compile(aot=True) is dlm and dlm.aot_step is not None
+    for s, w in zip(settings, want, strict=True):
+        assert dlm.generate(PROMPTS, max_new_tokens=10, **s).token_ids == w
+    assert dlm.generate(PROMPTS[0], max_new_tokens=10).token_ids == alone
+    assert joined(dlm) == with_joins  # rows joining a running call: the cache is grown and compacted
+    assert program_calls[0] > 3 * len(settings)
+    ar = DiffusionLM(parent, tok, DiffusionConfig.autoregressive(base_model="parent"))  # one-token steps
+    want = ar.generate(PROMPTS, max_new_tokens=10).token_ids
+    calls = program_calls[0]
+    assert ar.compile(aot=True).generate(PROMPTS, max_new_tokens=10).token_ids == want
+    assert program_calls[0] >= calls + 9
+
+
+@needs_compiler
+def test_an_aot_drafter_gives_the_parents_greedy_text(program_calls):
+    """The drafter's per-token gate is an input of the program: its drafts are the adapter's (the
+    same steps as eager) and its text is HF generate's of the parent."""
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    parent, tok, dlm = converted(drafter=DrafterConfig(rank=4, alpha=8.0, targets=targets))
+    with torch.no_grad():
+        for mod in dlm.model.modules():
+            if isinstance(mod, GatedLoRA):  # drafts unlike the parent's own
+                mod.lora_b.weight.copy_(torch.randn(mod.lora_b.weight.shape, dtype=torch.float64))
+    eager = dlm.generate(PROMPTS, max_new_tokens=10)
+    got = dlm.compile(aot=True).generate(PROMPTS, max_new_tokens=10)
+    assert program_calls[0] > 0
+    for i, prompt in enumerate(PROMPTS):
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        hf = parent.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=0)
+        assert got.token_ids[i] == hf[0, ids.shape[1]:].tolist()
+        assert got.stats[i].model_calls == eager.stats[i].model_calls  # the same drafts were accepted
+    calls = program_calls[0]
+    with torch.no_grad():
+        dlm.model.model.layers[0].mlp.down_proj.lora_b.weight.mul_(0.5)  # the program's copy is now stale
+    with pytest.warns(UserWarning, match="weights changed"):
+        stale = dlm.generate(PROMPTS, max_new_tokens=10)
+    assert program_calls[0] == calls  # torch.compile took the steps
+    assert stale.token_ids == got.token_ids  # still the parent's text
+
+
+@pytest.mark.parametrize("arch,dtype,word", [("llama", torch.bfloat16, "bf16"), ("qwen3_moe", torch.float32, "MoE")])
+def test_models_whose_steps_cannot_be_exported_are_refused_in_one_line(arch, dtype, word):
+    _, _, dlm = converted(arch, dtype=dtype)
+    with pytest.raises(EdlmError, match=word):
+        dlm.compile(aot=True)
+    assert dlm.aot_step is None
+
+
+def test_an_unknown_compile_setting_is_refused(tmp_path):
+    with pytest.raises(EdlmError, match="compile must be"):
+        DiffusionLM.from_pretrained(tmp_path, compile="fast")
