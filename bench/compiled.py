@@ -1,11 +1,13 @@
-"""Eager against compiled decoding (DiffusionLM.compile) on the demo models, against HF generate of
-the parent, timed interleaved in one run (batch 1 and 8; fp32, 2 threads).
+"""Eager, compiled (torch.compile) and AOT-compiled (DiffusionLM.compile(aot=True)) decoding of the
+demo models, against HF generate of the parent, timed interleaved in one run (batch 1 and 8; fp32,
+2 threads).
 
-    python bench/compiled.py [--limit 500] [--draft-depths 1 0] [--out bench/results/compiled]
+    python bench/compiled.py [--limit 500] [--draft-depths 1 0] [--variants eager compiled aot] [--out DIR]
 
-Rows: HF generate (eager, as a user runs it), the AR engine, full-weight `verified` and the drafter
-at each draft depth, and the two-model mode, each eager and compiled. Every shape class is compiled in an untimed warm-up.
-Each compiled row's texts are checked against its eager row's, problem for problem.
+Rows: HF generate (eager, as a user runs it), then per variant the AR engine, full-weight `verified`
+and the drafter at each draft depth, and the two-model mode. Every shape class is compiled in an
+untimed warm-up. Each row's texts are checked against the first variant's and against HF
+generate's (the parent's greedy text), problem for problem.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {"eager": False, "compiled": "graph", "aot": "aot"}  # --variants: DiffusionLM.from_pretrained(compile=)
 
 
 def main() -> None:
@@ -36,17 +39,20 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="default: 1 8")
     ap.add_argument("--draft-depths", type=int, nargs="+", default=[1, 0],
                     help="verified rows per draft depth (mask blocks per step - 1; default: 1 0)")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                    help="how each engine row runs: eager, compiled (torch.compile), aot (compile(aot=True)); "
+                    "default: all; texts are checked against the first")
     ap.add_argument("--out", default=None, help="write results.json here")
     args = ap.parse_args()
     torch.set_num_threads(2)
     models = Path(args.models)
 
-    def load(name: str, compiled: bool):
-        return DiffusionLM.from_pretrained(models / name, autoregressive=name == "ar", compile=compiled)
+    def load(name: str, variant: str):
+        return DiffusionLM.from_pretrained(models / name, autoregressive=name == "ar",
+                                           compile=VARIANTS[variant])
 
-    ar, arc = load("ar", False), load("ar", True)
-    dlm, dlmc = load("dlm", False), load("dlm", True)
-    dr, drc = load("drafter", False), load("drafter", True)
+    hf_ar = DiffusionLM.from_pretrained(models / "ar", autoregressive=True)  # HF generate's, never compiled
+    loaded = {(n, v): load(n, v) for v in args.variants for n in ("ar", "dlm", "drafter")}
     examples = load_examples("reasoning", args.limit)
     texts: dict[str, list[str]] = {}
 
@@ -57,16 +63,19 @@ def main() -> None:
             return out
         return name, go
 
-    rows = []
+    def suffix(v: str) -> str:
+        return "" if v == "eager" else f" {v}"
+
+    rows, first = [], args.variants[0]
     for bs in args.batch_sizes:
         texts.clear()
-        settings = [("HF generate (parent)", hf_runner(ar, 96)),
-                    kept("AR engine", engine_runner(ar, 96)), kept("AR engine compiled", engine_runner(arc, 96)),
-                    *[kept(f"{name}, verified depth {d}{c}", engine_runner(m, 96, draft_depth=d))
-                      for d in args.draft_depths for name, pair in (("full-weight dLM", (dlm, dlmc)), ("drafter", (dr, drc)))
-                      for c, m in (("", pair[0]), (" compiled", pair[1]))],
-                    kept("dLM drafts, AR verifies", verified_runner(dlm, ar, 96)),
-                    kept("dLM drafts, AR verifies compiled", verified_runner(dlmc, arc, 96))]
+        settings = [kept("HF generate (parent)", hf_runner(hf_ar, 96))]
+        for v in args.variants:
+            ar, dlm, dr = (loaded[n, v] for n in ("ar", "dlm", "drafter"))
+            settings += [kept(f"AR engine{suffix(v)}", engine_runner(ar, 96)),
+                         *[kept(f"{name}, verified depth {d}{suffix(v)}", engine_runner(m, 96, draft_depth=d))
+                           for d in args.draft_depths for name, m in (("full-weight dLM", dlm), ("drafter", dr))],
+                         kept(f"dLM drafts, AR verifies{suffix(v)}", verified_runner(dlm, ar, 96))]
         warm_up(settings, examples, bs)
         texts.clear()
         got = measure_together(settings, examples, batch_size=bs)
@@ -74,18 +83,24 @@ def main() -> None:
         by_name = {row["name"]: row for row in got}
         for row in got:
             row["x_hf"] = row["tokens_per_s"] / hf
-            eager = row["name"].removesuffix(" compiled")
-            if eager != row["name"]:
-                row["x_eager"] = row["tokens_per_s"] / by_name[eager]["tokens_per_s"]
+            base = row["name"]
+            for v in VARIANTS:
+                base = base.removesuffix(suffix(v)) if v != "eager" else base
+            ref = base + suffix(first)
+            if ref != row["name"] and ref in by_name:
+                row[f"x_{first}"] = row["tokens_per_s"] / by_name[ref]["tokens_per_s"]
                 n = len(examples)  # the last n: measure_together's own warm-up chunk comes first
-                row["same_texts_as_eager"] = sum(a == b for a, b in zip(texts[row["name"]][-n:], texts[eager][-n:],
-                                                                        strict=True))
+                row[f"same_texts_as_{first}"] = sum(a == b for a, b in zip(texts[row["name"]][-n:], texts[ref][-n:],
+                                                                           strict=True))
+            n = len(examples)
+            row["same_texts_as_hf"] = sum(a == b for a, b in zip(texts[row["name"]][-n:], texts[got[0]["name"]][-n:],
+                                                                 strict=True))
             rows.append(row)
             tpf = f"{row['tpf']:.2f}" if row["tpf"] else "-"
-            vs = (f"  {row['x_eager']:.2f}x eager, texts = eager's {row['same_texts_as_eager']}/{len(examples)}"
-                  if "x_eager" in row else "")
-            print(f"b{bs} {row['name']:36s} acc {row['accuracy']:.1%}  TPF {tpf:>4}  {row['tokens_per_s']:7.1f} tok/s  "
-                  f"{row['x_hf']:.2f}x HF generate{vs}", flush=True)
+            vs = (f"  {row[f'x_{first}']:.2f}x {first}, texts = {first}'s {row[f'same_texts_as_{first}']}/{len(examples)}"
+                  if f"x_{first}" in row else "")
+            print(f"b{bs} {row['name']:40s} acc {row['accuracy']:.1%}  TPF {tpf:>4}  {row['tokens_per_s']:7.1f} tok/s  "
+                  f"{row['x_hf']:.2f}x HF generate (its text on {row['same_texts_as_hf']}/{n}){vs}", flush=True)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

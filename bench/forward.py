@@ -1,12 +1,14 @@
 """One compiled forward of the demo models, timed interleaved in one process: what sibling fusion
 (edlm.fusion), a drafting adapter and its rank cost a forward (README: Compiled decoding).
 
-    python bench/forward.py [--queries 24] [--cached 150] [--ranks 16 8] [--eager] [--out DIR]
+    python bench/forward.py [--queries 24] [--cached 150] [--ranks 16 8] [--eager | --aot] [--out DIR]
 
 A forward here is a `verified` step's shape: `--queries` new tokens (the last 8 noisy, where a
 drafter acts) over `--cached` keys in the KV cache, batch 1 and 8, fp32, 2 threads. Rows: the
 full-weight dLM and the drafter, each compiled with and without fusion; with --ranks, the shipped
-drafter cut to each rank by SVD of every layer's B·A (how much of its time is the rank). Decoding
+drafter cut to each rank by SVD of every layer's B·A (how much of its time is the rank); with --aot,
+both models' ahead-of-time compiled step (edlm.aot; the cache is made dense after each crop, as
+decoding does, in every row). Decoding
 as a whole is timed by bench/compiled.py; this isolates the forward, where whole-run noise (~10%)
 hides a few percent.
 """
@@ -70,14 +72,20 @@ def prefilled(dlm, bs: int, p: int):
 
 def forward(dlm, cache, step) -> None:
     """One forward of `step` (ids, positions, mask, noisy) over the cache, which is then cut back."""
+    from edlm.decode.kv import contiguous_cache
     from edlm.drafter import gate_of
 
     ids, pos, mask, noisy = step
     gate = gate_of(dlm.inner_model)
-    with torch.no_grad(), gate.open_on(noisy) if gate is not None else nullcontext():
-        net(dlm)(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=True,
-                 logits_to_keep=ids.shape[1])
+    if dlm.aot_step is not None:  # the exported program (edlm.aot) appends the new keys itself
+        with torch.no_grad():
+            dlm.aot_step(ids, pos, mask, cache, noisy if gate is not None else None, ids.shape[1])
+    else:
+        with torch.no_grad(), gate.open_on(noisy) if gate is not None else nullcontext():
+            net(dlm)(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=True,
+                     logits_to_keep=ids.shape[1])
     cache.crop(-ids.shape[1])
+    contiguous_cache(cache)  # as decoding does before each compiled forward
 
 
 def main() -> None:
@@ -93,6 +101,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, nargs="*", default=[], help="drafter rows cut to these ranks by SVD")
     ap.add_argument("--repeats", type=int, default=30, help="rounds of 10 forwards per row (default 30)")
     ap.add_argument("--eager", action="store_true", help="time eager forwards (fused or not) instead of compiled ones")
+    ap.add_argument("--aot", action="store_true", help="also the fused models through compile(aot=True) (edlm.aot)")
     ap.add_argument("--out", default=None, help="write forward.json here")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -109,6 +118,9 @@ def main() -> None:
 
     rows = {"full-weight dLM": load(models / "dlm", False), "full-weight dLM, fused": load(models / "dlm", True),
             "drafter": load(models / "drafter", False), "drafter, fused": load(models / "drafter", True)}
+    if args.aot:
+        rows["full-weight dLM, aot"] = DiffusionLM.from_pretrained(models / "dlm").compile(aot=True)
+        rows["drafter, aot"] = DiffusionLM.from_pretrained(models / "drafter").compile(aot=True)
     for r in args.ranks:
         rows[f"drafter rank {r}, fused"] = load(truncated(models / "drafter", r, tmp / f"r{r}"), True)
     q, p = args.queries, args.cached
