@@ -11,7 +11,9 @@ batch 1) takes 1.81 ms this way against 2.40 ms through torch.compile, the draft
 What is exported: one forward of the hot path, every call that feeds token ids against a non-empty
 KV cache with a 4-D mask in the backend's form (the steps of every decoder). Inputs: ids and
 positions [B, Q], the mask, each layer's cached keys and values [B, H, P, D], and a drafter's
-per-token gate [B, Q] (edlm.drafter; all False = the parent's forward); outputs: the logits of
+per-token gate [B, Q] (edlm.drafter; all False = the parent's forward); its weights are the model's
+own tensors, shared (no copy; in-place writes reach it; edlm.fusion's stacked weights are buffers
+of their lead layer so that the program can name them); outputs: the logits of
 every query and each layer's keys and values with the Q new ones appended, which go back into the
 engine's DynamicCache, so cropping, row selection and compaction work on it as before. B, Q and P
 are symbolic. Every other call (a prefill, an MoE model's expert plan, a VLM's image features,
@@ -81,26 +83,42 @@ class AotStep:
         if self.gate is not None:
             args.append(torch.zeros(b, q, dtype=torch.bool, device=self.device))
             shapes.append({0: auto, 1: auto})
+        step = _Step(model, self.layers, self.gate)
         try:
             with torch.no_grad(), warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
                 warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations
                 warnings.simplefilter("ignore", DeprecationWarning)
-                program = torch.export.export(_Step(model, self.layers, self.gate), tuple(args),
-                                              dynamic_shapes=tuple(shapes))
-                path = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(tmp) / "step.pt2"))
+                program = torch.export.export(step, tuple(args), dynamic_shapes=tuple(shapes))
+                live = {**dict(step.named_parameters(remove_duplicate=False)),
+                        **{k: v for k, v in step.named_buffers(remove_duplicate=False) if v is not None}}
+                needed = set(program.state_dict) | set(program.constants)
+                # the program reads the model's own tensors (no copy: memory as before, in-place
+                # writes reach it) where it needs only those; else it packages its copy
+                shared = needed <= set(live)
+                path = torch._inductor.aoti_compile_and_package(
+                    program, package_path=str(Path(tmp) / "step.pt2"),
+                    inductor_configs={"aot_inductor.package_constants_in_so": not shared})
                 self.runner = torch._inductor.aoti_load_package(path)
+                self.shared: list[tuple[torch.Tensor, int]] = []
+                if shared:
+                    tensors = {name: live[name] for name in self.runner.get_constant_fqns()}
+                    self.runner.load_constants(tensors, check_full_update=True, user_managed=True)
+                    self.shared = [(t, t.data_ptr()) for t in tensors.values()]  # referenced: kept alive
         except Exception as e:  # an architecture torch.export cannot trace: say so in one line
             first = (str(e).strip().splitlines() or [""])[0][:200]
             raise EdlmError(f"cannot compile ahead of time: exporting {type(model).__name__} failed "
                             f"({type(e).__name__}: {first}); use --compile without aot") from None
-        # the program holds its own copy of the weights: a write to them since (an optimizer step,
-        # load_state_dict) would leave it stale, so calls then go through torch.compile instead
+        # a copy of the weights goes stale on any write to them; shared ones only when given new
+        # storage (`.data =`, load_state_dict(assign=True)): calls then go through torch.compile
         self.params = list(model.parameters())
         self.stamp = self.weights_version()
 
     def weights_version(self) -> int:
-        """The sum of the weights' version counters (in-place writes bump them; fused weights are
-        views, which share their stacked tensor's)."""
+        """What must not change for the program's weights to be the model's: shared, how many of
+        them were given new storage; copied, the sum of the weights' version counters (in-place
+        writes bump them; fused weights are views of their stacked tensor and share its counter)."""
+        if self.shared:
+            return sum(t.data_ptr() != ptr for t, ptr in self.shared)
         return sum(p._version for p in self.params)
 
     def fits(self, ids, embeds, mask, cache, logits_to_keep) -> bool:
@@ -109,8 +127,8 @@ class AotStep:
         if self.weights_version() != self.stamp:
             if not getattr(self, "warned", False):
                 self.warned = True
-                warnings.warn("the model's weights changed after compile(aot=True): decoding through torch.compile "
-                              "now (compile again for the AOT program)", stacklevel=3)
+                warnings.warn("the model's weights were replaced after compile(aot=True): decoding through "
+                              "torch.compile now (compile again for the AOT program)", stacklevel=3)
             return False
         # the program computes every query's logits: a long feed that keeps few (a prompt joining a
         # running batch) stays with torch.compile rather than run the LM head on all of it

@@ -12,8 +12,9 @@ How, without touching HF's attention code or the checkpoint's names: the first s
 runs the group's GEMM, returns its own slice and leaves the others' slices for them, keyed by the
 input tensor itself; a sibling called with another input, or with autograd on, or on a device or
 dtype the stacked weight no longer fits, runs its own layer as before. Every weight becomes a view
-of its group's stacked tensor, so no memory is added and in-place writes (load_state_dict, an
-optimizer step) reach the fused GEMM; a weight given new storage of the same dtype and device
+of its group's stacked tensor (a non-persistent buffer of the lead layer, `fused_weight`, so that
+an exported program names it by its module path: edlm.aot), so no memory is added and in-place
+writes (load_state_dict, an optimizer step) reach the fused GEMM; a weight given new storage of the same dtype and device
 (`load_state_dict(assign=True)`, `.data =`) would not: fuse after loading, as compile does.
 """
 
@@ -32,24 +33,40 @@ class FusedGroup:
 
     def __init__(self, layers: list[nn.Module]):
         self.adapted = is_adapter(layers[0])
+        # the stacked tensors are non-persistent buffers of the lead layer, read through it: an
+        # exported program (edlm.aot) then names them by their module path and can share them
+        self.lead, self.b_layers = layers[0], [m.lora_b for m in layers] if self.adapted else []
         bases = [m.base if self.adapted else m for m in layers]
         self.sizes = [b.out_features for b in bases]
         self.width = sum(self.sizes)  # rows of the stacked W (the A's follow)
         weights = [b.weight for b in bases] + ([m.lora_a.weight for m in layers] if self.adapted else [])
         with torch.no_grad():
             rows = [w.shape[0] for w in weights]
-            self.weight = weights[0].new_empty(sum(rows), weights[0].shape[1])  # [width (+ n * rank), in]
-            _become_views(weights, self.weight, rows)
-            self.bias = None  # [width (+ n * rank)]: zeros for a layer without one and for the A rows
+            weight = weights[0].new_empty(sum(rows), weights[0].shape[1])  # [width (+ n * rank), in]
+            _become_views(weights, weight, rows)
+            self.lead.register_buffer("fused_weight", weight, persistent=False)
+            bias = None  # [width (+ n * rank)]: zeros for a layer without one and for the A rows
             if any(b.bias is not None for b in bases):
-                self.bias = self.weight.new_zeros(self.weight.shape[0])
-                _become_views([b.bias for b in bases], self.bias, self.sizes)
+                bias = weight.new_zeros(weight.shape[0])
+                _become_views([b.bias for b in bases], bias, self.sizes)
+            self.lead.register_buffer("fused_bias", bias, persistent=False)
             if self.adapted:
                 self.gate, self.scale = layers[0].gate, layers[0].scale
-                self.lora_b = [m.lora_b.weight for m in layers]
                 self.rank = layers[0].lora_a.out_features
         self.input: torch.Tensor | None = None
         self.outputs: list[torch.Tensor | None] = [None] * len(layers)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.lead.fused_weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.lead.fused_bias
+
+    @property
+    def lora_b(self) -> list[torch.Tensor]:
+        return [m.weight for m in self.b_layers]
 
     def fits(self, x: torch.Tensor) -> bool:
         return not torch.is_grad_enabled() and x.device == self.weight.device and x.dtype == self.weight.dtype
