@@ -110,6 +110,30 @@ def test_an_aot_drafter_gives_the_parents_greedy_text(program_calls):
         assert got.stats[i].model_calls == eager.stats[i].model_calls  # the same drafts were accepted
 
 
+@needs_compiler
+def test_the_program_reads_a_cropped_cache_as_a_dense_one():
+    """A crop leaves strided views, which the program would misread (measured: logits off by ~1):
+    AotStep hands it dense tensors."""
+    from transformers import DynamicCache
+
+    _, _, dlm = converted(dtype=torch.float32)
+    dlm.compile(aot=True)
+    p, q = 9, 3
+    cropped, dense = DynamicCache(), DynamicCache()
+    with torch.no_grad():
+        dlm.model(input_ids=torch.randint(0, 50, (1, p + 4)), position_ids=torch.arange(p + 4)[None],
+                  past_key_values=cropped, use_cache=True)
+        cropped.crop(-4)
+        for i, layer in enumerate(cropped.layers):
+            dense.update(layer.keys.contiguous(), layer.values.contiguous(), i)
+        assert not cropped.layers[0].keys.is_contiguous()
+        ids, pos = torch.randint(0, 50, (1, q)), (p + torch.arange(q))[None]
+        mask = torch.ones(1, 1, q, p + q, dtype=torch.bool)
+        got = dlm.aot_step(ids, pos, mask, cropped, None, 0)
+        want = dlm.aot_step(ids, pos, mask, dense, None, 0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("arch,dtype,word", [("llama", torch.bfloat16, "bf16"), ("qwen3_moe", torch.float32, "MoE")])
 def test_models_whose_steps_cannot_be_exported_are_refused_in_one_line(arch, dtype, word):
     _, _, dlm = converted(arch, dtype=dtype)

@@ -140,8 +140,10 @@ class AotStep:
 
     def __call__(self, ids, position_ids, mask, cache, noisy, logits_to_keep: int) -> torch.Tensor:
         """The logits (the last `logits_to_keep` queries', 0: all); the cache gets the new keys."""
+        # dense inputs only: the program indexes them as it was traced, and reads a strided view
+        # (a cropped cache) wrongly without a word (tested); .contiguous() costs nothing on dense ones
         args = [ids.contiguous(), position_ids.contiguous(), mask.contiguous(),
-                [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]]
+                [layer.keys.contiguous() for layer in cache.layers], [layer.values.contiguous() for layer in cache.layers]]
         if self.gate is not None:
             args.append(torch.zeros_like(ids, dtype=torch.bool) if noisy is None else noisy.contiguous())
         logits, keys, values = self.runner(*args)
