@@ -79,7 +79,7 @@ def main() -> None:
         warm_up(settings, examples, bs)
         texts.clear()
         got = measure_together(settings, examples, batch_size=bs)
-        hf = got[0]["tokens_per_s"]
+        hf, n = got[0]["tokens_per_s"], len(examples)  # texts: the last n (measure_together's warm-up first)
         by_name = {row["name"]: row for row in got}
         for row in got:
             row["x_hf"] = row["tokens_per_s"] / hf
@@ -89,15 +89,13 @@ def main() -> None:
             ref = base + suffix(first)
             if ref != row["name"] and ref in by_name:
                 row[f"x_{first}"] = row["tokens_per_s"] / by_name[ref]["tokens_per_s"]
-                n = len(examples)  # the last n: measure_together's own warm-up chunk comes first
                 row[f"same_texts_as_{first}"] = sum(a == b for a, b in zip(texts[row["name"]][-n:], texts[ref][-n:],
                                                                            strict=True))
-            n = len(examples)
             row["same_texts_as_hf"] = sum(a == b for a, b in zip(texts[row["name"]][-n:], texts[got[0]["name"]][-n:],
                                                                  strict=True))
             rows.append(row)
             tpf = f"{row['tpf']:.2f}" if row["tpf"] else "-"
-            vs = (f"  {row[f'x_{first}']:.2f}x {first}, texts = {first}'s {row[f'same_texts_as_{first}']}/{len(examples)}"
+            vs = (f"  {row[f'x_{first}']:.2f}x {first}, texts = {first}'s {row[f'same_texts_as_{first}']}/{n}"
                   if f"x_{first}" in row else "")
             print(f"b{bs} {row['name']:40s} acc {row['accuracy']:.1%}  TPF {tpf:>4}  {row['tokens_per_s']:7.1f} tok/s  "
                   f"{row['x_hf']:.2f}x HF generate (its text on {row['same_texts_as_hf']}/{n}){vs}", flush=True)

@@ -67,21 +67,21 @@ class AotStep:
         cfg = dlm.text_config
         self.layers = cfg.num_hidden_layers
         self.gate = gate_of(model)
-        self.dtype, self.device = dlm.dtype, dlm.device
+        dtype, device = dlm.dtype, dlm.device
         heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         b, q, p = 2, 3, 5  # each >= 2: a size of 0 or 1 would be traced as a constant
-        ids = torch.zeros(b, q, dtype=torch.long, device=self.device)
-        pos = (p + torch.arange(q, device=self.device))[None].expand(b, q).contiguous()
-        mask = dlm.backend_mask(torch.ones(b, q, p + q, dtype=torch.bool, device=self.device))
+        ids = torch.zeros(b, q, dtype=torch.long, device=device)
+        pos = (p + torch.arange(q, device=device))[None].expand(b, q).contiguous()
+        mask = dlm.backend_mask(torch.ones(b, q, p + q, dtype=torch.bool, device=device))
         self.mask_dtype = mask.dtype
-        kv = [torch.zeros(b, heads, p, head_dim, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        kv = [torch.zeros(b, heads, p, head_dim, dtype=dtype, device=device) for _ in range(self.layers)]
         args = [ids, pos, mask, kv, [t.clone() for t in kv]]
         auto = torch.export.Dim.AUTO
         shapes = [{0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 2: auto, 3: auto},
                   [{0: auto, 2: auto}] * self.layers, [{0: auto, 2: auto}] * self.layers]
         if self.gate is not None:
-            args.append(torch.zeros(b, q, dtype=torch.bool, device=self.device))
+            args.append(torch.zeros(b, q, dtype=torch.bool, device=device))
             shapes.append({0: auto, 1: auto})
         step = _Step(model, self.layers, self.gate)
         try:

@@ -195,6 +195,11 @@ class DiffusionLM:
         text models."""
         import torch._dynamo
 
+        if aot:
+            from edlm.aot import refusal
+
+            if (why := refusal(self)) is not None:  # before any work: the model is left as it was
+                raise EdlmError(f"cannot compile ahead of time: {why}")
         # each batch-size / query-count / mask class is one more graph of the same HF forward, shared
         # by every model in the process: dynamo's default limit of 8 would fall back to eager
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -204,10 +209,8 @@ class DiffusionLM:
             fusion.fuse(self.inner_model)  # q/k/v and gate/up (and a drafter's W and A) each as one GEMM
         self.compiled_model = torch.compile(self.model, dynamic=True, mode=mode)
         if aot:
-            from edlm.aot import AotStep, refusal
+            from edlm.aot import AotStep
 
-            if (why := refusal(self)) is not None:
-                raise EdlmError(f"cannot compile ahead of time: {why}")
             self.aot_step = AotStep(self)
         return self
 

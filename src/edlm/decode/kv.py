@@ -76,7 +76,6 @@ def model_forward(dlm, positions: torch.Tensor, mask, ids: torch.Tensor | None =
     aot = dlm.aot_step
     if (aot is not None and experts is None and vision is None
             and aot.fits(ids, embeds, mask, cache, logits_to_keep)):  # a decode step: the AOT program
-        contiguous_cache(cache)
         return candidate_logits(dlm, aot(ids, position_ids, mask, cache, noisy, logits_to_keep).float())
     net = dlm.model
     if dlm.compiled_model is not None:
