@@ -45,7 +45,7 @@ models: $(VENV)/.core
 
 # The demo drafter (models/drafter): a drafting adapter over models/ar trained on the parent's own answers
 # (README: A drafting adapter), resumable; DRAFTER_ARGS="--init models/drafter --lr 3e-4 --answers 80000
-# --skip-answers 440000" goes on training it on answers to prompts no schedule has used yet.
+# --skip-answers 440000 --window 2" goes on training it on answers to prompts no schedule has used yet.
 drafter-model: $(VENV)/.core
 	$(PY) -m edlm.recipes.drafter_model $(DRAFTER_ARGS)
 

@@ -5,7 +5,7 @@ demo models, against HF generate of the parent, timed interleaved in one run (ba
     python bench/compiled.py [--limit 500] [--draft-depths 1 0] [--variants eager compiled aot] [--out DIR]
 
 Rows: HF generate (eager, as a user runs it), then per variant the AR engine, full-weight `verified`
-and the drafter at each draft depth, and the two-model mode. Every shape class is compiled in an
+and the drafter (and any --more-drafters) at each draft depth, and the two-model mode. Every shape class is compiled in an
 untimed warm-up. Each row's texts are checked against the first variant's and against HF
 generate's (the parent's greedy text), problem for problem.
 """
@@ -42,17 +42,22 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                     help="how each engine row runs: eager, compiled (torch.compile), aot (compile(aot=True)); "
                     "default: all; texts are checked against the first")
+    ap.add_argument("--more-drafters", nargs="+", default=[], metavar="DIR",
+                    help="further drafters (e.g. a new schedule's), each decoded with its stored setting (its blocks) "
+                    "at every --draft-depths, a row each beside the shipped one")
     ap.add_argument("--out", default=None, help="write results.json here")
     args = ap.parse_args()
     torch.set_num_threads(2)
     models = Path(args.models)
 
     def load(name: str, variant: str):
-        return DiffusionLM.from_pretrained(models / name, autoregressive=name == "ar",
+        path = models / name if name in ("ar", "dlm", "drafter") else Path(name)
+        return DiffusionLM.from_pretrained(path, autoregressive=name == "ar",
                                            compile=VARIANTS[variant])
 
     hf_ar = DiffusionLM.from_pretrained(models / "ar", autoregressive=True)  # HF generate's, never compiled
-    loaded = {(n, v): load(n, v) for v in args.variants for n in ("ar", "dlm", "drafter")}
+    names = ("ar", "dlm", "drafter", *args.more_drafters)  # a path under --models, or any path
+    loaded = {(n, v): load(n, v) for v in args.variants for n in names}
     examples = load_examples("reasoning", args.limit)
     texts: dict[str, list[str]] = {}
 
@@ -74,7 +79,9 @@ def main() -> None:
             ar, dlm, dr = (loaded[n, v] for n in ("ar", "dlm", "drafter"))
             settings += [kept(f"AR engine{suffix(v)}", engine_runner(ar, 96)),
                          *[kept(f"{name}, verified depth {d}{suffix(v)}", engine_runner(m, 96, draft_depth=d))
-                           for d in args.draft_depths for name, m in (("full-weight dLM", dlm), ("drafter", dr))],
+                           for d in args.draft_depths for name, m in (("full-weight dLM", dlm), ("drafter", dr),
+                                                                      *((f"drafter {p}", loaded[p, v])
+                                                                        for p in args.more_drafters))],
                          kept(f"dLM drafts, AR verifies{suffix(v)}", verified_runner(dlm, ar, 96))]
         warm_up(settings, examples, bs)
         texts.clear()

@@ -286,7 +286,8 @@ def test_bf16_texts_are_hf_generates_bit_for_bit_at_batch_1():
 def test_the_drafter_recipe_trains_an_adapter_on_the_parents_answers_and_resumes(tmp_path, monkeypatch):
     """`make drafter-model` in miniature on the shipped parent: its answers, a fresh adapter, two
     steps; the parent's weights stay bit-identical and the adapter moves; a finished stage is not
-    redone; --init goes on training a trained adapter."""
+    redone; --init goes on training a trained adapter; --data, --block-size and --window train a wider
+    drafter on an earlier schedule's answers without answering again."""
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -315,3 +316,10 @@ def test_the_drafter_recipe_trains_an_adapter_on_the_parents_answers_and_resumes
     assert all(torch.equal(v, resumed[k]) for k, v in adapter.items())  # done: resumed at its end
     again = run("w2", "out2", "--init", str(tmp_path / "out"))
     assert not all(torch.equal(adapter[k], again[k]) for k in adapter)  # went on training the given adapter
+    with monkeypatch.context() as patched:  # --data: an earlier schedule's answers, nothing decoded; --block-size
+        patched.setattr("edlm.recipes.distill.distill", None)
+        wide = run("w3", "out3", "--init", str(tmp_path / "out"), "--data", "w/self.jsonl", "--block-size", "16",
+                   "--window", "2")
+    wider = DiffusionLM.from_pretrained(tmp_path / "out3")
+    assert wider.config.block_size == 16 and wider.config.decoding == {**drafter_model.DECODING, "blocks": 2}
+    assert not (tmp_path / "w3" / "self.jsonl").exists() and not all(torch.equal(adapter[k], wide[k]) for k in adapter)

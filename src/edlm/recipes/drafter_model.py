@@ -66,23 +66,31 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--min-lr", type=float, default=1e-4)
     ap.add_argument("--answers", type=int, default=N_SELF, help=f"the parent's answers to train on (default {N_SELF})")
+    ap.add_argument("--data", nargs="+", default=None, metavar="JSONL",
+                    help="train on these answer files (an earlier schedule's self.jsonl) instead of answering anew")
+    ap.add_argument("--block-size", type=int, default=8,
+                    help="the drafter's block (default 8): under shift a draft is this many tokens, a step accepts "
+                    "up to one more")
+    ap.add_argument("--window", type=int, default=1,
+                    help="train for drafts this many blocks wide (`--window`, D2F's windows; default 1); the drafter "
+                    "then decodes with `--blocks` this many")
     ap.add_argument("--skip-answers", type=int, default=0,
                     help="answer the training prompts after this many (those an earlier schedule trained on; "
                     "new answers paid more than repeated ones); past the demo's 120,000 the generator makes more")
     args = ap.parse_args(argv)
     work, parent = Path(args.work), Path(args.parent)
-    data = parent_answers(parent, work, args.answers, args.skip_answers)
+    data = args.data or [parent_answers(parent, work, args.answers, args.skip_answers)]
     init = work / "init"
     if not (init / "config.json").exists():  # --init: a trained adapter rebuilt on the parent (edlm.drafter.read_adapter)
-        convert(parent, init, block_size=8, shift=True, force=True,
+        convert(parent, init, block_size=args.block_size, shift=True, force=True,
                 drafter=args.init or f"lora:{args.rank}:{args.targets}")
     final = work / "run" / "model"  # a finished run's last model
     if not (final / "config.json").exists():
-        final = train(TrainConfig(model=str(init), out=str(work / "run"), data=[str(data)], train="drafter",
+        final = train(TrainConfig(model=str(init), out=str(work / "run"), data=[str(d) for d in data], train="drafter",
                                   masking="full", seq_len=256, batch_size=16, steps=args.steps, lr=args.lr,
                                   min_lr=args.min_lr, warmup_steps=20, save_every=100, keep_last=2, resume=True,
-                                  eval_every=0, seed=5))
-    _set_decoding(final, DECODING)
+                                  eval_every=0, seed=5, window=args.window))
+    _set_decoding(final, DECODING if args.window == 1 else {**DECODING, "blocks": args.window})
     copy_dir_atomically(final, Path(args.out))
 
 
