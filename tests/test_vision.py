@@ -122,6 +122,23 @@ def test_batched_equals_alone_with_other_image_sizes_and_counts(arch):
 
 
 @pytest.mark.parametrize("arch", VLM_ARCHITECTURES)
+def test_rows_joining_a_running_call_keep_their_images_aligned(arch):
+    """A text-only row joining a call with images, and an image row joining a text-only call (a
+    server's stream of requests), each decode as alone. The text joiner once left the call's image
+    rows one short, and the next forward failed on the size mismatch."""
+    dlm = tiny_vlm_dlm(arch)
+    no_eos(dlm)
+    for first, joiner in (([RED], None), (None, [GREEN])):
+        late = [vision.encode(dlm, "What is it?", joiner)] if joiner else ["What is it?"]
+        queue = [(late, [7], None)]
+        got = dlm.generate("Hi", images=first, max_new_tokens=9, threshold=0.3,
+                           admit=lambda q=queue: q.pop() if q else None)
+        assert got.token_ids[0] == dlm.generate("Hi", images=first, max_new_tokens=9, threshold=0.3).token_ids[0]
+        alone = dlm.generate("What is it?", images=joiner, max_new_tokens=7, threshold=0.3)
+        assert got.token_ids[1] == alone.token_ids[0]
+
+
+@pytest.mark.parametrize("arch", VLM_ARCHITECTURES)
 def test_every_strategy_decodes_with_images(arch):
     """Each registered strategy runs with an image; the lossless ones agree with `verified`."""
     dlm = tiny_vlm_dlm(arch, causal_clean=True)

@@ -353,11 +353,13 @@ class VisionRows:
         return VisionRows(rows) if any(r is not None for r in rows) else None
 
     @staticmethod
-    def joined(old: VisionRows | None, n_old: int, new: list[VisionRow | None] | None) -> VisionRows | None:
-        """Rows [old ; new], either side possibly text-only (None)."""
+    def joined(old: VisionRows | None, n_old: int, new: list[VisionRow | None] | None,
+               n_new: int) -> VisionRows | None:
+        """Rows [old ; new], either side possibly text-only (None): a text-only side counts its rows
+        as image-free ones, so text rows joining a call with images keep every row aligned."""
         if old is None and new is None:
             return None
-        return VisionRows((old.rows if old is not None else [None] * n_old) + (new or []))
+        return VisionRows((old.rows if old is not None else [None] * n_old) + (new or [None] * n_new))
 
     def _pack(self, like: torch.Tensor):
         if self._packed is None:

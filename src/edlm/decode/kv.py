@@ -175,7 +175,7 @@ class KVRows:
         if n_old == 0:
             self.init_cache(n_new, dev, vision)
             return
-        joined = VisionRows.joined(self.vision, n_old, vision)
+        joined = VisionRows.joined(self.vision, n_old, vision, n_new)
         idx = torch.cat([torch.arange(n_old), torch.zeros(n_new, dtype=torch.long)]).to(dev)
         self.select_cache_rows(idx)
         self.cache_valid = self.cache_valid.clone()
