@@ -13,7 +13,6 @@ time them (bench/compiled.py does, interleaved with HF generate).
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 from pathlib import Path
 
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     from edlm.model import DiffusionLM
-    from edlm.recipes.bench import load_examples
+    from edlm.recipes.bench import load_examples, measure, result_runner
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("specs", nargs="+", metavar="DIR:BLOCK_SIZES:DEPTHS[:BLOCKS]")
@@ -33,33 +32,35 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the rows as json here")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    prompts = [e.prompt for e in load_examples("reasoning", args.limit)]
+    examples = load_examples("reasoning", args.limit)
+    n = len(examples)
 
-    def decode(model, **options):
-        ids, stats = [], []
-        for i in range(0, len(prompts), 32):
-            res = model.generate(prompts[i:i + 32], max_new_tokens=96, **options)
-            ids, stats = ids + res.token_ids, stats + res.stats
-        return ids, stats
+    def tokens_of(name: str, model, **options) -> tuple[dict, list[list[int]]]:
+        """measure()'s row (TPF, histogram) of one setting, and its token ids (the last n: the first
+        chunk is decoded once more as measure's warm-up)."""
+        tokens = []
 
-    theirs, _ = decode(DiffusionLM.from_pretrained(args.parent, autoregressive=True, compile="aot"))
+        def decode(prompts, images):
+            res = model.generate(prompts, max_new_tokens=96, images=images, **options)
+            tokens.extend(res.token_ids)
+            return res
+        return measure(name, result_runner(decode), examples, batch_size=32, progress=False), tokens[-n:]
+
+    _, theirs = tokens_of("parent", DiffusionLM.from_pretrained(args.parent, autoregressive=True, compile="aot"))
     rows = []
     for spec in args.specs:
         path, sizes, depths, *blocks = spec.split(":")
         drafter = DiffusionLM.from_pretrained(path, compile="aot")
+        n_blocks = int(blocks[0]) if blocks else 1
         for size in map(int, sizes.split(",")):
             for depth in map(int, depths.split(",")):
-                n_blocks = int(blocks[0]) if blocks else 1
-                ids, stats = decode(drafter, block_size=size, draft_depth=depth, blocks=n_blocks)
-                histogram = collections.Counter()
-                for s in stats:
-                    histogram.update(s.steps_histogram)
+                got, ids = tokens_of(path, drafter, block_size=size, draft_depth=depth, blocks=n_blocks)
                 row = {"drafter": path, "block_size": size, "draft_depth": depth, "blocks": n_blocks,
-                       "parents_text": sum(a == b for a, b in zip(ids, theirs, strict=True)), "problems": len(prompts),
-                       "tpf": sum(s.generated_tokens for s in stats) / sum(s.model_calls for s in stats), "histogram": dict(sorted(histogram.items()))}
+                       "parents_text": sum(a == b for a, b in zip(ids, theirs, strict=True)), "problems": n,
+                       "accuracy": got["accuracy"], "tpf": got["tpf"], "histogram": got["commit_histogram"]}
                 rows.append(row)
                 print(f"{path} block {size} depth {depth} blocks {n_blocks}: the parent's text {row['parents_text']}/"
-                      f"{len(prompts)}, TPF {row['tpf']:.2f}, tokens a step {row['histogram']}", flush=True)
+                      f"{n}, TPF {row['tpf']:.2f}, tokens a step {row['histogram']}", flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")

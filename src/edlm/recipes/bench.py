@@ -75,17 +75,17 @@ def load_examples(task: str, limit: int) -> list[Example]:
 # {tokens committed in one step: number of steps}); HF runners know neither calls nor steps.
 # On a task with images it is called run(prompts, images), one list of images per prompt.
 def engine_runner(dlm, max_new_tokens: int, **decode):
-    return _result_runner(lambda prompts, images: dlm.generate(prompts, max_new_tokens=max_new_tokens,
+    return result_runner(lambda prompts, images: dlm.generate(prompts, max_new_tokens=max_new_tokens,
                                                                images=images, **decode))
 
 
 def verified_runner(dlm, ar, max_new_tokens: int):
     """The dLM drafts, the AR parent verifies (edlm.decode.verify); calls = verification steps."""
-    return _result_runner(lambda prompts, images: dlm.generate(prompts, max_new_tokens=max_new_tokens,
+    return result_runner(lambda prompts, images: dlm.generate(prompts, max_new_tokens=max_new_tokens,
                                                                images=images, verifier=ar))
 
 
-def _result_runner(decode):
+def result_runner(decode):
     """A runner from a function (prompts, images) -> GenerationResult."""
 
     def run(prompts, images=None):
