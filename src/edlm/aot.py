@@ -37,9 +37,9 @@ from edlm.errors import EdlmError
 class _Step(nn.Module):
     """The exported forward: HF's model over a DynamicCache built from the given tensors."""
 
-    def __init__(self, model: nn.Module, layers: int, gate):
+    def __init__(self, model: nn.Module, gate):
         super().__init__()
-        self.model, self.layers, self.gate = model, layers, gate
+        self.model, self.gate = model, gate
 
     def forward(self, ids, pos, mask, keys: list, values: list, noisy=None):
         from transformers import DynamicCache
@@ -83,7 +83,7 @@ class AotStep:
         if self.gate is not None:
             args.append(torch.zeros(b, q, dtype=torch.bool, device=device))
             shapes.append({0: auto, 1: auto})
-        step = _Step(model, self.layers, self.gate)
+        step = _Step(model, self.gate)
         try:
             with torch.no_grad(), warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
                 warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations
@@ -112,6 +112,7 @@ class AotStep:
         # storage (`.data =`, load_state_dict(assign=True)): calls then go through torch.compile
         self.params = list(model.parameters())
         self.stamp = self.weights_version()
+        self.warned = False  # said once that the weights were replaced
 
     def weights_version(self) -> int:
         """What must not change for the program's weights to be the model's: shared, how many of
@@ -125,7 +126,7 @@ class AotStep:
         """Whether a model_forward call is one the program was traced for."""
         layers = getattr(cache, "layers", None)
         if self.weights_version() != self.stamp:
-            if not getattr(self, "warned", False):
+            if not self.warned:
                 self.warned = True
                 warnings.warn("the model's weights were replaced after compile(aot=True): decoding through "
                               "torch.compile now (compile again for the AOT program)", stacklevel=3)
