@@ -323,3 +323,19 @@ def test_the_drafter_recipe_trains_an_adapter_on_the_parents_answers_and_resumes
     wider = DiffusionLM.from_pretrained(tmp_path / "out3")
     assert wider.config.block_size == 16 and wider.config.decoding == {**drafter_model.DECODING, "blocks": 2}
     assert not (tmp_path / "w3" / "self.jsonl").exists() and not all(torch.equal(adapter[k], wide[k]) for k in adapter)
+
+
+def test_a_recipe_ends_a_user_mistake_in_one_line(tmp_path, monkeypatch, capsys):
+    """`python -m edlm.recipes.drafter_model --data missing.jsonl`: one line and exit 2, not a traceback."""
+    import sys
+    from pathlib import Path
+
+    from edlm.recipes import drafter_model, run_recipe
+
+    parent = Path(__file__).resolve().parents[1] / "models" / "ar"
+    monkeypatch.setattr(sys, "argv", [drafter_model.__file__])
+    with pytest.raises(SystemExit) as exit_:
+        run_recipe(lambda: drafter_model.main(["--parent", str(parent), "--work", str(tmp_path / "w"),
+                                               "--data", str(tmp_path / "missing.jsonl"), "--steps", "1"]))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"drafter_model: error: data file not found: {tmp_path}/missing.jsonl"

@@ -191,4 +191,6 @@ def _set_decoding(model: Path, settings: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from edlm.recipes import run_recipe
+
+    run_recipe(main)

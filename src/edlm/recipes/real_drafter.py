@@ -156,4 +156,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from edlm.recipes import run_recipe
+
+    run_recipe(main)
