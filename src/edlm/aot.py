@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edlm.decode.kv import contiguous_cache
 from edlm.errors import EdlmError
 
 
@@ -143,8 +144,9 @@ class AotStep:
         """The logits (the last `logits_to_keep` queries', 0: all); the cache gets the new keys."""
         # dense inputs only: the program indexes them as it was traced, and reads a strided view
         # (a cropped cache) wrongly without a word (tested); .contiguous() costs nothing on dense ones
+        contiguous_cache(cache)
         args = [ids.contiguous(), position_ids.contiguous(), mask.contiguous(),
-                [layer.keys.contiguous() for layer in cache.layers], [layer.values.contiguous() for layer in cache.layers]]
+                [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]]
         if self.gate is not None:
             args.append(torch.zeros_like(ids, dtype=torch.bool) if noisy is None else noisy.contiguous())
         logits, keys, values = self.runner(*args)
