@@ -40,3 +40,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _aot_cache(tmp_path_factory):
+    """AOT programs the suite compiles are kept in its own folder, never the user's ~/.cache."""
+    import os
+
+    old = os.environ.get("EDLM_CACHE_DIR")
+    os.environ["EDLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("edlm-cache"))
+    yield
+    if old is None:
+        os.environ.pop("EDLM_CACHE_DIR", None)
+    else:
+        os.environ["EDLM_CACHE_DIR"] = old

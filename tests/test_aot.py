@@ -145,3 +145,64 @@ def test_models_whose_steps_cannot_be_exported_are_refused_in_one_line(arch, dty
 def test_an_unknown_compile_setting_is_refused(tmp_path):
     with pytest.raises(EdlmError, match="compile must be"):
         DiffusionLM.from_pretrained(tmp_path, compile="fast")
+
+
+@needs_compiler
+def test_a_kept_program_is_loaded_and_reads_the_new_models_weights(monkeypatch, tmp_path, program_calls):
+    """The second compile of a model of the same shape loads the kept package (no export, no C++
+    compile) and decodes with that model's own weights (random, unlike the first's): eager's texts.
+    A truncated package is compiled again with a warning; EDLM_CACHE_DIR=off keeps nothing."""
+    import edlm.aot
+
+    monkeypatch.setenv("EDLM_CACHE_DIR", str(tmp_path))
+    _, _, first = converted(dtype=torch.float32)
+    first.compile(aot=True)
+    kept = list((tmp_path / "aot").glob("*.pt2"))
+    assert len(kept) == 1
+    _, _, second = converted(dtype=torch.float32)
+    with torch.no_grad():
+        for p in second.model.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    want = second.generate(PROMPTS, max_new_tokens=10).token_ids
+    assert want != first.generate(PROMPTS, max_new_tokens=10).token_ids
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch._inductor, "aoti_compile_and_package", no_compile)
+        m.setattr(torch.export, "export", no_compile)
+        calls = program_calls[0]
+        assert second.compile(aot=True).generate(PROMPTS, max_new_tokens=10).token_ids == want
+        assert program_calls[0] > calls
+    kept[0].write_bytes(kept[0].read_bytes()[:1000])  # a run killed mid-copy cannot leave this (os.replace)
+    _, _, third = converted(dtype=torch.float32)
+    want = third.generate(PROMPTS, max_new_tokens=10).token_ids
+    with pytest.warns(UserWarning, match="ignoring the cached AOT program"):
+        assert third.compile(aot=True).generate(PROMPTS, max_new_tokens=10).token_ids == want
+    assert kept[0].stat().st_size > 1000  # replaced by the new compile
+    monkeypatch.setenv("EDLM_CACHE_DIR", "off")
+    assert edlm.aot.cache_root() is None
+
+
+def test_the_program_key_follows_what_a_trace_bakes_in():
+    """Shapes and settings traced as constants give another program; a decode setting does not."""
+    from dataclasses import replace
+
+    from edlm.aot import program_key
+
+    def key(dlm):
+        live = dict(dlm.inner_model.named_parameters())
+        return program_key(dlm, live, torch.float32)
+
+    targets = ["q_proj", "v_proj"]
+    _, _, a = converted(dtype=torch.float32, drafter=DrafterConfig(rank=4, alpha=8.0, targets=targets))
+    _, _, b = converted(dtype=torch.float32, drafter=DrafterConfig(rank=4, alpha=16.0, targets=targets))
+    _, _, c = converted(dtype=torch.float32)
+    base = key(a)
+    assert key(b) != base  # the LoRA scale alpha / rank is a constant of the trace
+    assert key(c) != base
+    a.config = replace(a.config, decoding={"strategy": "verified", "draft_depth": 0})
+    assert key(a) == base
+    a.model.to(torch.float64)
+    assert key(a) != base

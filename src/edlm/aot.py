@@ -19,10 +19,21 @@ engine's DynamicCache, so cropping, row selection and compaction work on it as b
 are symbolic. Every other call (a prefill, an MoE model's expert plan, a VLM's image features,
 chosen-query logits, a long feed that keeps few logits) goes through torch.compile as before, so a
 program never sees an input it was not traced for.
+
+The compile costs ~15 s; the package of a program that reads the model's own tensors holds no
+weights, so it is kept on disk (`cache_root`) under a key of everything the trace bakes in
+(`program_key`) and any later model of the same shape loads it in milliseconds.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
+import inspect
+import json
+import os
+import shutil
 import tempfile
 import warnings
 from contextlib import nullcontext
@@ -85,13 +96,28 @@ class AotStep:
             args.append(torch.zeros(b, q, dtype=torch.bool, device=device))
             shapes.append({0: auto, 1: auto})
         step = _Step(model, self.gate)
+        live = {**dict(step.named_parameters(remove_duplicate=False)),
+                **{k: v for k, v in step.named_buffers(remove_duplicate=False) if v is not None}}
+        key = program_key(dlm, live, mask.dtype)
+        self.shared: list[tuple[torch.Tensor, int]] = []
+        self.runner = self.from_cache(key, live)
+        if self.runner is None:
+            self.compile(step, args, shapes, live, key)
+        # a copy of the weights goes stale on any write to them; shared ones only when given new
+        # storage (`.data =`, load_state_dict(assign=True)): calls then go through torch.compile
+        self.params = list(model.parameters())
+        self.stamp = self.weights_version()
+        self.warned = False  # said once that the weights were replaced
+
+    def compile(self, step: nn.Module, args: list, shapes: list, live: dict, key: str) -> None:
+        """Export and AOT-compile the step (~15 s for the demo model on 2 cores); where the program
+        reads the model's own tensors, keep its package in the cache under `key`."""
+        model = step.model
         try:
             with torch.no_grad(), warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
                 warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations
                 warnings.simplefilter("ignore", DeprecationWarning)
                 program = torch.export.export(step, tuple(args), dynamic_shapes=tuple(shapes))
-                live = {**dict(step.named_parameters(remove_duplicate=False)),
-                        **{k: v for k, v in step.named_buffers(remove_duplicate=False) if v is not None}}
                 needed = set(program.state_dict) | set(program.constants)
                 # the program reads the model's own tensors (no copy: memory as before, in-place
                 # writes reach it) where it needs only those; else it packages its copy
@@ -100,20 +126,37 @@ class AotStep:
                     program, package_path=str(Path(tmp) / "step.pt2"),
                     inductor_configs={"aot_inductor.package_constants_in_so": not shared})
                 self.runner = torch._inductor.aoti_load_package(path)
-                self.shared: list[tuple[torch.Tensor, int]] = []
                 if shared:
-                    tensors = {name: live[name] for name in self.runner.get_constant_fqns()}
-                    self.runner.load_constants(tensors, check_full_update=True, user_managed=True)
-                    self.shared = [(t, t.data_ptr()) for t in tensors.values()]  # referenced: kept alive
+                    self.share(live)
+                    store_program(path, key)  # weightless: any model of this shape may load it
         except Exception as e:  # an architecture torch.export cannot trace: say so in one line
             first = (str(e).strip().splitlines() or [""])[0][:200]
             raise EdlmError(f"cannot compile ahead of time: exporting {type(model).__name__} failed "
                             f"({type(e).__name__}: {first}); use --compile without aot") from None
-        # a copy of the weights goes stale on any write to them; shared ones only when given new
-        # storage (`.data =`, load_state_dict(assign=True)): calls then go through torch.compile
-        self.params = list(model.parameters())
-        self.stamp = self.weights_version()
-        self.warned = False  # said once that the weights were replaced
+
+    def share(self, live: dict) -> None:
+        """Point the program's weights at the model's own tensors."""
+        tensors = {name: live[name] for name in self.runner.get_constant_fqns()}
+        self.runner.load_constants(tensors, check_full_update=True, user_managed=True)
+        self.shared = [(t, t.data_ptr()) for t in tensors.values()]  # referenced: kept alive
+
+    def from_cache(self, key: str, live: dict):
+        """The program kept under `key` by an earlier run, its weights the model's (None: none kept,
+        or it cannot be read: it is compiled again and replaced)."""
+        path = cached_program(key)
+        if path is None:
+            return None
+        try:
+            self.runner = torch._inductor.aoti_load_package(str(path))
+            if not set(self.runner.get_constant_fqns()) <= set(live):
+                return None
+            self.share(live)
+            return self.runner
+        except Exception as e:  # a truncated or foreign file: compile again
+            warnings.warn(f"ignoring the cached AOT program {path} ({type(e).__name__}); compiling it again",
+                          stacklevel=3)
+            self.shared = []
+            return None
 
     def weights_version(self) -> int:
         """What must not change for the program's weights to be the model's: shared, how many of
@@ -153,6 +196,79 @@ class AotStep:
         for layer, k, v in zip(cache.layers, keys, values, strict=True):
             layer.keys, layer.values = k, v
         return logits[:, -logits_to_keep:] if logits_to_keep else logits
+
+
+# ------------------------------------------------------------------ the program cache
+def cache_root() -> Path | None:
+    """Where AOT programs are kept between runs: $EDLM_CACHE_DIR/aot, by default
+    $XDG_CACHE_HOME/edlm/aot (~/.cache/edlm/aot); EDLM_CACHE_DIR=off keeps none."""
+    root = os.environ.get("EDLM_CACHE_DIR")
+    if root is not None and root.strip().lower() in ("off", "0", "none", ""):
+        return None
+    if root is None:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edlm"
+    return Path(root) / "aot"
+
+
+@functools.cache
+def _source_digest() -> str:
+    """edlm's own code (what a traced step runs: fusion, the drafter's gate, this module): an edit
+    anywhere in the package is a new program."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.rglob("*.py")):
+        h.update(f.relative_to(Path(__file__).parent).as_posix().encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def program_key(dlm, live: dict, mask_dtype: torch.dtype) -> str:
+    """What a compiled step depends on, hashed: the library versions and sources (edlm's, the
+    model class's file), the config, dtype, attention backend, mask dtype, device (CPU: the vector
+    ISA the kernels were built for; CUDA: the capability), and every weight's name, shape, dtype and
+    stride, and edlm's settings of the model (a drafter's LoRA scale is traced as a constant). Not
+    the weight values: a cached program holds none (it reads the model's tensors)."""
+    import platform
+
+    import transformers
+
+    model = dlm.inner_model
+    device = dlm.device
+    if device.type == "cuda":
+        where = f"cuda{torch.cuda.get_device_capability(device)}"
+    else:
+        from torch._inductor import cpu_vec_isa
+
+        where = f"{device.type}-{platform.machine()}-{cpu_vec_isa.pick_vec_isa()}"
+    modeling = Path(inspect.getsourcefile(type(model)) or "")
+    # edlm's settings (a drafter's LoRA scale is a constant of the trace), not how it decodes
+    settings = {k: v for k, v in dataclasses.asdict(dlm.config).items() if k != "decoding"}
+    parts = [torch.__version__, transformers.__version__, _source_digest(),
+             hashlib.sha256(modeling.read_bytes()).hexdigest() if modeling.is_file() else type(model).__qualname__,
+             model.config.to_json_string(use_diff=False), settings, str(dlm.dtype), dlm.attn_implementation, str(mask_dtype), where,
+             sorted((name, tuple(t.shape), str(t.dtype), tuple(t.stride())) for name, t in live.items())]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
+
+
+def cached_program(key: str) -> Path | None:
+    root = cache_root()
+    path = root / f"{key}.pt2" if root is not None else None
+    return path if path is not None and path.is_file() else None
+
+
+def store_program(package: str, key: str) -> None:
+    """Keep a compiled package under `key` (atomically: a reader sees the whole file or none); a
+    cache that cannot be written only costs the next run its compile."""
+    root = cache_root()
+    if root is None:
+        return
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=root, suffix=".part")
+        os.close(fd)
+        shutil.copyfile(package, tmp)
+        os.replace(tmp, root / f"{key}.pt2")
+    except OSError as e:
+        warnings.warn(f"cannot keep the AOT program in {root} ({e.strerror or e}); the next run compiles it again",
+                      stacklevel=4)
 
 
 def refusal(dlm) -> str | None:

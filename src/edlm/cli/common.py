@@ -41,7 +41,9 @@ def add_compile_flag(p) -> None:
                    "compile for seconds, later forwards run faster (the demo dLM's ~0.6x the time on a CPU); "
                    "for servers, benches and long jobs. `--compile aot` also exports the decode steps' forward "
                    "as one ahead-of-time compiled program (no guards, a C++ wrapper: ~15%% less per step on a "
-                   "CPU, ~20 s more to load; fp32 or a GPU, dense text models). Needs a C++ compiler on a CPU")
+                   "CPU; ~15 s more to load the first time, then the program is kept in ~/.cache/edlm/aot for later "
+                   "loads, EDLM_CACHE_DIR=off keeps none; fp32 or a GPU, dense text models). Needs a C++ compiler "
+                   "on a CPU")
 
 
 def dtype_flag(args):
