@@ -20,9 +20,9 @@ needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c+
                                     reason="AOTInductor on a CPU needs a C++ compiler")
 
 
-def converted(arch="llama", shift=False, drafter=None, dtype=torch.float64):
+def converted(arch="llama", shift=False, drafter=None, dtype=torch.float64, attn="sdpa"):
     tok = make_tiny_tokenizer()
-    parent = make_tiny_causal_lm(arch, vocab_size=len(tok), dtype=dtype)
+    parent = make_tiny_causal_lm(arch, vocab_size=len(tok), dtype=dtype, attn_implementation=attn)
     return parent, tok, convert_model(copy.deepcopy(parent), tok, block_size=4, shift=shift, drafter=drafter)
 
 
@@ -88,6 +88,23 @@ def test_aot_decoding_gives_the_eager_texts(program_calls):
     calls = program_calls[0]
     assert ar.compile(aot=True).generate(PROMPTS, max_new_tokens=10).token_ids == want
     assert program_calls[0] >= calls + 9
+
+
+@needs_compiler
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_prompts_first_forward_is_a_program_call_too(attn, program_calls):
+    """An empty cache goes in as closed keys (sdpa's mask is bool, eager's additive: both shut
+    them), so every forward of a decode runs the program, the prompt's included, and the texts
+    are eager decoding's, for a threshold rule and `verified`."""
+    _, _, dlm = converted(shift=True, attn=attn)
+    settings = [{"strategy": "threshold", "threshold": 0.3}, {}]
+    want = [dlm.generate(PROMPTS[2], max_new_tokens=12, **s).token_ids for s in settings]
+    dlm.compile(aot=True)
+    for s, w in zip(settings, want, strict=True):
+        calls = program_calls[0]
+        got = dlm.generate(PROMPTS[2], max_new_tokens=12, **s)
+        assert got.token_ids == w
+        assert program_calls[0] - calls == got.stats[0].model_calls
 
 
 @needs_compiler

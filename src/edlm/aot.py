@@ -8,17 +8,19 @@ wrapper is C++: the demo dLM's forward of a `verified` step (24 queries over 150
 batch 1) takes 1.81 ms this way against 2.40 ms through torch.compile, the drafter's 2.12 against
 2.91 (bench/forward.py --aot); whole decodes run 1.14-1.17x faster (bench/compiled.py).
 
-What is exported: one forward of the hot path, every call that feeds token ids against a non-empty
-KV cache with a 4-D mask in the backend's form (the steps of every decoder). Inputs: ids and
+What is exported: one forward of the hot path, every call that feeds token ids against a KV cache
+with a 4-D mask in the backend's form (the steps of every decoder, and a prompt's first forward: an
+empty cache goes in as CLOSED zero keys that the mask shuts, since the program's cache length is
+symbolic and at least 2). Inputs: ids and
 positions [B, Q], the mask, each layer's cached keys and values [B, H, P, D], and a drafter's
 per-token gate [B, Q] (edlm.drafter; all False = the parent's forward); its weights are the model's
 own tensors, shared (no copy; in-place writes reach it; edlm.fusion's stacked weights are buffers
 of their lead layer so that the program can name them); outputs: the logits of
 every query and each layer's keys and values with the Q new ones appended, which go back into the
 engine's DynamicCache, so cropping, row selection and compaction work on it as before. B, Q and P
-are symbolic. Every other call (a prefill, an MoE model's expert plan, a VLM's image features,
-chosen-query logits, a long feed that keeps few logits) goes through torch.compile as before, so a
-program never sees an input it was not traced for.
+are symbolic. Every other call (an MoE model's expert plan, a VLM's image features, chosen-query
+logits, a long feed that keeps few logits where the LM head is large beside the layers) goes
+through torch.compile as before, so a program never sees an input it was not traced for.
 
 The compile costs ~15 s; the package of a program that reads the model's own tensors holds no
 weights, so it is kept on disk (`cache_root`) under a key of everything the trace bakes in
@@ -69,6 +71,9 @@ class _Step(nn.Module):
         return logits, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
 
 
+CLOSED = 2  # keys fed in place of an empty cache: the program's cache length is symbolic, >= 2
+
+
 class AotStep:
     """The AOT-compiled program of one model and how to call it from edlm.decode.kv.model_forward."""
 
@@ -87,6 +92,12 @@ class AotStep:
         pos = (p + torch.arange(q, device=device))[None].expand(b, q).contiguous()
         mask = dlm.backend_mask(torch.ones(b, q, p + q, dtype=torch.bool, device=device))
         self.mask_dtype = mask.dtype
+        self.blank = (heads, head_dim, dtype)  # the closed keys an empty cache is fed as (`__call__`)
+        # the program runs the LM head on every query: where that head is small beside the layers
+        # (the demo's: 4%), a prompt's long feed keeping few logits is a program call too
+        head = cfg.vocab_size * cfg.hidden_size
+        body = sum(p.numel() for p in model.parameters()) - head * (1 if cfg.tie_word_embeddings else 2)
+        self.cheap_head = head <= 0.1 * body
         kv = [torch.zeros(b, heads, p, head_dim, dtype=dtype, device=device) for _ in range(self.layers)]
         args = [ids, pos, mask, kv, [t.clone() for t in kv]]
         auto = torch.export.Dim.AUTO
@@ -175,24 +186,41 @@ class AotStep:
                 warnings.warn("the model's weights were replaced after compile(aot=True): decoding through "
                               "torch.compile now (compile again for the AOT program)", stacklevel=3)
             return False
-        # the program computes every query's logits: a long feed that keeps few (a prompt joining a
-        # running batch) stays with torch.compile rather than run the LM head on all of it
+        # the program computes every query's logits: a long feed that keeps few (a prompt) stays with
+        # torch.compile rather than run a large LM head on all of it
         return (ids is not None and embeds is None and torch.is_tensor(mask) and mask.dim() == 4
                 and mask.dtype == self.mask_dtype and isinstance(logits_to_keep, int)
-                and (logits_to_keep == 0 or ids.shape[1] <= max(64, 2 * logits_to_keep)) and layers is not None
-                and len(layers) == self.layers and cache.get_seq_length() > 0
+                and (logits_to_keep == 0 or self.cheap_head or ids.shape[1] <= max(64, 2 * logits_to_keep))
+                and layers is not None
+                and (not layers or len(layers) == self.layers and cache.get_seq_length() > 0)
                 and not any(getattr(layer, "is_sliding", False) for layer in layers))
 
     def __call__(self, ids, position_ids, mask, cache, noisy, logits_to_keep: int) -> torch.Tensor:
         """The logits (the last `logits_to_keep` queries', 0: all); the cache gets the new keys."""
         # dense inputs only: the program indexes them as it was traced, and reads a strided view
         # (a cropped cache) wrongly without a word (tested); .contiguous() costs nothing on dense ones
-        contiguous_cache(cache)
-        args = [ids.contiguous(), position_ids.contiguous(), mask.contiguous(),
-                [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]]
+        empty = not cache.layers  # a prompt's first forward: CLOSED keys no query sees stand in
+        if empty:
+            heads, head_dim, dtype = self.blank
+            blank = torch.zeros(ids.shape[0], heads, CLOSED, head_dim, dtype=dtype, device=ids.device)
+            keys = values = [blank] * self.layers
+            shut = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min  # sdpa's bool, eager's additive
+            mask = torch.cat([torch.full(mask.shape[:-1] + (CLOSED,), shut, dtype=mask.dtype, device=mask.device), mask], -1)
+        else:
+            contiguous_cache(cache)
+            keys, values = [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+        args = [ids.contiguous(), position_ids.contiguous(), mask.contiguous(), keys, values]
         if self.gate is not None:
             args.append(torch.zeros_like(ids, dtype=torch.bool) if noisy is None else noisy.contiguous())
         logits, keys, values = self.runner(*args)
+        if empty:
+            from transformers.cache_utils import DynamicLayer
+
+            for k, v in zip(keys, values, strict=True):
+                layer = DynamicLayer()
+                layer.lazy_initialization(k, v)
+                cache.layers.append(layer)
+            keys, values = [k[:, :, CLOSED:] for k in keys], [v[:, :, CLOSED:] for v in values]
         for layer, k, v in zip(cache.layers, keys, values, strict=True):
             layer.keys, layer.values = k, v
         return logits[:, -logits_to_keep:] if logits_to_keep else logits
