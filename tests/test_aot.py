@@ -95,16 +95,21 @@ def test_aot_decoding_gives_the_eager_texts(program_calls):
 def test_a_prompts_first_forward_is_a_program_call_too(attn, program_calls):
     """An empty cache goes in as closed keys (sdpa's mask is bool, eager's additive: both shut
     them), so every forward of a decode runs the program, the prompt's included, and the texts
-    are eager decoding's, for a threshold rule and `verified`."""
+    are eager decoding's, for a threshold rule and `verified`; through the loader's flat entry
+    and through AOTInductor's own wrapper alike."""
     _, _, dlm = converted(shift=True, attn=attn)
     settings = [{"strategy": "threshold", "threshold": 0.3}, {}]
     want = [dlm.generate(PROMPTS[2], max_new_tokens=12, **s).token_ids for s in settings]
     dlm.compile(aot=True)
-    for s, w in zip(settings, want, strict=True):
-        calls = program_calls[0]
-        got = dlm.generate(PROMPTS[2], max_new_tokens=12, **s)
-        assert got.token_ids == w
-        assert program_calls[0] - calls == got.stats[0].model_calls
+    assert dlm.aot_step.run is not None
+    for flat in (True, False):
+        if not flat:
+            dlm.aot_step.run = None
+        for s, w in zip(settings, want, strict=True):
+            calls = program_calls[0]
+            got = dlm.generate(PROMPTS[2], max_new_tokens=12, **s)
+            assert got.token_ids == w
+            assert program_calls[0] - calls == got.stats[0].model_calls
 
 
 @needs_compiler
