@@ -90,27 +90,6 @@ def test_a_mask_block_drafts_every_slot_that_predicts_past_the_verifiers_token(s
     assert len(rows.drafts[0]) == len(rows.draft_conf[0]) == drafts
 
 
-def test_a_row_below_every_covered_length_drafts_nothing_for_a_step():
-    """Acceptance below every covered length: the row emits the verifier's token, drafts nothing,
-    and the next step (one mask block, length 0) drafts again; the text stays the greedy AR one."""
-    from edlm.decode.selfverify import AcceptedRows, verified_step
-
-    dlm = causal_dlm("qwen3", False, block_size=4)
-    prompt = dlm.tokenizer(PROMPTS[3])["input_ids"]
-    ref = greedy_ar(dlm, PROMPTS[3], 3)
-    rows = AcceptedRows(dlm.device)
-    rows.add(0, [prompt], [64])
-    rows.seq[0] += verified_step(dlm, rows, 4, depth=1)[0]
-    assert len(rows.drafts[0]) == 3
-    rows.drafts[0] = [t + 1 for t in rows.drafts[0]]  # every draft wrong, so 0 accepted
-    rows.draft_conf[0] = [1.0, 1.0, 1.0]  # ... while the drafts claimed certainty: only length 3 covered
-    step = verified_step(dlm, rows, 4, depth=0)[0]
-    rows.seq[0] += step
-    assert step == ref[1:2] and rows.drafts[0] == [] and rows.draft_conf[0] == []
-    step = verified_step(dlm, rows, 4, depth=0)[0]
-    assert step == ref[2:3] and len(rows.drafts[0]) == 3
-
-
 @pytest.mark.parametrize(("arch", "shift", "blocks", "depth"), [("qwen3", False, 2, 1), ("llama", True, 2, 8),
                                                                 ("qwen3", True, 3, 2)])
 def test_multiblock_drafts_keep_the_greedy_ar_text(arch, shift, blocks, depth):
@@ -221,3 +200,33 @@ def test_needs_an_ar_stream_and_greedy():
     dlm.config.causal_clean = True
     with pytest.raises(DecodeOptionError, match="greedily"):
         dlm.generate("ab", max_new_tokens=4, strategy="verified", temperature=0.7)
+
+
+@pytest.mark.parametrize(("shift", "k"), [(False, 3), (True, 4)])
+def test_a_row_below_every_covered_length_drafts_the_verifiers_own_tokens(shift, k):
+    """A row that rejects its first draft where the one mask block assumed it would accept all of
+    them gets the verifier's tokens after its bonus token as drafts (Jacobi's guess), confidence 0,
+    so the next step covers acceptance length 0; the decode stays the model's greedy AR text."""
+    from edlm.decode.selfverify import AcceptedRows, covered_lengths, verified_step
+
+    dlm = causal_dlm("qwen3", shift, block_size=4)  # a block drafts k tokens (3 unshifted, 4 shifted)
+    prompt = dlm.tokenizer(PROMPTS[0])["input_ids"]
+    first = greedy_ar(dlm, PROMPTS[0], 1)[0]
+    mask_id = dlm.config.mask_token_id
+    drafts = [t for t in range(dlm.model.config.vocab_size) if t not in (first, mask_id)][:k]  # the first one is wrong
+    with torch.no_grad():  # the verifier's tokens, independently: one causal forward over prompt + drafts
+        logits = dlm.model(input_ids=torch.tensor([prompt + drafts])).logits[0].float()
+    verifier = candidate_logits(dlm, logits).argmax(-1).tolist()[len(prompt) - 1:]
+    assert verifier[0] == first
+    rows = AcceptedRows(dlm.device)
+    rows.add(0, [prompt], [64])
+    rows.drafts[0], rows.draft_conf[0] = list(drafts), [0.99] * k
+    assert covered_lengths(rows.draft_conf[0], 0) == [k]  # its only mask block assumes all accepted
+    assert verified_step(dlm, rows, 4, depth=0) == [[first]]
+    assert rows.drafts[0] == verifier[1 : k + 1] and rows.draft_conf[0] == [0.0] * k
+    assert covered_lengths(rows.draft_conf[0], 0) == [0]
+    ref = greedy_ar(dlm, PROMPTS[0], 12)
+    rows.seq[0] += [first]
+    while len(rows.seq[0]) < len(prompt) + len(ref):
+        rows.seq[0] += verified_step(dlm, rows, 4, depth=0)[0]
+    assert rows.seq[0][len(prompt) : len(prompt) + len(ref)] == ref

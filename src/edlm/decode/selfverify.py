@@ -144,7 +144,7 @@ def covered_lengths(conf: list[float], depth: int | None) -> list[int]:
     longest lengths, which left every partial acceptance with stale drafts from block 0; on the demo
     dLM at depth 1 (two mask blocks) it made 4.87 tokens per forward, 0 and the likeliest 5.26, the
     two likeliest 5.53, lossless in every case. Length 0 is covered only where it is likely: a row
-    that accepts fewer drafts than every covered length drafts nothing for one step."""
+    that accepts fewer drafts than every covered length has only `jacobi_drafts` for one step."""
     n = len(conf)
     if depth is None or depth >= n:
         return list(range(n + 1))
@@ -156,6 +156,19 @@ def covered_lengths(conf: list[float], depth: int | None) -> list[int]:
     return sorted(sorted(range(n + 1), key=lambda m: -chance[m])[: depth + 1])
 
 
+def jacobi_drafts(greedy: list[int], m: int, k: int) -> list[int]:
+    """A row's next drafts where no mask block assumed what it accepted (m of its k drafts): the
+    verifier's own tokens after its bonus token, greedy[m + 1 : k + 1] (Jacobi decoding's guess).
+
+    They were conditioned on the rejected draft, so they are weak, but they cost nothing: the
+    forward computed them. With confidence 0 the next step covers acceptance length 0 with a mask
+    block, as a row with no drafts would, so a guess can only add accepted tokens. On the demo
+    drafter (200 held-out problems, the parent's text on every one) this took TPF from 4.99 to
+    5.09 at depth 0 and from 5.38 to 5.44 at depth 1; taking a verifier token over a mask block's
+    draft where it is more confident lost 0.0-1.5 TPF, so they fill only what is empty."""
+    return greedy[m + 1 : k + 1]
+
+
 @torch.no_grad()
 def verified_step(dlm, rows: AcceptedRows, bs: int, depth: int | None = None, blocks: int = 1) -> list[list[int]]:
     """One forward for every row; returns the tokens each row accepted (the drafts it accepted, then the
@@ -165,7 +178,7 @@ def verified_step(dlm, rows: AcceptedRows, bs: int, depth: int | None = None, bl
     `covered_lengths`). Fewer blocks make the forward cheaper where compute, not memory,
     bounds it (CPUs); after an acceptance length without its own block, the next drafts come from
     the block of the longest covered length below it (conditioned on fewer accepted drafts, so
-    they are fewer), or, below every covered length, none for one step.
+    they are fewer), or, below every covered length, the verifier's own guesses (`jacobi_drafts`).
     blocks: each mask block is `blocks` model blocks wide, block-causal inside (multi-block
     drafting: up to blocks * bs - 1 drafts a step).
     """
@@ -187,12 +200,13 @@ def verified_step(dlm, rows: AcceptedRows, bs: int, depth: int | None = None, bl
     first = 1 - lag(dlm)  # block slot i predicts p + j + i + 1 (shift) or p + j + i
     for r, m in enumerate(n_accepted):
         below = [i for i, j in enumerate(covered[r]) if j <= m]
-        if not below:  # it accepted fewer drafts than any block assumed: no drafts this time
-            rows.drafts[r], rows.draft_conf[r] = [], []
+        fits = max(0, limit - (len(rows.seq[r]) + m + 1))  # positions left in the context
+        if not below:  # it accepted fewer drafts than any block assumed: no block drafted from here
+            rows.drafts[r] = jacobi_drafts(best[r], m, len(rows.drafts[r]))[:fits]
+            rows.draft_conf[r] = [0.0] * len(rows.drafts[r])
             continue
         b = below[-1]  # the block that assumed the most of what was accepted
         at = slice(n_drafts + 1 + b * width + m - covered[r][b] + first, n_drafts + 1 + (b + 1) * width)  # shift: all
-        fits = max(0, limit - (len(rows.seq[r]) + m + 1))  # positions left in the context
         rows.drafts[r], rows.draft_conf[r] = best[r][at][:fits], conf[r][at][:fits]
     rows.trim_to_accepted(n_new, n_drafts, n_accepted)
     return accepted
