@@ -5,9 +5,10 @@ demo models, against HF generate of the parent, timed interleaved in one run (ba
     python bench/compiled.py [--limit 500] [--draft-depths 1 0] [--variants eager compiled aot] [--out DIR]
 
 Rows: HF generate (eager, as a user runs it), then per variant the AR engine, full-weight `verified`
-and the drafter (and any --more-drafters) at each draft depth, and the two-model mode. Every shape class is compiled in an
-untimed warm-up. Each row's texts are checked against the first variant's and against HF
-generate's (the parent's greedy text), problem for problem.
+(and any --more-dlms) and the drafter (and any --more-drafters) at each draft depth, and the
+two-model mode. Every shape class is compiled in an untimed warm-up. Each row's texts are checked
+against the first variant's and against HF generate's (the parent's greedy text), problem for
+problem.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def main() -> None:
     ap.add_argument("--more-drafters", nargs="+", default=[], metavar="DIR",
                     help="further drafters (e.g. a new schedule's), each decoded with its stored setting (its blocks) "
                     "at every --draft-depths, a row each beside the shipped one")
+    ap.add_argument("--more-dlms", nargs="+", default=[], metavar="DIR",
+                    help="further full-weight dLMs (e.g. the one a new recipe replaced), a row each at every "
+                    "--draft-depths beside the shipped one")
     ap.add_argument("--out", default=None, help="write results.json here")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -56,7 +60,7 @@ def main() -> None:
                                            compile=VARIANTS[variant])
 
     hf_ar = DiffusionLM.from_pretrained(models / "ar", autoregressive=True)  # HF generate's, never compiled
-    names = ("ar", "dlm", "drafter", *args.more_drafters)  # a path under --models, or any path
+    names = ("ar", "dlm", "drafter", *args.more_dlms, *args.more_drafters)  # a path under --models, or any path
     loaded = {(n, v): load(n, v) for v in args.variants for n in names}
     examples = load_examples("reasoning", args.limit)
     texts: dict[str, list[str]] = {}
@@ -79,7 +83,10 @@ def main() -> None:
             ar, dlm, dr = (loaded[n, v] for n in ("ar", "dlm", "drafter"))
             settings += [kept(f"AR engine{suffix(v)}", engine_runner(ar, 96)),
                          *[kept(f"{name}, verified depth {d}{suffix(v)}", engine_runner(m, 96, draft_depth=d))
-                           for d in args.draft_depths for name, m in (("full-weight dLM", dlm), ("drafter", dr),
+                           for d in args.draft_depths for name, m in (("full-weight dLM", dlm),
+                                                                      *((f"full-weight dLM {p}", loaded[p, v])
+                                                                        for p in args.more_dlms),
+                                                                      ("drafter", dr),
                                                                       *((f"drafter {p}", loaded[p, v])
                                                                         for p in args.more_drafters))],
                          kept(f"dLM drafts, AR verifies{suffix(v)}", verified_runner(dlm, ar, 96))]
