@@ -13,7 +13,7 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 # 1.0, 90% at threshold 0.9 and 95% at its default, `verified` (its own AR decode). Floors sit well below, so they catch a broken checkpoint or decoder (a random or
 # mis-wired model scores 0), not run-to-run noise. Raise them when the models improve.
 AR_FLOOR = 0.80
-DLM_DEFAULT = {"strategy": "verified", "threshold": 0.95, "draft_depth": 1}  # models/dlm/config.json "decoding"
+DLM_DEFAULT = {"strategy": "verified", "threshold": 0.95, "draft_depth": 0}  # models/dlm/config.json "decoding"
 DLM_FLOOR = {("threshold", 1.0): 0.8, ("threshold", 0.9): 0.75, ("verified", None): 0.8,
              (None, None): 0.8}  # None: the default
 

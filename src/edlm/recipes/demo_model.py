@@ -14,8 +14,13 @@ Stages (each skipped when its output exists, training resumes from its last chec
 6. parallelism (issue 25, `--parallel-steps`, off by default: see PARALLEL_STEPS): the parity
    model's own answers to 8,000 training prompts (`edlm distill-data`), then PARALLEL_RECIPE on
    them (bench/parallelism.py measured it against each method alone)
+7. windows (issue 25, `--window-rounds`; the shipped dLM since 2026-12-07): WINDOW_ROUNDS rounds of
+   the model's own greedy answers to 40,000 fresh prompts (its AR decode, what `verified` returns),
+   then schedules of WINDOW_RECIPE on them: every noisy block all masks (what `verified`'s draft
+   blocks are) in D2F windows of two (`--blocks 2` drafts), with the AR loss keeping the clean
+   stream the model's own AR decode
 
-Wall time on 2 CPU cores: AR ~40 + ~20 min, dLM ~60 + ~100 min, parity ~25 min.
+Wall time on 2 CPU cores: AR ~40 + ~20 min, dLM ~60 + ~100 min, parity ~25 min, windows 2 x 9 + 3 x 18 min.
 Why shift for this model (measured, README "Rebuilding the demo models"): the paper's no-shift
 setting wins after ~10B tokens on billion-parameter models, but a 3.5M model on a CPU budget
 must first re-learn to predict position i at position i: after 150 steps from the same parent,
@@ -39,11 +44,11 @@ from edlm.recipes import reasoning
 AR_ARCH = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=4, max_position_embeddings=512, rope_theta=10000.0)
 N_TRAIN, N_VAL = 120_000, 1_000
-# `make bench` on the shipped dLM (bench/results/decode-cpu, README "Benchmarks"): `verified` is its
-# own AR decode (93%, the parent 92%) at TPF ~5, the highest TPF and AUP at that accuracy; timed
-# interleaved, draft_depth 1 (two draft blocks per step) beats 2 on CPU at batch 1 and 8 (3.14x vs
-# 2.85x, 2.19x vs 1.93x). prefix 0.95 (93%, TPF 4.02) is one flag away.
-DLM_DECODING = {"strategy": "verified", "threshold": 0.95, "draft_depth": 1}
+# `verified` is the dLM's own AR decode at the highest TPF and AUP at its accuracy. After stage 7,
+# timed interleaved with --compile aot (bench/results/compiled/2026-12-07-full-windows, 500 held-out
+# problems): draft_depth 0 (one draft block per step, TPF 5.93) beats depth 1 (6.32) on CPU, 6.68x vs
+# 6.25x HF generate at batch 1 and 4.24x vs 3.72x at batch 8.
+DLM_DECODING = {"strategy": "verified", "threshold": 0.95, "draft_depth": 0}
 # Stage 6 (bench/results/parallelism): of OPUT, certainty forcing, draft-position weights, the noise
 # floor and block 16 with the block-8 model as teacher (300 steps each on 8,000 own answers), only
 # block 16 moved a frontier (prefix: AUP 387 -> 427, TPF at 0.95 4.09 -> 4.36, 92.4% vs the
@@ -53,6 +58,13 @@ DLM_DECODING = {"strategy": "verified", "threshold": 0.95, "draft_depth": 1}
 PARALLEL_STEPS = 0
 N_SELF = 8_000
 PARALLEL_RECIPE = dict(t_per_block=True, block_schedule=["16@0"])  # and the parity model as --teacher
+# Stage 7 (README "Full masks in training windows"): the recipe that moved the full-weight dLM's
+# `verified` (500 held-out problems): TPF at depth 1 5.76 -> 6.18 after two schedules, two-block drafts
+# at depth 2 6.03 -> 7.09, its own text 93.0% against the parent's 93.2%. A round: (the generator
+# index of its 40,000 prompts, past every earlier recipe's; schedules of 1,200 steps on its answers).
+WINDOW_ROUNDS = ((1_000_000, 2), (1_100_000, 1))
+WINDOW_ANSWERS = 40_000
+WINDOW_RECIPE = dict(masking="full", window=2, ar_loss_weight=1.0, warmup_steps=20, eval_every=0, val_data=None)
 
 
 def build_data(work: Path) -> Path:
@@ -124,6 +136,8 @@ def main(argv=None) -> None:
     ap.add_argument("--dlm2-steps", type=int, default=4000)
     ap.add_argument("--parity-steps", type=int, default=900)
     ap.add_argument("--parallel-steps", type=int, default=PARALLEL_STEPS)
+    ap.add_argument("--window-rounds", type=int, default=len(WINDOW_ROUNDS),
+                    help=f"stage 7's rounds of answers and schedules (default {len(WINDOW_ROUNDS)}; 0 skips it)")
     ap.add_argument("--block-size", type=int, default=8)
     ap.add_argument("--stage", choices=["all", "data", "ar", "dlm"], default="all",
                     help="data = only the jsonl splits and tokenizer (what `make studies` needs)")
@@ -162,6 +176,8 @@ def main(argv=None) -> None:
                     t_per_block=True, seed=2, warmup_steps=30, eval_every=300, ar_loss_weight=1.0)
         if args.parallel_steps:
             final = train_for_parallelism(final, work, args.parallel_steps, run)
+        if args.window_rounds:
+            final = train_for_windows(final, work, WINDOW_ROUNDS[: args.window_rounds], run)
         _set_decoding(final, DLM_DECODING)
         copy_dir_atomically(final, models / "dlm")
 
@@ -178,6 +194,29 @@ def train_for_parallelism(parity: Path, work: Path, steps: int, run) -> Path:
         (work / "parallel-data" / ".done").touch()
     return run(parity, work / "parallel-run", steps, 1e-4, 1e-5, data=[str(data)], seed=3, warmup_steps=20,
                eval_every=0, val_data=None, ar_loss_weight=1.0, teacher=str(parity), **PARALLEL_RECIPE)
+
+
+def train_for_windows(model: Path, work: Path, rounds, run) -> Path:
+    """Stage 7: per round, the current model's own greedy answers to WINDOW_ANSWERS prompts, then its
+    schedules of WINDOW_RECIPE on them, each with a new data order (resumable like the others). Its
+    own answers, not the data's: the drafts are scored on matching its own text. The last round
+    answers anew with the newer model, since for the drafter new answers paid more than repeated ones."""
+    from edlm.model import DiffusionLM
+    from edlm.recipes.distill import distill
+
+    seed = 7
+    for r, (start, schedules) in enumerate(rounds, 1):
+        data = work / f"window-data{r}" / "self.jsonl"
+        if not (data.parent / ".done").exists():
+            prompts = [p.prompt for p in reasoning.train_problems(WINDOW_ANSWERS, start=start)]
+            distill(DiffusionLM.from_pretrained(model, autoregressive=True, compile=True), prompts, data,
+                    max_new_tokens=96, batch_size=64)
+            (data.parent / ".done").touch()
+        for i in range(schedules):
+            model = run(model, work / f"window-run{r}-{i + 1}", 1200, 1e-4, 1e-5, data=[str(data)], seed=seed,
+                        **WINDOW_RECIPE)
+            seed += 1
+    return model
 
 
 def _set_decoding(model: Path, settings: dict) -> None:
