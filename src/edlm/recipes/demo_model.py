@@ -59,8 +59,9 @@ PARALLEL_STEPS = 0
 N_SELF = 8_000
 PARALLEL_RECIPE = dict(t_per_block=True, block_schedule=["16@0"])  # and the parity model as --teacher
 # Stage 7 (README "Full masks in training windows"): the recipe that moved the full-weight dLM's
-# `verified` (500 held-out problems): TPF at depth 1 5.76 -> 6.18 after two schedules, two-block drafts
-# at depth 2 6.03 -> 7.09, its own text 93.0% against the parent's 93.2%. A round: (the generator
+# `verified` (500 held-out problems): after its three schedules TPF at depth 0 / 1 5.34 / 5.76 -> 5.93 /
+# 6.32, two-block drafts at depth 2 6.03 -> 7.38, its own text 93.0% against the parent's 93.2%
+# (bench/results/parallelism/2026-12-07-full-windows). A round: (the generator
 # index of its 40,000 prompts, past every earlier recipe's; schedules of 1,200 steps on its answers).
 WINDOW_ROUNDS = ((1_000_000, 2), (1_100_000, 1))
 WINDOW_ANSWERS = 40_000
