@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from edlm import DiffusionLM
+from edlm.errors import EdlmError
 from edlm.testing import make_tiny_causal_lm, make_tiny_tokenizer
 from edlm.train import TrainConfig, train
 from edlm.train import loop as train_loop
@@ -145,6 +146,25 @@ def test_fixed_mask_ratio_and_rising_noise_floor():
     noise = NoiseSettings(t_min=0.01, noise_floor=0.8)
     assert [round(noise.at_progress(p).t_min, 4) for p in (0.0, 0.5, 1.0)] == [0.01, 0.405, 0.8]
     assert NoiseSettings().at_progress(0.7) == NoiseSettings()
+
+
+def test_full_fraction_mixes_wholly_masked_blocks_into_position_masking():
+    ids, maskable = _batch(64, 16)
+    rows = torch.arange(64)
+    plain = sample_masks(ids, maskable, 4, NoiseSettings(t_per_block=True), row_generators(0, 0, rows))
+    off = sample_masks(ids, maskable, 4, NoiseSettings(t_per_block=True, full_fraction=0.0), row_generators(0, 0, rows))
+    assert torch.equal(plain, off)  # 0 draws nothing extra: existing runs replay identically
+    every = sample_masks(ids, maskable, 4, NoiseSettings(full_fraction=1.0), row_generators(0, 0, rows))
+    assert torch.equal(every, sample_masks(ids, maskable, 4, NoiseSettings(masking="full"), row_generators(0, 0, rows)))
+    mixed = sample_masks(ids, maskable, 4, NoiseSettings(t_per_block=True, full_fraction=0.5), row_generators(0, 0, rows))
+    m = maskable.view(64, 4, 4).bool()
+    whole = lambda x: (x.view(64, 4, 4) == m).all(-1) & m.any(-1)  # noqa: E731
+    assert whole(mixed).float().mean() > whole(plain).float().mean() + 0.3  # about half the blocks, not ~none
+    assert (~whole(mixed) & m.any(-1)).any()  # and the rest stay partly masked
+    with pytest.raises(EdlmError, match="--full-fraction"):
+        TrainConfig(model="m", data=[__file__], out="o", full_fraction=1.5).validate()
+    with pytest.raises(EdlmError, match="--full-fraction"):
+        TrainConfig(model="m", data=[__file__], out="o", masking="full", full_fraction=0.5).validate()
 
 
 def _cfg(out, model, data, **kw):

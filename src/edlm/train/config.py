@@ -72,6 +72,9 @@ class TrainConfig:
                             "text; DMax: 0.5 with --mask-ratio 0.75 on the model's own answers (edlm distill-data)")
     mask_ratio: float | None = _opt(None, "a fixed noise level: every block masks this fraction of its maskable "
                                     "tokens, in place of t ~ U[t_min, 1] (OPUT: 0.75)")
+    full_fraction: float = _opt(0.0, "mix in full masking: this fraction of the noise levels (per example, or per "
+                                "block with --t-per-block) is t = 1, the block wholly masked as `verified` drafts it; "
+                                "the rest keep --masking, the partly decided blocks the threshold rules meet")
     noise_floor: float = _opt(0.0, "d3LLM's noise curriculum: the lowest noise level rises linearly from --t-min "
                               "to this over the run (d3LLM: 0.8); 0 = off")
     certainty_weight: float = _opt(0.0, "dParallel certainty forcing: weight of the entropy term over masked tokens "
@@ -188,6 +191,10 @@ class TrainConfig:
             raise EdlmError(f"--mask-ratio must be in (0, 1], got {self.mask_ratio}")
         if self.mask_ratio is not None and self.masking == "full":
             raise EdlmError("--mask-ratio and --masking full both fix the noise level: give one")
+        if not 0.0 <= self.full_fraction <= 1.0:
+            raise EdlmError(f"--full-fraction must be in [0, 1], got {self.full_fraction}")
+        if self.full_fraction and self.masking == "full":
+            raise EdlmError("--full-fraction mixes full masks into another --masking; --masking full is all of them")
         if not 0.0 <= self.noise_floor < 1.0:
             raise EdlmError(f"--noise-floor must be in [0, 1), got {self.noise_floor}")
         if self.noise_floor and self.mask_ratio is not None:

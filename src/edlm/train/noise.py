@@ -40,6 +40,11 @@ class NoiseSettings:
     mask_ratio: float | None = None
     # d3LLM's noise curriculum: t_min rises linearly to this over the run (TrainSettings.at); 0 = off
     noise_floor: float = 0.0
+    # a mixture with full masking: this fraction of the drawn noise levels (rows, or blocks with
+    # t_per_block) is t = 1, every maskable token masked; the rest keep their masking. One model then
+    # learns both the wholly masked blocks `verified` drafts and the partly decided ones the threshold
+    # rules meet; 0 = off (and no extra draw, so existing runs replay identically)
+    full_fraction: float = 0.0
 
     def at_progress(self, progress: float) -> "NoiseSettings":
         """The noise at `progress` in [0, 1] of the run: the floor curriculum raises t_min."""
@@ -160,6 +165,8 @@ def sample_masks(input_ids, maskable, block_size: int, noise: NoiseSettings, gen
         t = sample_noise_level(1, n_blocks if noise.t_per_block else None, noise.t_min, gen)
         if noise.mask_ratio is not None:
             t = torch.full_like(t, noise.mask_ratio)  # drawn all the same: the generator stays in step
+        if noise.full_fraction > 0:
+            t = torch.where(torch.rand(t.shape, generator=gen) < noise.full_fraction, torch.ones_like(t), t)
         row = maskable[i : i + 1].cpu()
         if noise.masking == "trajectory" and order is not None:
             out.append(trajectory_mask(t, order[i : i + 1].cpu(), row, block_size, noise.half_life, gen))

@@ -72,7 +72,7 @@ def reconcile(cfg: TrainConfig, checkpoint: DiffusionConfig, checkpoint_mask_tok
     --ar-loss-weight with --no-causal-clean, a --seq-len that is no multiple of the block size."""
     noise = NoiseSettings(masking=cfg.masking, half_life=cfg.half_life, t_per_block=cfg.t_per_block,
                           t_min=cfg.t_min, complementary=cfg.complementary, mask_ratio=cfg.mask_ratio,
-                          noise_floor=cfg.noise_floor)
+                          noise_floor=cfg.noise_floor, full_fraction=cfg.full_fraction)
     loss = LossSettings(attention=cfg.attention, ar_loss_weight=cfg.ar_loss_weight,
                         repair_fraction=cfg.repair_fraction, skip_unmasked_blocks=not cfg.all_noisy_blocks,
                         on_policy=cfg.on_policy, certainty_weight=cfg.certainty_weight,
