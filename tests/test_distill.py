@@ -69,3 +69,31 @@ def test_trajectory_rows_carry_each_tokens_commit_time(tiny_dlm_dir, tiny_ar_dir
     capsys.readouterr()
     assert main(bad) == 2
     assert "an AR model commits one token a step" in capsys.readouterr().err
+
+
+def test_answer_field_keeps_right_answers_and_a_resume_skips_the_rejected(tiny_ar_dir, tmp_path, capsys):
+    from edlm.recipes.distill import final_answer, rejected_path
+
+    assert [final_answer(t) for t in (" 3+4=7. #### 7", "so 1,200.0 apples", "#### $1,200.50", "-3", "#### yes", "")] \
+        == ["7", "1200", "1200.50", "-3", "yes", None]
+    ar = DiffusionLM.from_pretrained(tiny_ar_dir, autoregressive=True, dtype=torch.float32)
+    prompts = ["The cat sat", "Hello, wor", "ab"]
+    texts = {p: ar.generate(p, max_new_tokens=6).texts[0] for p in prompts}
+    # the references: the first prompt's is its own answer (right whatever the random model says), the
+    # others' a word no response ends on
+    rows = [{"prompt": p, "answer": texts[p] if i == 0 else "zzz"} for i, p in enumerate(prompts)]
+    (tmp_path / "p.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    out = tmp_path / "self.jsonl"
+    args = ["distill-data", str(tiny_ar_dir), "--ar", "--prompts", str(tmp_path / "p.jsonl"), "--out", str(out),
+            "--max-new-tokens", "6", "--answer-field", "answer"]
+    assert main(args) == 0
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    dropped = [json.loads(line) for line in rejected_path(out).read_text().splitlines()]
+    assert [r["prompt"] for r in kept] == prompts[:1] and kept[0]["response"] == texts[prompts[0]]
+    assert [r["prompt"] for r in dropped] == prompts[1:]
+    capsys.readouterr()
+    assert main(args) == 0  # nothing left to decode: the rejected are done too
+    assert "wrote 0 rows" in capsys.readouterr().out
+    (tmp_path / "q.jsonl").write_text(json.dumps({"prompt": "ab"}))
+    assert main([*args[:4], str(tmp_path / "q.jsonl"), *args[5:]]) == 2
+    assert "no answer field 'answer'" in capsys.readouterr().err
