@@ -50,7 +50,8 @@ def test_demo_command_writes_table_json_and_plot(tmp_path, capsys):
                  "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in rows] == ["AR (KV cache)", "dLM drafts, AR verifies", "drafter on the AR (one model)",
-                                         "dLM verified (one model) (default)", "dLM threshold 0.9", "dLM prefix 0.9"]
+                                         "dLM verified (one model) (default)", "dLM threshold 0.9", "dLM prefix 0.9",
+                                         "dLM 2-block prefix 0.97"]
     assert rows[1]["accuracy"] == rows[2]["accuracy"] == rows[0]["accuracy"]  # both decode the parent's own text
     assert "speed-up" in capsys.readouterr().out and (out / "pareto.png").stat().st_size > 0
     assert main(["demo", "--limit", "0"]) == 2

@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
                    help="confidence thresholds each commit rule is run at, in (0, 1]")
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES),
                    help="commit rules to show: threshold (the paper's: any slot above the threshold) and prefix "
-                   "(left to right while slots pass it)")
+                   "(left to right while slots pass it); prefix also gets a row over a window of two blocks at 0.97 "
+                   "(multi-block decoding, the dLM's point at its parent's accuracy)")
     p.add_argument("--out", default="demo-out", help="where results.json, results.md and pareto.png go")
     p.add_argument("--vlm", action="store_true", help="the vision-language pair (models/vlm-ar, models/vlm-dlm, "
                    "`make vlm-models`) on the same problems with their first number shown as a picture")
