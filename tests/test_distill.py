@@ -97,3 +97,19 @@ def test_answer_field_keeps_right_answers_and_a_resume_skips_the_rejected(tiny_a
     (tmp_path / "q.jsonl").write_text(json.dumps({"prompt": "ab"}))
     assert main([*args[:4], str(tmp_path / "q.jsonl"), *args[5:]]) == 2
     assert "no answer field 'answer'" in capsys.readouterr().err
+
+
+def test_a_response_with_no_final_answer_is_rejected_whatever_the_reference(tmp_path):
+    from types import SimpleNamespace
+
+    from edlm.recipes.distill import rejected_path
+
+    replies = {"a": "", "b": "so 2+3=5. #### 5", "c": "#### 6"}
+    stub = SimpleNamespace(config=SimpleNamespace(diffusion=False),
+                           generate=lambda prompts, **kw: SimpleNamespace(texts=[replies[p] for p in prompts]))
+    out = tmp_path / "o.jsonl"
+    assert distill(stub, list(replies), out, progress=False, answers={"a": "", "b": "5.0", "c": "7"}) == 3
+    assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["b"]
+    assert [json.loads(line)["prompt"] for line in rejected_path(out).read_text().splitlines()] == ["a", "c"]
+    with pytest.raises(Exception, match="no reference answer"):
+        distill(stub, ["d"], tmp_path / "p.jsonl", progress=False, answers={})

@@ -50,13 +50,14 @@ def read_answers(path: str | Path, field: str, prompt_field: str = "prompt") -> 
     path = Path(path)
     if path.suffix != ".jsonl":
         raise EdlmError(f"--answer-field needs a .jsonl prompt file with that field, got {path}")
+    prompts = read_prompts(path, prompt_field)  # every row an object with its prompt, or a one-line error
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     answers = {}
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            row = json.loads(line)
-            if not isinstance(row.get(field), (str, int, float)) or isinstance(row.get(field), bool):
-                raise EdlmError(f"{path}:{i}: no answer field {field!r} (a string or a number)")
-            answers[row[prompt_field]] = str(row[field])
+    for i, (prompt, row) in enumerate(zip(prompts, rows, strict=True), 1):
+        value = row.get(field)
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise EdlmError(f"{path}: row {i} has no answer field {field!r} (a string or a number)")
+        answers[prompt] = str(value)
     return answers
 
 
@@ -127,7 +128,8 @@ def distill(dlm, prompts: list[str], out: str | Path, max_new_tokens: int = 128,
                 row = {"prompt": prompt, "response": text}
                 if trajectory:
                     row["trajectory"] = [round(t, 4) for t in res.commit_times[i]]
-                right = answers is None or final_answer(text) == final_answer(answers[prompt])
+                got = final_answer(text) if answers is not None else None  # no answer at all: wrong
+                right = answers is None or (got is not None and got == final_answer(answers[prompt]))
                 (f if right else rejected).write(json.dumps(row) + "\n")
             f.flush()
             if rejected is not None:
