@@ -28,21 +28,29 @@ from edlm.files import check_output_target
 def read_prompts(path: str | Path, field: str = "prompt") -> list[str]:
     """Prompts of a .jsonl (one object a line, its `field`) or a .txt (one prompt a line)."""
     path = Path(path)
+    if path.suffix != ".jsonl":
+        return [line.replace("\\n", "\n") for line in _lines(path)]
+    return [row[field] for row in _prompt_rows(path, field)]
+
+
+def _lines(path: Path) -> list[str]:
     if not path.is_file():
         raise EdlmError(f"prompt file not found: {path}")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if path.suffix != ".jsonl":
-        return [line.replace("\\n", "\n") for line in lines]
-    prompts = []
-    for i, line in enumerate(lines, 1):
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _prompt_rows(path: Path, field: str) -> list[dict]:
+    """The objects of a .jsonl prompt file, each with a string `field`, or a one-line error."""
+    rows = []
+    for i, line in enumerate(_lines(path), 1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise EdlmError(f"{path}:{i}: not JSON ({exc.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get(field), str):
             raise EdlmError(f"{path}:{i}: no string field {field!r}")
-        prompts.append(row[field])
-    return prompts
+        rows.append(row)
+    return rows
 
 
 def read_answers(path: str | Path, field: str, prompt_field: str = "prompt") -> dict[str, str]:
@@ -50,14 +58,12 @@ def read_answers(path: str | Path, field: str, prompt_field: str = "prompt") -> 
     path = Path(path)
     if path.suffix != ".jsonl":
         raise EdlmError(f"--answer-field needs a .jsonl prompt file with that field, got {path}")
-    prompts = read_prompts(path, prompt_field)  # every row an object with its prompt, or a one-line error
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     answers = {}
-    for i, (prompt, row) in enumerate(zip(prompts, rows, strict=True), 1):
+    for i, row in enumerate(_prompt_rows(path, prompt_field), 1):
         value = row.get(field)
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise EdlmError(f"{path}: row {i} has no answer field {field!r} (a string or a number)")
-        answers[prompt] = str(value)
+        answers[row[prompt_field]] = str(value)
     return answers
 
 
